@@ -1,0 +1,1 @@
+"""Python clients for the loraquilt gRPC service (no torch imports here)."""

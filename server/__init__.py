@@ -1,0 +1,1 @@
+"""The inference server: request -> scheduler -> runner -> model -> sampler -> response."""
