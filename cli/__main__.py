@@ -9,6 +9,7 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     from loraquilt import __version__
     from loraquilt.kernels import bench as kernel_bench
+    from loraquilt.server import local_cli
 
     parser = argparse.ArgumentParser(
         prog="loraquilt",
@@ -16,6 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"loraquilt {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    local_cli.add_run_parser(commands)
+    local_cli.add_info_parser(commands)
 
     bench = commands.add_parser("bench", help="benchmarks (JSON out)")
     bench_kinds = bench.add_subparsers(dest="bench_kind", metavar="KIND", required=True)

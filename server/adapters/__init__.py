@@ -1,0 +1,1 @@
+"""Adapters: PEFT folders -> validated LoRA weights -> per-layer slot buffers."""

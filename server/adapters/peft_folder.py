@@ -1,0 +1,233 @@
+"""Read and validate a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors).
+
+Everything the engine cannot honour is refused with an error that names it; nothing is
+silently ignored. The result holds, per (layer, projection), A [r, in] and B [out, r]
+with the module's scaling (alpha/r, or alpha/sqrt(r) for rsLoRA) already folded into B.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from loraquilt.server.model.config import ATTENTION_PROJECTIONS, PROJECTIONS, ModelConfig
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+MAX_CONFIG_BYTES = 1 << 20
+
+# LoraConfig fields that only matter for training or bookkeeping: accepted whatever they hold.
+HARMLESS_FIELDS = frozenset({
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+    "revision", "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha",
+    "lora_dropout", "use_rslora", "init_lora_weights", "layers_to_transform", "layers_pattern",
+    "rank_pattern", "alpha_pattern", "megatron_config", "megatron_core", "loftq_config",
+    "eva_config", "corda_config", "lora_ga_config", "runtime_config", "ensure_weight_tying",
+    "qalora_group_size",
+})
+# Features the engine does not implement, with the value that means "off".
+UNSUPPORTED_FEATURES = {
+    "use_dora": "DoRA (use_dora)",
+    "bias": "trained biases (bias)",
+    "lora_bias": "LoRA bias (lora_bias)",
+    "modules_to_save": "fully trained extra modules (modules_to_save)",
+    "fan_in_fan_out": "fan_in_fan_out weights",
+    "trainable_token_indices": "trainable token embeddings (trainable_token_indices)",
+    "layer_replication": "layer replication (layer_replication)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "use_qalora": "QA-LoRA (use_qalora)",
+    "target_parameters": "LoRA on parameters (target_parameters)",
+}
+_OFF_VALUES = (None, False, "none", [], {}, "")
+_KEY = re.compile(
+    r"^(?:.*\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.[^.]+)?\.weight$"
+)
+
+
+class AdapterError(ValueError):
+    """An adapter folder the engine refuses; the message says what and why."""
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    a: torch.Tensor  # [r, in]
+    b: torch.Tensor  # [out, r], scaling folded in
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    path: Path
+    rank: int  # largest module rank
+    target_modules: tuple[str, ...]  # projection names present, in model order
+    modules: dict[tuple[int, str], LoraModule] = field(repr=False)
+    size_bytes: int
+    warnings: tuple[str, ...] = ()
+
+    def nbytes_in(self, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return sum((m.a.numel() + m.b.numel()) * elem for m in self.modules.values())
+
+
+def _pattern_value(patterns: dict, module_name: str, default):
+    """PEFT's rule: the first key k with re.match(rf"(.*\\.)?({k})$", module_name) wins."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+def _finite_number(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise AdapterError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _rank(value, what: str, max_rank: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise AdapterError(f"{what} must be an integer, got {value!r}")
+    if value < 1:
+        raise AdapterError(f"{what} must be >= 1, got {value}")
+    if value > max_rank:
+        raise AdapterError(f"{what} = {value} is over the server's max LoRA rank {max_rank}")
+    return value
+
+
+def read_adapter_config(folder: Path, max_rank: int) -> dict:
+    path = folder / CONFIG_FILE
+    if not folder.is_dir():
+        raise AdapterError(f"adapter folder {folder} does not exist")
+    if not path.is_file():
+        raise AdapterError(f"{folder} has no {CONFIG_FILE}")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise AdapterError(f"{CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AdapterError(f"{CONFIG_FILE} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{CONFIG_FILE} must hold a JSON object")
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise AdapterError(f"peft_type {config.get('peft_type')!r} is not supported (LORA only)")
+    refused = [label for key, label in UNSUPPORTED_FEATURES.items()
+               if key in config and config[key] not in _OFF_VALUES]
+    unknown = sorted(key for key in config
+                     if key not in HARMLESS_FIELDS and key not in UNSUPPORTED_FEATURES
+                     and config[key] not in _OFF_VALUES)
+    if refused or unknown:
+        names = refused + [f"unknown LoraConfig field {key!r}" for key in unknown]
+        raise AdapterError("adapter uses features loraquilt does not implement: " + ", ".join(names))
+    _rank(config.get("r", 8), "r", max_rank)
+    _finite_number(config.get("lora_alpha", 8), "lora_alpha")
+    for key, value in (config.get("rank_pattern") or {}).items():
+        _rank(value, f"rank_pattern[{key!r}]", max_rank)
+    for key, value in (config.get("alpha_pattern") or {}).items():
+        _finite_number(value, f"alpha_pattern[{key!r}]")
+    targets = config.get("target_modules")
+    if isinstance(targets, list):
+        bad = [t for t in targets if t not in PROJECTIONS]
+        if bad:
+            raise AdapterError(
+                f"target_modules {bad} are not supported; loraquilt applies LoRA to "
+                f"{', '.join(PROJECTIONS)}"
+            )
+    return config
+
+
+def load_peft_adapter(folder: Path | str, model: ModelConfig, *, max_rank: int,
+                      dtype: torch.dtype = torch.float32) -> LoadedAdapter:
+    """Validate a PEFT LoRA folder against `model` and return its scaled weights (CPU)."""
+    folder = Path(folder)
+    config = read_adapter_config(folder, max_rank)
+    weights_path = folder / WEIGHTS_FILE
+    if not weights_path.is_file():
+        pickles = [name for name in PICKLE_WEIGHTS if (folder / name).exists()]
+        if pickles:
+            raise AdapterError(
+                f"{folder} has only {pickles[0]} (pickle); refused for security, "
+                f"save the adapter with safetensors ({WEIGHTS_FILE})"
+            )
+        raise AdapterError(f"{folder} has no {WEIGHTS_FILE}")
+    _check_file_size(weights_path, model, max_rank)
+
+    default_r, default_alpha = config.get("r", 8), float(config.get("lora_alpha", 8))
+    rslora = bool(config.get("use_rslora", False))
+    halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            for key in handle.keys():
+                match = _KEY.match(key)
+                if match is None:
+                    raise AdapterError(f"unexpected tensor {key!r} in {WEIGHTS_FILE}")
+                layer, group, proj, half = int(match[1]), match[2], match[3], match[4]
+                if proj not in PROJECTIONS or (group == "self_attn") != (proj in ATTENTION_PROJECTIONS):
+                    raise AdapterError(f"tensor {key!r} targets unsupported module {group}.{proj}")
+                if layer >= model.num_layers:
+                    raise AdapterError(f"tensor {key!r}: layer {layer} but the model has {model.num_layers}")
+                halves.setdefault((layer, proj), {})[half] = handle.get_tensor(key)
+    except SafetensorError as error:
+        raise AdapterError(f"{WEIGHTS_FILE} is not a valid safetensors file: {error}") from None
+    except (OSError, RuntimeError, ValueError) as error:
+        if isinstance(error, AdapterError):
+            raise
+        raise AdapterError(f"cannot read {WEIGHTS_FILE}: {error}") from None
+    if not halves:
+        raise AdapterError(f"{WEIGHTS_FILE} holds no LoRA weights")
+
+    modules: dict[tuple[int, str], LoraModule] = {}
+    for (layer, proj), pair in sorted(halves.items(), key=lambda item: (item[0][0], PROJECTIONS.index(item[0][1]))):
+        group = "self_attn" if proj in ATTENTION_PROJECTIONS else "mlp"
+        name = f"model.layers.{layer}.{group}.{proj}"
+        if set(pair) != {"A", "B"}:
+            missing = "lora_B" if "A" in pair else "lora_A"
+            raise AdapterError(f"{name}: {missing} weight missing")
+        r = _rank(_pattern_value(config.get("rank_pattern") or {}, name, default_r), f"rank of {name}", max_rank)
+        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, default_alpha))
+        a, b = pair["A"], pair["B"]
+        out_features, in_features = model.projection_shape(proj)
+        if tuple(a.shape) != (r, in_features) or tuple(b.shape) != (out_features, r):
+            raise AdapterError(
+                f"{name}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base "
+                f"model; expected ({r}, {in_features}) / ({out_features}, {r})"
+            )
+        for half, tensor in (("lora_A", a), ("lora_B", b)):
+            if not tensor.dtype.is_floating_point:
+                raise AdapterError(f"{name}.{half} has dtype {tensor.dtype}; a float dtype is required")
+            if not bool(torch.isfinite(tensor).all()):
+                raise AdapterError(f"{name}.{half} has NaN or infinite values")
+        scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        modules[(layer, proj)] = LoraModule(
+            a=a.to(torch.float32).to(dtype).contiguous(),
+            b=(b.to(torch.float32) * scaling).to(dtype).contiguous(),
+        )
+    targets = tuple(p for p in PROJECTIONS if any(proj == p for _, proj in modules))
+    return LoadedAdapter(
+        path=folder,
+        rank=max(m.rank for m in modules.values()),
+        target_modules=targets,
+        modules=modules,
+        size_bytes=weights_path.stat().st_size,
+    )
+
+
+def _check_file_size(path: Path, model: ModelConfig, max_rank: int) -> None:
+    """Refuse before reading a weights file larger than any valid adapter could be."""
+    per_layer = sum(sum(model.projection_shape(p)) for p in PROJECTIONS)
+    limit = model.num_layers * per_layer * max_rank * 8 + (1 << 20)  # fp64 worst case + header
+    size = path.stat().st_size
+    if size > limit:
+        raise AdapterError(
+            f"{WEIGHTS_FILE} is {size} bytes, more than any rank-{max_rank} adapter of this "
+            f"model can be ({limit} bytes)"
+        )

@@ -1,0 +1,209 @@
+"""Registered adapters and their tiers: disk -> host memory (LRU) -> device slots (LRU).
+
+A running request pins the device slots it uses; a pinned slot is never evicted or
+reused. Unregistering an adapter that is pinned hides it from new requests at once and
+frees its slot when the last request on it finishes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loraquilt.server.adapters.peft_folder import LoadedAdapter, load_peft_adapter
+from loraquilt.server.adapters.slots import LoraSlots
+from loraquilt.server.model.config import ModelConfig
+
+TIER_DISK, TIER_HOST, TIER_DEVICE = "disk", "host", "device"
+
+
+class UnknownAdapter(KeyError):
+    def __str__(self) -> str:
+        return f"adapter {self.args[0]!r} is not registered"
+
+
+class AdapterExists(ValueError):
+    pass
+
+
+@dataclass
+class AdapterRecord:
+    name: str
+    path: Path
+    rank: int
+    target_modules: tuple[str, ...]
+    size_bytes: int
+    host: LoadedAdapter | None = field(default=None, repr=False)
+    slot: int | None = None
+    pins: int = 0
+    retired: bool = False  # unregistered while pinned
+
+    @property
+    def tier(self) -> str:
+        if self.slot is not None:
+            return TIER_DEVICE
+        return TIER_HOST if self.host is not None else TIER_DISK
+
+
+@dataclass
+class RegistryEvents:
+    """Callbacks for metrics: load seconds, evictions."""
+
+    on_load: Callable[[float], None] = lambda seconds: None
+    on_evict: Callable[[str], None] = lambda tier: None
+
+
+class AdapterRegistry:
+    def __init__(self, model: ModelConfig, slots: LoraSlots, *, max_cpu_adapters: int,
+                 events: RegistryEvents | None = None):
+        if max_cpu_adapters < 1:
+            raise ValueError(f"max_cpu_adapters must be >= 1, got {max_cpu_adapters}")
+        self.model, self.slots = model, slots
+        self.max_cpu_adapters = max_cpu_adapters
+        self.events = events or RegistryEvents()
+        self._records: dict[str, AdapterRecord] = {}
+        self._host_lru: OrderedDict[str, None] = OrderedDict()
+        self._slot_owner: list[str | None] = [None] * slots.config.num_slots
+        self._device_lru: OrderedDict[int, None] = OrderedDict()  # unpinned resident slots
+        self._lock = threading.RLock()
+
+    # -- registration -------------------------------------------------------------------
+
+    def register(self, name: str, path: Path | str) -> AdapterRecord:
+        """Load and validate now (errors surface here, not at first use); keep it on host."""
+        path = Path(path)
+        with self._lock:
+            if name in self._records and not self._records[name].retired:
+                raise AdapterExists(f"adapter {name!r} is already registered")
+        adapter = self._read(path)
+        with self._lock:
+            if name in self._records and not self._records[name].retired:
+                raise AdapterExists(f"adapter {name!r} is already registered")
+            record = AdapterRecord(name=name, path=path, rank=adapter.rank,
+                                   target_modules=adapter.target_modules, size_bytes=adapter.size_bytes)
+            self._records[name] = record
+            self._keep_on_host(record, adapter)
+            return record
+
+    def unregister(self, name: str) -> None:
+        with self._lock:
+            record = self._get(name)
+            record.retired = True
+            self._drop_host(record)
+            if record.pins == 0:
+                self._free_slot(record)
+                del self._records[name]
+
+    def get(self, name: str) -> AdapterRecord:
+        with self._lock:
+            return self._get(name)
+
+    def records(self) -> list[AdapterRecord]:
+        with self._lock:
+            return [r for r in self._records.values() if not r.retired]
+
+    def _get(self, name: str) -> AdapterRecord:
+        record = self._records.get(name)
+        if record is None or record.retired:
+            raise UnknownAdapter(name)
+        return record
+
+    # -- residency ----------------------------------------------------------------------
+
+    def acquire(self, names: list[str]) -> list[int] | None:
+        """Pin device slots for every named adapter, loading them if needed.
+
+        Returns the slots in order, or None when not enough slots can be freed now (all
+        pinned by running requests); raises UnknownAdapter for a name not registered."""
+        with self._lock:
+            records = [self._get(name) for name in names]
+            missing = [r for r in records if r.slot is None]
+            free = self._slot_owner.count(None) + len(self._device_lru)
+            if len(missing) > free:
+                return None
+            for record in records:
+                if record.slot is None:
+                    self._bring_to_device(record)
+                else:
+                    self._device_lru.pop(record.slot, None)
+                record.pins += 1
+            return [r.slot for r in records]
+
+    def release(self, names: list[str]) -> None:
+        with self._lock:
+            for name in names:
+                record = self._records.get(name)
+                if record is None:
+                    continue
+                record.pins -= 1
+                if record.pins == 0:
+                    if record.retired:
+                        self._free_slot(record)
+                        del self._records[name]
+                    elif record.slot is not None:
+                        self._device_lru[record.slot] = None
+
+    def _bring_to_device(self, record: AdapterRecord) -> None:
+        slot = self._slot_owner.index(None) if None in self._slot_owner else self._evict_device()
+        adapter = record.host
+        if adapter is None:
+            adapter = self._read(record.path)
+            self._keep_on_host(record, adapter)
+        else:
+            self._host_lru.move_to_end(record.name)
+        self.slots.load(slot, adapter)
+        self._slot_owner[slot] = record.name
+        record.slot = slot
+
+    def _evict_device(self) -> int:
+        slot, _ = self._device_lru.popitem(last=False)
+        owner = self._records[self._slot_owner[slot]]
+        owner.slot = None
+        self._slot_owner[slot] = None
+        self.events.on_evict(TIER_DEVICE)
+        return slot
+
+    def _free_slot(self, record: AdapterRecord) -> None:
+        if record.slot is not None:
+            self._device_lru.pop(record.slot, None)
+            self.slots.clear(record.slot)
+            self._slot_owner[record.slot] = None
+            record.slot = None
+
+    def _read(self, path: Path) -> LoadedAdapter:
+        start = time.perf_counter()
+        adapter = load_peft_adapter(path, self.model, max_rank=self.slots.config.max_rank,
+                                    dtype=self.slots.dtype)
+        self.events.on_load(time.perf_counter() - start)
+        return adapter
+
+    def _keep_on_host(self, record: AdapterRecord, adapter: LoadedAdapter) -> None:
+        record.host = adapter
+        self._host_lru[record.name] = None
+        self._host_lru.move_to_end(record.name)
+        while len(self._host_lru) > self.max_cpu_adapters:
+            victim, _ = self._host_lru.popitem(last=False)
+            self._records[victim].host = None
+            self.events.on_evict(TIER_HOST)
+
+    def _drop_host(self, record: AdapterRecord) -> None:
+        self._host_lru.pop(record.name, None)
+        record.host = None
+
+    # -- accounting ---------------------------------------------------------------------
+
+    def tier_counts(self) -> dict[str, int]:
+        with self._lock:
+            counts = {TIER_DISK: 0, TIER_HOST: 0, TIER_DEVICE: 0}
+            for record in self._records.values():
+                if not record.retired:
+                    counts[record.tier] += 1
+            return counts
+
+    def host_bytes(self) -> int:
+        with self._lock:
+            return sum(r.host.nbytes_in(self.slots.dtype) for r in self._records.values() if r.host)

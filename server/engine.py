@@ -1,0 +1,227 @@
+"""The engine loop: add_request / step / abort, on one model, one KV cache, many adapters.
+
+A step is: schedule -> run the model once over every scheduled sequence -> append tokens
+-> finish what is done. `generate` drives steps until a list of requests is answered;
+the gRPC server drives the same `step` from a background thread.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loraquilt.server.adapters.registry import AdapterRecord, AdapterRegistry, RegistryEvents
+from loraquilt.server.adapters.slots import LoraSlots, SlotConfig
+from loraquilt.server.detokenizer import render
+from loraquilt.server.model.kv_cache import KVCache, KVCacheConfig
+from loraquilt.server.model.sources import resolve_model
+from loraquilt.server.model.weights import DeviceConfig, load_causal_lm
+from loraquilt.server.request import (
+    FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP,
+    GenerationResult, Request, RequestError, StepOutput,
+)
+from loraquilt.server.runner import ModelRunner
+from loraquilt.server.scheduler import Admission, Scheduler, SchedulerConfig
+from loraquilt.server.sequence import Sequence
+from loraquilt.server.tokenizer import load_tokenizer, stop_token_ids
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # HF folder, .gguf, hub id; None = the embedded default
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    max_batch_size: int = 32
+    max_seq_len: int = 1024  # prompt + generated tokens per sequence (KV cache row)
+    max_prefill_tokens: int = 4096
+    max_waiting: int = 1024
+    max_active_adapters: int = 8  # device slots
+    max_cpu_adapters: int = 64  # host-memory LRU
+    max_lora_rank: int = 16
+    lora_backend: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
+
+
+class Engine:
+    def __init__(self, config: EngineConfig = EngineConfig(), *, events: RegistryEvents | None = None):
+        self.config = config
+        log = (lambda line: print(line, file=sys.stderr)) if config.progress else (lambda line: None)
+        source = resolve_model(config.model, log=log)
+        self.model_name = source.name
+        started = time.perf_counter()
+        self.model = load_causal_lm(source.folder, config.device, progress=config.progress)
+        self.tokenizer = load_tokenizer(source.folder)
+        self.eos_ids = stop_token_ids(source.folder, self.tokenizer)
+        model_config = self.model.config
+        self.max_seq_len = min(config.max_seq_len, model_config.max_position_embeddings)
+        self.cache = KVCache(
+            KVCacheConfig(num_slots=config.max_batch_size, max_seq_len=self.max_seq_len),
+            num_layers=model_config.num_layers, num_kv_heads=model_config.num_kv_heads,
+            head_dim=model_config.head_dim, dtype=self.model.dtype, device=self.model.device,
+        )
+        self.slots = LoraSlots(
+            model_config, SlotConfig(config.max_active_adapters, config.max_lora_rank, config.lora_backend),
+            self.model.dtype, self.model.device,
+        )
+        self.adapters = AdapterRegistry(model_config, self.slots, max_cpu_adapters=config.max_cpu_adapters,
+                                        events=events)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_batch_size, config.max_prefill_tokens,
+                                                   config.max_waiting))
+        self.runner = ModelRunner(self.model, self.cache, self.slots)
+        self._free_cache_slots = list(range(config.max_batch_size - 1, -1, -1))  # pop() gives the lowest
+        self._lock = threading.RLock()
+        self._aborted: set[str] = set()
+        log(f"model {self.model_name} ready in {time.perf_counter() - started:.1f}s on "
+            f"{self.model.device} ({str(self.model.dtype).removeprefix('torch.')}): "
+            f"{self.model.quantized_bytes() / 2**20:.1f} MiB NF4 weights, KV cache "
+            f"{self.cache.num_bytes / 2**20:.1f} MiB, adapter slots {self.slots.num_bytes / 2**20:.1f} MiB")
+
+    # -- adapters -------------------------------------------------------------------------
+
+    def register_adapter(self, name: str, path: Path | str) -> AdapterRecord:
+        return self.adapters.register(name, path)
+
+    def unregister_adapter(self, name: str) -> None:
+        self.adapters.unregister(name)
+
+    # -- requests -------------------------------------------------------------------------
+
+    def encode(self, request: Request) -> list[int]:
+        if request.prompt_token_ids is not None:
+            ids = list(request.prompt_token_ids)
+            bad = [t for t in ids if not 0 <= t < self.model.config.vocab_size]
+            if bad:
+                raise RequestError("prompt_token_ids", f"ids out of the vocabulary: {bad[:4]}")
+            return ids
+        if request.messages is not None or request.chat:
+            messages = list(request.messages or ({"role": "user", "content": request.prompt},))
+            if not self.tokenizer.chat_template:
+                raise RequestError("chat", "this model's tokenizer has no chat template")
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(request.prompt)["input_ids"]
+
+    def add_request(self, request: Request) -> Sequence:
+        """Validate, tokenize and queue; raises RequestError, UnknownAdapter or QueueFull."""
+        prompt_ids = self.encode(request)
+        if not prompt_ids:
+            raise RequestError("prompt", "encodes to no tokens")
+        if len(prompt_ids) >= self.max_seq_len:
+            raise RequestError(
+                "prompt", f"{len(prompt_ids)} tokens; the context holds {self.max_seq_len} tokens "
+                "including at least one generated token")
+        for name, _ in request.adapter_weights:
+            self.adapters.get(name)  # UnknownAdapter now rather than at admission
+        sequence = Sequence(request=request, prompt_ids=prompt_ids)
+        with self._lock:
+            self.scheduler.add(sequence)
+        return sequence
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborted.add(request_id)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return self.scheduler.has_work()
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def step(self) -> list[StepOutput]:
+        with self._lock:
+            outputs = self._apply_aborts()
+            plan = self.scheduler.schedule(self._try_admit)
+            outputs += [StepOutput(seq.request_id, "", (), error=seq.error) for seq in plan.rejected]
+            if plan:
+                tokens = self.runner.execute(plan.decodes, plan.prefills)
+                now = time.monotonic()
+                for seq, token in zip(plan.sequences, tokens):
+                    seq.prefilled = True
+                    seq.output_ids.append(token)
+                    seq.first_token_time = seq.first_token_time or now
+                    outputs.append(self._advance(seq))
+            for seq in self.scheduler.remove_finished():
+                self._release(seq)
+            return outputs
+
+    def generate(self, requests: list[Request]) -> list[GenerationResult]:
+        """Answer every request (batched together); results in request order."""
+        sequences = [self.add_request(r) for r in requests]
+        results: dict[str, GenerationResult] = {}
+        while len(results) < len(sequences):
+            for output in self.step():
+                if output.error is not None:
+                    raise output.error
+                if output.finished is not None:
+                    results[output.request_id] = output.finished
+        return [results[s.request_id] for s in sequences]
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _try_admit(self, seq: Sequence) -> Admission:
+        if not self._free_cache_slots:
+            return Admission.WAIT
+        names = [name for name, _ in seq.request.adapter_weights]
+        try:
+            slots = self.adapters.acquire(names) if names else []
+        except Exception as error:  # unregistered meanwhile, or its files are gone or broken
+            seq.error = error
+            return Admission.REJECT
+        if slots is None:
+            return Admission.WAIT
+        seq.adapter_slots = [(slot, weight) for slot, (_, weight) in zip(slots, seq.request.adapter_weights)]
+        seq.cache_slot = self._free_cache_slots.pop()
+        return Admission.ADMIT
+
+    def _advance(self, seq: Sequence) -> StepOutput:
+        params = seq.request.sampling
+        token = seq.output_ids[-1]
+        generated = seq.output_ids
+        if not params.ignore_eos and token in self.eos_ids:
+            seq.finish_reason = FINISH_EOS
+            generated = seq.output_ids[:-1]
+        elif len(seq.output_ids) >= params.max_new_tokens or seq.num_tokens >= self.max_seq_len:
+            seq.finish_reason = FINISH_LENGTH
+        update = render(self.tokenizer, generated, params.stop, final=seq.finished)
+        if update.stopped:
+            seq.finish_reason = FINISH_STOP
+        seq.text = update.text
+        stable = len(update.text) if seq.finished else update.stable_chars
+        new_text = update.text[seq.emitted_chars:stable]
+        seq.emitted_chars = max(seq.emitted_chars, stable)
+        return StepOutput(seq.request_id, new_text, (token,), self._result(seq) if seq.finished else None)
+
+    def _result(self, seq: Sequence) -> GenerationResult:
+        return GenerationResult(
+            request_id=seq.request_id, text=seq.text, token_ids=tuple(seq.output_ids),
+            finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt_ids),
+            completion_tokens=len(seq.output_ids),
+        )
+
+    def _apply_aborts(self) -> list[StepOutput]:
+        outputs = []
+        for request_id in self._aborted:
+            seq = self.scheduler.remove_waiting(request_id) or self.scheduler.find_running(request_id)
+            if seq is not None and not seq.finished:
+                seq.finish_reason = FINISH_CANCELLED
+                outputs.append(StepOutput(request_id, "", (), self._result(seq)))
+        self._aborted.clear()
+        for seq in self.scheduler.remove_finished():
+            self._release(seq)
+        return outputs
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.cache_slot is not None:
+            self._free_cache_slots.append(seq.cache_slot)
+            self._free_cache_slots.sort(reverse=True)
+            seq.cache_slot = None
+        if seq.adapter_slots:
+            self.adapters.release([name for name, _ in seq.request.adapter_weights])
+            seq.adapter_slots = []
+

@@ -1,0 +1,1 @@
+"""Llama-family decoder with NF4 projections: config, weights, layers, KV cache."""

@@ -1,0 +1,81 @@
+"""The Llama-family causal LM (Llama 2/3, Mistral, SmolLM2, Qwen2) over NF4 projections."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loraquilt.server.model.batch import ForwardBatch, LoraHook
+from loraquilt.server.model.config import PROJECTIONS, ModelConfig
+from loraquilt.server.model.kv_cache import KVCache
+from loraquilt.server.model.layers import DecoderLayer, RMSNorm, RotaryEmbedding
+from loraquilt.server.model.nf4 import NF4Linear
+
+
+class CausalLM(nn.Module):
+    """Embeddings, norms and lm_head in the compute dtype; every projection NF4."""
+
+    def __init__(self, config: ModelConfig, embed_tokens: torch.Tensor, layers: list[DecoderLayer],
+                 final_norm: torch.Tensor, lm_head: torch.Tensor | None):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Parameter(embed_tokens, requires_grad=False)  # [V, hidden]
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(final_norm, config.rms_norm_eps)
+        # tied embeddings share the tensor, so memory is counted once
+        self.lm_head = self.embed_tokens if lm_head is None else nn.Parameter(lm_head, requires_grad=False)
+        self.rotary = RotaryEmbedding(config).to(embed_tokens.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.device
+
+    def projections(self):
+        """(layer, name, NF4Linear) for every quantized projection."""
+        for index, layer in enumerate(self.layers):
+            for name in PROJECTIONS:
+                owner = layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
+                yield index, name, getattr(owner, name)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, cache: KVCache, lora: LoraHook | None = None) -> torch.Tensor:
+        """Run one step; returns next-token logits [N, vocab] (float32) for batch.logits_rows."""
+        hidden = self.embed_tokens[batch.input_ids]  # [T, hidden]
+        cos, sin = self.rotary(batch.positions, hidden.dtype)  # [T, head_dim] each
+        for layer in self.layers:
+            hidden = layer(hidden, cos, sin, batch, cache, lora)
+        last = self.norm(hidden[batch.logits_rows])  # [N, hidden]
+        return (last @ self.lm_head.T).float()  # [N, vocab]
+
+    def quantized_bytes(self) -> int:
+        return sum(proj.quantized_bytes() for _, _, proj in self.projections())
+
+    def quantized_params(self) -> int:
+        return sum(proj.num_params for _, _, proj in self.projections())
+
+    def dense_bytes(self) -> int:
+        """Bytes of everything kept in the compute dtype (embeddings, norms, lm_head, biases)."""
+        seen, total = set(), 0
+        for tensor in list(self.parameters()):
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += tensor.numel() * tensor.element_size()
+        return total
+
+    def num_params(self) -> int:
+        dense = {id(p): p.numel() for p in self.parameters()}
+        return sum(dense.values()) + self.quantized_params()
+
+
+def build_projection(config: ModelConfig, name: str, weight: torch.Tensor, bias: torch.Tensor | None,
+                     dtype: torch.dtype, device: torch.device) -> NF4Linear:
+    expected = config.projection_shape(name)
+    if tuple(weight.shape) != expected:
+        raise ValueError(f"{name} weight has shape {tuple(weight.shape)}, config says {expected}")
+    if config.projection_bias(name) and bias is None:
+        raise ValueError(f"{name} needs a bias for model_type {config.model_type!r}, none in checkpoint")
+    return NF4Linear(weight.to(device), None if bias is None else bias.to(device), dtype)

@@ -1,0 +1,118 @@
+"""What a caller asks for and what it gets back (no torch, no protobuf)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+FINISH_LENGTH, FINISH_STOP, FINISH_EOS, FINISH_CANCELLED = "length", "stop", "eos", "cancelled"
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+_ids = itertools.count()
+
+
+def new_request_id() -> str:
+    return f"req-{next(_ids)}"
+
+
+class RequestError(ValueError):
+    """A request the engine refuses; `field` names the offending field."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None  # None = fresh randomness; same seed -> same output
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise RequestError("max_new_tokens", f"must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise RequestError("temperature", f"must be a finite number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise RequestError("top_k", f"must be an integer >= 0, got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+            raise RequestError("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**64):
+            raise RequestError("seed", f"must be an integer in [0, 2^64), got {self.seed!r}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise RequestError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        for text in self.stop:
+            if not isinstance(text, str) or not text or len(text) > MAX_STOP_CHARS:
+                raise RequestError("stop", f"stop strings must be 1..{MAX_STOP_CHARS} characters")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class Request:
+    """prompt (optionally wrapped in the chat template), chat messages, or token ids;
+    on the base model (adapter None), one adapter, or a weighted mix of adapters."""
+
+    prompt: str | None = None
+    messages: tuple[dict, ...] | None = None
+    prompt_token_ids: tuple[int, ...] | None = None
+    chat: bool = False
+    adapter: str | None = None
+    mix: tuple[tuple[str, float], ...] = ()
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = field(default_factory=new_request_id)
+
+    def __post_init__(self) -> None:
+        given = [x is not None for x in (self.prompt, self.messages, self.prompt_token_ids)]
+        if sum(given) != 1:
+            raise RequestError("prompt", "give exactly one of prompt, messages or prompt_token_ids")
+        if self.prompt is not None and not self.prompt:
+            raise RequestError("prompt", "must not be empty")
+        if self.messages is not None and not self.messages:
+            raise RequestError("messages", "must not be empty")
+        if self.prompt_token_ids is not None and not self.prompt_token_ids:
+            raise RequestError("prompt_token_ids", "must not be empty")
+        if self.adapter is not None and self.mix:
+            raise RequestError("adapters", "set either adapter or a mix of adapters, not both")
+        names = [name for name, _ in self.mix]
+        if len(set(names)) != len(names):
+            raise RequestError("adapters", "an adapter appears twice in the mix")
+        for name, weight in self.mix:
+            if not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise RequestError("adapters", f"weight of {name!r} must be finite, got {weight!r}")
+
+    @property
+    def adapter_weights(self) -> tuple[tuple[str, float], ...]:
+        """(name, weight) pairs the request applies; empty for the base model."""
+        if self.adapter:
+            return ((self.adapter, 1.0),)
+        return tuple((name, float(weight)) for name, weight in self.mix)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one engine step produced for one request: new text, and the result when done."""
+
+    request_id: str
+    new_text: str
+    new_token_ids: tuple[int, ...]
+    finished: GenerationResult | None = None
+    error: Exception | None = None  # the request failed; no result follows

@@ -1,0 +1,64 @@
+"""Turns a step plan into tensors, runs the model once, and picks each sequence's next token.
+
+Makes no policy decisions: which sequences run is the scheduler's call, which slots they
+use is the registry's."""
+
+from __future__ import annotations
+
+import torch
+
+from loraquilt.server.adapters.slots import LoraSlots
+from loraquilt.server.model.batch import build_forward_batch
+from loraquilt.server.model.kv_cache import KVCache
+from loraquilt.server.model.llama import CausalLM
+from loraquilt.server.sampler import new_generator, sample_next_tokens
+from loraquilt.server.sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, cache: KVCache, slots: LoraSlots):
+        self.model, self.cache, self.slots = model, cache, slots
+
+    def execute(self, decodes: tuple[Sequence, ...], prefills: tuple[Sequence, ...]) -> list[int]:
+        """One forward over every sequence; returns the next token of each, decodes first."""
+        sequences = decodes + prefills
+        batch = build_forward_batch(
+            prefill_tokens=[seq.next_input() for seq in prefills],
+            prefill_slots=[seq.cache_slot for seq in prefills],
+            prefill_starts=[seq.next_position() for seq in prefills],
+            decode_tokens=[seq.output_ids[-1] for seq in decodes],
+            decode_slots=[seq.cache_slot for seq in decodes],
+            decode_positions=[seq.next_position() for seq in decodes],
+            sliding_window=self.model.config.sliding_window,
+            dtype=self.model.dtype,
+            device=self.model.device,
+        )
+        lora = self._begin_lora(decodes, prefills)
+        try:
+            logits = self.model(batch, self.cache, lora)  # [N, vocab]
+        finally:
+            self.slots.end_step()
+        for seq in sequences:
+            if seq.generator is None and not seq.request.sampling.greedy:
+                seq.generator = new_generator(seq.request.sampling.seed)
+        return sample_next_tokens(
+            logits, [seq.request.sampling for seq in sequences], [seq.generator for seq in sequences]
+        )
+
+    def _begin_lora(self, decodes, prefills) -> LoraSlots | None:
+        """Row tables for the step's tokens: each token carries its sequence's (slot, weight) pairs."""
+        pairs_per_row = max((len(seq.adapter_slots) for seq in decodes + prefills), default=0)
+        if pairs_per_row == 0:
+            return None
+        row_slots: list[list[int]] = []
+        row_weights: list[list[float]] = []
+        for seq, count in [(seq, 1) for seq in decodes] + [(seq, len(seq.next_input())) for seq in prefills]:
+            padding = pairs_per_row - len(seq.adapter_slots)
+            slots = [slot for slot, _ in seq.adapter_slots] + [-1] * padding
+            weights = [weight for _, weight in seq.adapter_slots] + [0.0] * padding
+            row_slots.extend([slots] * count)
+            row_weights.extend([weights] * count)
+        self.slots.begin_step(
+            torch.tensor(row_slots, dtype=torch.int64), torch.tensor(row_weights, dtype=torch.float32)
+        )
+        return self.slots
