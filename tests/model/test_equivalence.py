@@ -1,0 +1,151 @@
+"""The engine against transformers + PEFT on the same NF4 weights.
+
+One batch of 10 prompts of different lengths: 8 rows each on its own PEFT adapter (mixed
+ranks, targets, rsLoRA, rank/alpha patterns), 1 row on the base model, 1 row on a 0.7/0.3
+mix of two adapters. The reference runs every request alone through transformers +
+bitsandbytes + PEFT (the mix through `add_weighted_adapter(..., combination_type="cat")`).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fixtures_models import build_tiny_model, load_nf4_reference, make_adapter_zoo
+from peft import PeftModel
+
+from loraquilt.server.engine import Engine, EngineConfig
+from loraquilt.server.model.batch import build_forward_batch
+from loraquilt.server.request import Request, SamplingParams
+
+PROMPTS = (
+    "The quick brown fox",
+    "In the morning the market opens and people come from",
+    "A",
+    "Rivers carry water to the sea",
+    "Tell me about the weather in the mountains during the long winter months when",
+    "One two three",
+    "The engine turns",
+    "Where do the birds go",
+    "Light",
+    "Books on the shelf were old and",
+)
+MIX = ((0, 0.7), (2, 0.3))  # adapter indices and weights of the last row
+NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def setup(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    base = build_tiny_model(root / "base", request.param, seed=1)
+    adapters = make_adapter_zoo(base, root / "adapters", count=8, seed=10)
+    engine = Engine(EngineConfig(
+        model=str(base), max_batch_size=16, max_active_adapters=8, max_lora_rank=16,
+        lora_backend="torch", progress=False,
+    ))
+    for index, folder in enumerate(adapters):
+        engine.register_adapter(f"a{index}", folder)
+    return engine, base, adapters
+
+
+def _requests() -> list[Request]:
+    greedy = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    requests = [Request(prompt=p, adapter=f"a{i}", sampling=greedy) for i, p in enumerate(PROMPTS[:8])]
+    requests.append(Request(prompt=PROMPTS[8], sampling=greedy))
+    requests.append(Request(prompt=PROMPTS[9], mix=tuple((f"a{i}", w) for i, w in MIX), sampling=greedy))
+    return requests
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    """PEFT model with all 8 adapters and the weighted mix loaded, plus a runner for one request."""
+    engine, base, adapters = setup
+    model = PeftModel.from_pretrained(load_nf4_reference(base), adapters[0], adapter_name="a0")
+    for index, folder in enumerate(adapters[1:], start=1):
+        model.load_adapter(folder, adapter_name=f"a{index}")
+    model.add_weighted_adapter(
+        [f"a{i}" for i, _ in MIX], [w for _, w in MIX], adapter_name="mix", combination_type="cat"
+    )
+    model.eval()
+
+    @torch.no_grad()
+    def run(ids: list[int], adapter: str | None) -> tuple[list[int], torch.Tensor]:
+        """Greedy NEW_TOKENS tokens (eos does not stop) and the prefill's last logits."""
+        def forward(tokens, past):
+            return model(input_ids=torch.tensor([tokens]), past_key_values=past, use_cache=True)
+
+        if adapter is None:
+            with model.disable_adapter():
+                return _greedy(forward, ids)
+        model.set_adapter(adapter)
+        return _greedy(forward, ids)
+
+    return run
+
+
+def _greedy(forward, ids):
+    out = forward(ids, None)
+    prefill_logits = out.logits[0, -1].float()
+    tokens = []
+    for _ in range(NEW_TOKENS):
+        tokens.append(int(out.logits[0, -1].argmax()))
+        out = forward([tokens[-1]], out.past_key_values)
+    return tokens, prefill_logits
+
+
+def _reference_adapter(index: int) -> str | None:
+    return f"a{index}" if index < 8 else (None if index == 8 else "mix")
+
+
+def test_greedy_tokens_equal_peft_one_request_at_a_time(setup, reference):
+    engine, _, _ = setup
+    requests = _requests()
+    results = engine.generate(requests)  # all 10 in one batch
+    for index, (request, result) in enumerate(zip(requests, results)):
+        ids = engine.encode(request)
+        expected, _ = reference(ids, _reference_adapter(index))
+        assert list(result.token_ids) == expected, f"row {index} ({_reference_adapter(index)})"
+        assert result.finish_reason == "length" and result.completion_tokens == NEW_TOKENS
+        assert result.prompt_tokens == len(ids)
+
+
+def test_adapters_change_the_output(setup, reference):
+    """Guards the comparison above against adapters too weak to matter."""
+    engine, _, _ = setup
+    requests = _requests()
+    changed = 0
+    for index, request in enumerate(requests[:8]):
+        ids = engine.encode(request)
+        changed += reference(ids, f"a{index}")[0] != reference(ids, None)[0]
+    assert changed >= 6
+
+
+def test_prefill_logits_match_within_1e3(setup, reference):
+    engine, _, _ = setup
+    requests = _requests()
+    prompts = [engine.encode(r) for r in requests]
+    names = [[name for name, _ in r.adapter_weights] for r in requests]
+    slots_per_request = [engine.adapters.acquire(n) if n else [] for n in names]
+    try:
+        batch = build_forward_batch(
+            prefill_tokens=prompts, prefill_slots=list(range(len(prompts))),
+            prefill_starts=[0] * len(prompts), decode_tokens=[], decode_slots=[], decode_positions=[],
+            sliding_window=None, dtype=engine.model.dtype, device=engine.model.device,
+        )
+        row_slots, row_weights = [], []
+        for request, slots, ids in zip(requests, slots_per_request, prompts):
+            weights = [w for _, w in request.adapter_weights]
+            padded_slots = (slots + [-1, -1])[:2]
+            padded_weights = (weights + [0.0, 0.0])[:2]
+            row_slots += [padded_slots] * len(ids)
+            row_weights += [padded_weights] * len(ids)
+        engine.slots.begin_step(torch.tensor(row_slots), torch.tensor(row_weights))
+        logits = engine.model(batch, engine.cache, engine.slots)  # [10, vocab]
+        engine.slots.end_step()
+    finally:
+        for n in names:
+            if n:
+                engine.adapters.release(n)
+    for index, ids in enumerate(prompts):
+        _, expected = reference(ids, _reference_adapter(index))
+        diff = (logits[index] - expected).abs().max().item()
+        assert diff <= 1e-3, f"row {index}: max abs diff {diff}"
