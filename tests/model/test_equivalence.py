@@ -149,3 +149,25 @@ def test_prefill_logits_match_within_1e3(setup, reference):
         _, expected = reference(ids, _reference_adapter(index))
         diff = (logits[index] - expected).abs().max().item()
         assert diff <= 1e-3, f"row {index}: max abs diff {diff}"
+
+
+def test_mistral_sliding_window_and_sharded_checkpoint(tmp_path):
+    """Prompts longer than the window: keys older than `sliding_window` must be masked,
+    in prefill and in decode; weights come from a sharded checkpoint."""
+    base = build_tiny_model(tmp_path / "mistral", "mistral", seed=5, max_shard_size="60KB",
+                            config_overrides={"sliding_window": 6})
+    assert (base / "model.safetensors.index.json").exists()
+    engine = Engine(EngineConfig(model=str(base), max_batch_size=4, lora_backend="torch", progress=False))
+    model = load_nf4_reference(base)
+    greedy = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    requests = [Request(prompt=p, sampling=greedy) for p in (PROMPTS[1], PROMPTS[4], PROMPTS[0])]
+    results = engine.generate(requests)
+    for request, result in zip(requests, results):
+        ids = engine.encode(request)
+
+        def forward(tokens, past):
+            return model(input_ids=torch.tensor([tokens]), past_key_values=past, use_cache=True)
+
+        with torch.no_grad():
+            expected, _ = _greedy(forward, ids)
+        assert list(result.token_ids) == expected

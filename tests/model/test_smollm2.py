@@ -1,0 +1,72 @@
+"""The embedded SmolLM2-135M-Instruct: real answers, and real-size adapters equal to PEFT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fixtures_models import build_peft_adapter, load_nf4_reference
+from peft import PeftModel
+
+from loraquilt.server.engine import Engine, EngineConfig
+from loraquilt.server.model.sources import resolve_model
+from loraquilt.server.request import Request, SamplingParams
+
+pytestmark = pytest.mark.slow
+RECIPES = (
+    dict(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+    dict(r=4, lora_alpha=8, target_modules=["o_proj", "down_proj"], use_rslora=True),
+    dict(r=12, lora_alpha=12, target_modules=["gate_proj", "up_proj"]),
+)
+PROMPTS = ("What is the capital of France?", "Name three colors.", "Write a haiku about rain.",
+           "How many legs does a spider have?")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    folder = resolve_model(None).folder
+    engine = Engine(EngineConfig(max_batch_size=8, max_active_adapters=4, max_lora_rank=16,
+                                 max_seq_len=256, progress=False))
+    return engine, folder
+
+
+def test_chat_answer_names_paris(smollm2):
+    engine, _ = smollm2
+    (result,) = engine.generate([Request(prompt="What is the capital of France?", chat=True,
+                                         sampling=SamplingParams(max_new_tokens=24))])
+    assert "Paris" in result.text
+
+
+def test_four_adapters_in_one_batch_equal_peft(smollm2, tmp_path):
+    engine, folder = smollm2
+    adapters = [build_peft_adapter(folder, tmp_path / f"a{i}", seed=100 + i, scale=0.1, **recipe)
+                for i, recipe in enumerate(RECIPES)]
+    for index, path in enumerate(adapters):
+        engine.register_adapter(f"a{index}", path)
+    greedy = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    requests = [Request(prompt=p, chat=True, adapter=f"a{i}", sampling=greedy) for i, p in enumerate(PROMPTS)]
+    results = engine.generate(requests)
+
+    model = PeftModel.from_pretrained(load_nf4_reference(folder), adapters[0], adapter_name="a0")
+    for index, path in enumerate(adapters[1:], start=1):
+        model.load_adapter(path, adapter_name=f"a{index}")
+    model.eval()
+    differs_from_base = 0
+    for index, (request, result) in enumerate(zip(requests, results)):
+        ids = engine.encode(request)
+        model.set_adapter(f"a{index}")
+        expected = _greedy(model, ids, 16)
+        assert list(result.token_ids) == expected, f"adapter a{index}"
+        with model.disable_adapter():
+            differs_from_base += _greedy(model, ids, 16) != expected
+    assert differs_from_base >= 3  # the adapters are strong enough to matter
+
+
+@torch.no_grad()
+def _greedy(model, ids: list[int], count: int) -> list[int]:
+    out = model(input_ids=torch.tensor([ids]), use_cache=True)
+    tokens = []
+    for _ in range(count):
+        tokens.append(int(out.logits[0, -1].argmax()))
+        out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens
