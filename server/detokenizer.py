@@ -21,12 +21,11 @@ def render(tokenizer, token_ids: list[int], stop: tuple[str, ...], final: bool) 
         return TextUpdate(text[:cut], cut, True)
     if final:
         return TextUpdate(text, len(text), False)
-    stable = len(text)
-    if text.endswith("\ufffd"):
-        stable = len(text.rstrip("\ufffd"))
+    complete = text.rstrip("\ufffd")  # a trailing partial UTF-8 character may still change
+    stable = len(complete)
     for s in stop:
-        for length in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:length]):
-                stable = min(stable, len(text) - length)
+        for length in range(min(len(s) - 1, len(complete)), 0, -1):
+            if complete.endswith(s[:length]):
+                stable = min(stable, len(complete) - length)
                 break
     return TextUpdate(text, stable, False)

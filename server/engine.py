@@ -168,14 +168,16 @@ class Engine:
         if not self._free_cache_slots:
             return Admission.WAIT
         names = [name for name, _ in seq.request.adapter_weights]
-        try:
-            slots = self.adapters.acquire(names) if names else []
-        except Exception as error:  # unregistered meanwhile, or its files are gone or broken
-            seq.error = error
-            return Admission.REJECT
-        if slots is None:
-            return Admission.WAIT
-        seq.adapter_slots = [(slot, weight) for slot, (_, weight) in zip(slots, seq.request.adapter_weights)]
+        if names:
+            try:
+                lease = self.adapters.acquire(names)
+            except Exception as error:  # unregistered meanwhile, or its files are gone or broken
+                seq.error = error
+                return Admission.REJECT
+            if lease is None:
+                return Admission.WAIT
+            seq.adapter_lease = lease
+            seq.adapter_slots = [(slot, w) for slot, (_, w) in zip(lease.slots, seq.request.adapter_weights)]
         seq.cache_slot = self._free_cache_slots.pop()
         return Admission.ADMIT
 
@@ -221,7 +223,8 @@ class Engine:
             self._free_cache_slots.append(seq.cache_slot)
             self._free_cache_slots.sort(reverse=True)
             seq.cache_slot = None
-        if seq.adapter_slots:
-            self.adapters.release([name for name, _ in seq.request.adapter_weights])
+        if seq.adapter_lease is not None:
+            self.adapters.release(seq.adapter_lease)
+            seq.adapter_lease = None
             seq.adapter_slots = []
 

@@ -16,6 +16,10 @@ def new_request_id() -> str:
     return f"req-{next(_ids)}"
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 class RequestError(ValueError):
     """A request the engine refuses; `field` names the offending field."""
 
@@ -37,14 +41,19 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise RequestError("max_new_tokens", f"must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
+        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
             raise RequestError("temperature", f"must be a finite number >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise RequestError("top_k", f"must be an integer >= 0, got {self.top_k!r}")
-        if not isinstance(self.top_p, (int, float)) or not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+        if not _is_number(self.top_p) or not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
             raise RequestError("top_p", f"must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**64):
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**64):
             raise RequestError("seed", f"must be an integer in [0, 2^64), got {self.seed!r}")
+        if isinstance(self.stop, str) or not isinstance(self.stop, (tuple, list)):
+            raise RequestError("stop", f"must be a list of strings, got {type(self.stop).__name__}")
+        if isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
         if len(self.stop) > MAX_STOP_STRINGS:
             raise RequestError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         for text in self.stop:
@@ -86,7 +95,7 @@ class Request:
         if len(set(names)) != len(names):
             raise RequestError("adapters", "an adapter appears twice in the mix")
         for name, weight in self.mix:
-            if not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            if not _is_number(weight) or not math.isfinite(weight):
                 raise RequestError("adapters", f"weight of {name!r} must be finite, got {weight!r}")
 
     @property

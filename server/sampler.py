@@ -1,36 +1,40 @@
 """Next-token choice per row: greedy, or temperature / top-k / top-p with a per-request
-generator, so a seeded request draws the same tokens whatever batch it runs in."""
+random stream, so a seeded request draws the same tokens whatever batch it runs in.
+
+The stream is Python's Mersenne Twister seeded with the full 64-bit seed (torch's CPU
+generator keeps only the low 32 bits of a seed, so seeds differing above them would
+share a stream); each draw is one uniform number turned into a token by inverse CDF.
+"""
 
 from __future__ import annotations
+
+import random
 
 import torch
 
 from loraquilt.server.request import SamplingParams
 
 
-def new_generator(seed: int | None) -> torch.Generator:
-    generator = torch.Generator(device="cpu")
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed % (2**63))
-    return generator
+def new_generator(seed: int | None) -> random.Random:
+    """A random stream for one request; None = fresh entropy from the OS."""
+    return random.Random(seed)
 
 
 def sample_next_tokens(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[random.Random | None]
 ) -> list[int]:
     """logits: [N, vocab] float32 (any device) -> N token ids."""
     chosen = torch.argmax(logits, dim=-1).tolist()  # greedy for everyone, replaced below
     for row, (param, generator) in enumerate(zip(params, generators)):
         if not param.greedy:
-            chosen[row] = _sample_row(logits[row].float().cpu(), param, generator)
+            chosen[row] = _sample_row(logits[row].cpu(), param, generator)
     return chosen
 
 
-def _sample_row(logits: torch.Tensor, param: SamplingParams, generator: torch.Generator) -> int:
+def _sample_row(logits: torch.Tensor, param: SamplingParams, generator: random.Random) -> int:
     """logits: [vocab]"""
-    scores = logits / param.temperature
+    # float64 and shifted by the max: a tiny temperature tends to greedy instead of overflowing
+    scores = (logits.double() - logits.max().double()) / param.temperature
     if param.top_k and param.top_k < scores.numel():
         kth = torch.topk(scores, param.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -41,5 +45,7 @@ def _sample_row(logits: torch.Tensor, param: SamplingParams, generator: torch.Ge
         drop = (torch.cumsum(probs, dim=-1) - probs) >= param.top_p
         sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
         scores = torch.full_like(scores, float("-inf")).scatter(0, order, sorted_scores)
-    probs = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    cdf = torch.cumsum(torch.softmax(scores, dim=-1), dim=0)  # [vocab]
+    target = torch.tensor([generator.random() * float(cdf[-1])], dtype=cdf.dtype)
+    index = int(torch.searchsorted(cdf, target, right=True))  # first token whose cdf passes it
+    return min(index, scores.numel() - 1)

@@ -16,6 +16,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     cache_slot: int | None = None  # KV cache row while admitted
     adapter_slots: list[tuple[int, float]] = field(default_factory=list)  # pinned (slot, weight)
+    adapter_lease: Any = None  # the registry's Lease behind adapter_slots
     prefilled: bool = False
     finish_reason: str | None = None
     error: Exception | None = None  # why it was rejected, if it was

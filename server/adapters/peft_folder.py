@@ -130,11 +130,22 @@ def read_adapter_config(folder: Path, max_rank: int) -> dict:
         raise AdapterError("adapter uses features loraquilt does not implement: " + ", ".join(names))
     _rank(config.get("r", 8), "r", max_rank)
     _finite_number(config.get("lora_alpha", 8), "lora_alpha")
-    for key, value in (config.get("rank_pattern") or {}).items():
-        _rank(value, f"rank_pattern[{key!r}]", max_rank)
-    for key, value in (config.get("alpha_pattern") or {}).items():
-        _finite_number(value, f"alpha_pattern[{key!r}]")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise AdapterError(f"use_rslora must be true or false, got {config['use_rslora']!r}")
+    for field_name, check in (("rank_pattern", lambda v, what: _rank(v, what, max_rank)),
+                              ("alpha_pattern", _finite_number)):
+        patterns = config.get(field_name) or {}
+        if not isinstance(patterns, dict):
+            raise AdapterError(f"{field_name} must be a JSON object, got {type(patterns).__name__}")
+        for key, value in patterns.items():
+            try:
+                re.compile(key)
+            except re.error as error:
+                raise AdapterError(f"{field_name} key {key!r} is not a valid pattern: {error}") from None
+            check(value, f"{field_name}[{key!r}]")
     targets = config.get("target_modules")
+    if targets is not None and not isinstance(targets, (list, str)):
+        raise AdapterError(f"target_modules must be a list of names or a pattern, got {targets!r}")
     if isinstance(targets, list):
         bad = [t for t in targets if t not in PROJECTIONS]
         if bad:
@@ -162,7 +173,7 @@ def load_peft_adapter(folder: Path | str, model: ModelConfig, *, max_rank: int,
     _check_file_size(weights_path, model, max_rank)
 
     default_r, default_alpha = config.get("r", 8), float(config.get("lora_alpha", 8))
-    rslora = bool(config.get("use_rslora", False))
+    rslora = config.get("use_rslora", False)
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     try:
         with safe_open(str(weights_path), framework="pt") as handle:
@@ -207,10 +218,16 @@ def load_peft_adapter(folder: Path | str, model: ModelConfig, *, max_rank: int,
             if not bool(torch.isfinite(tensor).all()):
                 raise AdapterError(f"{name}.{half} has NaN or infinite values")
         scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        modules[(layer, proj)] = LoraModule(
+        module = LoraModule(
             a=a.to(torch.float32).to(dtype).contiguous(),
             b=(b.to(torch.float32) * scaling).to(dtype).contiguous(),
         )
+        if not (bool(torch.isfinite(module.a).all()) and bool(torch.isfinite(module.b).all())):
+            raise AdapterError(
+                f"{name}: weights overflow once scaled by {scaling:g} (lora_alpha {alpha:g}, "
+                f"r {r}) and stored as {str(dtype).removeprefix('torch.')}"
+            )
+        modules[(layer, proj)] = module
     targets = tuple(p for p in PROJECTIONS if any(proj == p for _, proj in modules))
     return LoadedAdapter(
         path=folder,

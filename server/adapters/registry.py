@@ -40,7 +40,7 @@ class AdapterRecord:
     host: LoadedAdapter | None = field(default=None, repr=False)
     slot: int | None = None
     pins: int = 0
-    retired: bool = False  # unregistered while pinned
+    retired: bool = False  # unregistered (while pinned: its slot frees at the last release)
 
     @property
     def tier(self) -> str:
@@ -57,6 +57,14 @@ class RegistryEvents:
     on_evict: Callable[[str], None] = lambda tier: None
 
 
+@dataclass(frozen=True)
+class Lease:
+    """Device slots pinned for one request, in the order its adapters were named."""
+
+    slots: tuple[int, ...]
+    records: tuple[AdapterRecord, ...]
+
+
 class AdapterRegistry:
     def __init__(self, model: ModelConfig, slots: LoraSlots, *, max_cpu_adapters: int,
                  events: RegistryEvents | None = None):
@@ -65,9 +73,9 @@ class AdapterRegistry:
         self.model, self.slots = model, slots
         self.max_cpu_adapters = max_cpu_adapters
         self.events = events or RegistryEvents()
-        self._records: dict[str, AdapterRecord] = {}
+        self._records: dict[str, AdapterRecord] = {}  # registered names only
         self._host_lru: OrderedDict[str, None] = OrderedDict()
-        self._slot_owner: list[str | None] = [None] * slots.config.num_slots
+        self._slot_owner: list[AdapterRecord | None] = [None] * slots.config.num_slots
         self._device_lru: OrderedDict[int, None] = OrderedDict()  # unpinned resident slots
         self._lock = threading.RLock()
 
@@ -77,11 +85,11 @@ class AdapterRegistry:
         """Load and validate now (errors surface here, not at first use); keep it on host."""
         path = Path(path)
         with self._lock:
-            if name in self._records and not self._records[name].retired:
+            if name in self._records:
                 raise AdapterExists(f"adapter {name!r} is already registered")
         adapter = self._read(path)
         with self._lock:
-            if name in self._records and not self._records[name].retired:
+            if name in self._records:
                 raise AdapterExists(f"adapter {name!r} is already registered")
             record = AdapterRecord(name=name, path=path, rank=adapter.rank,
                                    target_modules=adapter.target_modules, size_bytes=adapter.size_bytes)
@@ -90,13 +98,15 @@ class AdapterRegistry:
             return record
 
     def unregister(self, name: str) -> None:
+        """Forget the name now; a slot still pinned by running requests is freed (and
+        zeroed) when the last of them releases it."""
         with self._lock:
             record = self._get(name)
+            del self._records[name]
             record.retired = True
             self._drop_host(record)
             if record.pins == 0:
                 self._free_slot(record)
-                del self._records[name]
 
     def get(self, name: str) -> AdapterRecord:
         with self._lock:
@@ -104,64 +114,73 @@ class AdapterRegistry:
 
     def records(self) -> list[AdapterRecord]:
         with self._lock:
-            return [r for r in self._records.values() if not r.retired]
+            return list(self._records.values())
 
     def _get(self, name: str) -> AdapterRecord:
         record = self._records.get(name)
-        if record is None or record.retired:
+        if record is None:
             raise UnknownAdapter(name)
         return record
 
     # -- residency ----------------------------------------------------------------------
 
-    def acquire(self, names: list[str]) -> list[int] | None:
+    def acquire(self, names: list[str]) -> Lease | None:
         """Pin device slots for every named adapter, loading them if needed.
 
-        Returns the slots in order, or None when not enough slots can be freed now (all
-        pinned by running requests); raises UnknownAdapter for a name not registered."""
+        Returns a Lease, or None when not enough slots can be freed now (the rest are
+        pinned by running requests; nothing is pinned then). Raises UnknownAdapter for a
+        name not registered, AdapterError when an adapter's files cannot be read back
+        (nothing stays pinned either way)."""
         with self._lock:
             records = [self._get(name) for name in names]
-            missing = [r for r in records if r.slot is None]
-            free = self._slot_owner.count(None) + len(self._device_lru)
-            if len(missing) > free:
-                return None
-            for record in records:
-                if record.slot is None:
-                    self._bring_to_device(record)
-                else:
-                    self._device_lru.pop(record.slot, None)
+            if len({id(r) for r in records}) != len(records):
+                raise ValueError(f"adapter named twice in {names}")
+            pinned = [r for r in records if r.slot is not None]
+            for record in pinned:  # residents first, so loading the others cannot evict them
+                self._device_lru.pop(record.slot, None)
                 record.pins += 1
-            return [r.slot for r in records]
+            missing = [r for r in records if r.slot is None]
+            if len(missing) > self._slot_owner.count(None) + len(self._device_lru):
+                self._unpin(pinned)
+                return None
+            try:
+                for record in missing:
+                    self._bring_to_device(record)
+                    record.pins += 1
+                    pinned.append(record)
+            except BaseException:
+                self._unpin(pinned)
+                raise
+            return Lease(slots=tuple(r.slot for r in records), records=tuple(records))
 
-    def release(self, names: list[str]) -> None:
+    def release(self, lease: Lease) -> None:
         with self._lock:
-            for name in names:
-                record = self._records.get(name)
-                if record is None:
-                    continue
-                record.pins -= 1
-                if record.pins == 0:
-                    if record.retired:
-                        self._free_slot(record)
-                        del self._records[name]
-                    elif record.slot is not None:
-                        self._device_lru[record.slot] = None
+            self._unpin(list(lease.records))
+
+    def _unpin(self, records: list[AdapterRecord]) -> None:
+        for record in records:
+            record.pins -= 1
+            if record.pins == 0:
+                if record.retired:
+                    self._free_slot(record)
+                elif record.slot is not None:
+                    self._device_lru[record.slot] = None
 
     def _bring_to_device(self, record: AdapterRecord) -> None:
-        slot = self._slot_owner.index(None) if None in self._slot_owner else self._evict_device()
         adapter = record.host
         if adapter is None:
-            adapter = self._read(record.path)
+            adapter = self._read(record.path)  # before evicting anyone: a failed read costs nothing
             self._keep_on_host(record, adapter)
         else:
             self._host_lru.move_to_end(record.name)
+        slot = self._slot_owner.index(None) if None in self._slot_owner else self._evict_device()
         self.slots.load(slot, adapter)
-        self._slot_owner[slot] = record.name
+        self._slot_owner[slot] = record
         record.slot = slot
 
     def _evict_device(self) -> int:
         slot, _ = self._device_lru.popitem(last=False)
-        owner = self._records[self._slot_owner[slot]]
+        owner = self._slot_owner[slot]
         owner.slot = None
         self._slot_owner[slot] = None
         self.events.on_evict(TIER_DEVICE)
@@ -187,7 +206,8 @@ class AdapterRegistry:
         self._host_lru.move_to_end(record.name)
         while len(self._host_lru) > self.max_cpu_adapters:
             victim, _ = self._host_lru.popitem(last=False)
-            self._records[victim].host = None
+            if victim in self._records:
+                self._records[victim].host = None
             self.events.on_evict(TIER_HOST)
 
     def _drop_host(self, record: AdapterRecord) -> None:
@@ -200,8 +220,7 @@ class AdapterRegistry:
         with self._lock:
             counts = {TIER_DISK: 0, TIER_HOST: 0, TIER_DEVICE: 0}
             for record in self._records.values():
-                if not record.retired:
-                    counts[record.tier] += 1
+                counts[record.tier] += 1
             return counts
 
     def host_bytes(self) -> int:

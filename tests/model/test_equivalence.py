@@ -124,7 +124,8 @@ def test_prefill_logits_match_within_1e3(setup, reference):
     requests = _requests()
     prompts = [engine.encode(r) for r in requests]
     names = [[name for name, _ in r.adapter_weights] for r in requests]
-    slots_per_request = [engine.adapters.acquire(n) if n else [] for n in names]
+    leases = [engine.adapters.acquire(n) if n else None for n in names]
+    slots_per_request = [list(lease.slots) if lease else [] for lease in leases]
     try:
         batch = build_forward_batch(
             prefill_tokens=prompts, prefill_slots=list(range(len(prompts))),
@@ -142,9 +143,9 @@ def test_prefill_logits_match_within_1e3(setup, reference):
         logits = engine.model(batch, engine.cache, engine.slots)  # [10, vocab]
         engine.slots.end_step()
     finally:
-        for n in names:
-            if n:
-                engine.adapters.release(n)
+        for lease in leases:
+            if lease:
+                engine.adapters.release(lease)
     for index, ids in enumerate(prompts):
         _, expected = reference(ids, _reference_adapter(index))
         diff = (logits[index] - expected).abs().max().item()

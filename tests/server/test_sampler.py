@@ -1,6 +1,5 @@
 """Next-token choice: greedy rows, temperature / top-k / top-p sampling, seeded generators."""
 
-import math
 from collections import Counter
 
 import pytest
@@ -52,9 +51,9 @@ def test_greedy_rows_take_the_argmax_in_a_mixed_batch():
 
 def test_greedy_does_not_consume_the_generator():
     generator = new_generator(3)
-    before = generator.get_state()
+    before = generator.getstate()
     sample_next_tokens(random_logits(1, 10, seed=0), [GREEDY], [generator])
-    assert torch.equal(generator.get_state(), before)
+    assert generator.getstate() == before
 
 
 @pytest.mark.parametrize("temperature", [0.01, 1.0, 100.0])
@@ -154,11 +153,6 @@ def test_high_temperature_flattens_the_distribution():
     assert min(hot[t] for t in range(4)) > min(cold[t] for t in range(4))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sampler: logits / temperature overflows to ±inf for a tiny but valid temperature; "
-    "softmax then gives NaN and torch.multinomial raises",
-)
 def test_tiny_positive_temperature_behaves_like_greedy():
     """SamplingParams accepts any finite temperature > 0; a vanishing one should pick the argmax."""
     logits = torch.tensor([[1.0, 3.0, -2.0, 0.5]])
@@ -170,7 +164,7 @@ def test_tiny_positive_temperature_behaves_like_greedy():
 # -- seeds and batch independence -------------------------------------------------------------
 
 
-def draw_sequence(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, steps: int):
+def draw_sequence(logits: torch.Tensor, params: SamplingParams, generator, steps: int):
     return [sample_next_tokens(logits, [params], [generator])[0] for _ in range(steps)]
 
 
@@ -189,6 +183,14 @@ def test_different_seeds_give_different_draws(seeds):
     params = SamplingParams(temperature=1.0)
     draws = [draw_sequence(logits, params, new_generator(seed), 64) for seed in seeds]
     assert draws[0] != draws[1]
+
+
+def test_seeds_a_multiple_of_2_pow_63_apart_give_different_draws():
+    logits = random_logits(1, 100, seed=21) * 0.1
+    params = SamplingParams(temperature=1.0)
+    low = draw_sequence(logits, params, new_generator(5), 64)
+    high = draw_sequence(logits, params, new_generator(5 + 2**63), 64)
+    assert low != high
 
 
 def test_unseeded_generators_differ():
@@ -232,5 +234,4 @@ def test_row_draws_do_not_depend_on_the_batch(partner, partner_first):
 def test_new_generator_accepts_the_full_seed_range():
     for seed in (0, 1, 2**63 - 1, 2**63, 2**64 - 1):
         generator = new_generator(seed)
-        assert isinstance(generator, torch.Generator)
-        assert not math.isnan(torch.rand(1, generator=generator).item())
+        assert 0.0 <= generator.random() < 1.0
