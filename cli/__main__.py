@@ -1,15 +1,27 @@
-"""The `loraquilt` command: one sub-command per job, each defined beside the code it runs."""
+"""The `loraquilt` command: one sub-command per job, each defined beside the code it runs.
+
+Only the module of the command being run is imported, so client commands start without
+loading torch or the model stack."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
+# command -> (module that defines it, function adding its parser, one-line help)
+COMMANDS = {
+    "serve": ("loraquilt.server.app", "add_serve_parser", "start the gRPC server"),
+    "generate": ("loraquilt.client.cli", "add_generate_parser", "send a Generate request to a server"),
+    "adapters": ("loraquilt.client.cli", "add_adapters_parser", "register, unregister or list adapters on a server"),
+    "run": ("loraquilt.server.local_cli", "add_run_parser", "generate once, locally, and print the text"),
+    "info": ("loraquilt.server.local_cli", "add_info_parser", "parameters and bytes of the NF4 model"),
+    "bench": ("loraquilt.cli_bench", "add_bench_parser", "benchmarks (JSON out)"),
+}
 
-def build_parser() -> argparse.ArgumentParser:
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     from loraquilt import __version__
-    from loraquilt.kernels import bench as kernel_bench
-    from loraquilt.server import local_cli
 
     parser = argparse.ArgumentParser(
         prog="loraquilt",
@@ -17,20 +29,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"loraquilt {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    local_cli.add_run_parser(commands)
-    local_cli.add_info_parser(commands)
-
-    bench = commands.add_parser("bench", help="benchmarks (JSON out)")
-    bench_kinds = bench.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
-    kernel_bench.add_arguments(
-        bench_kinds.add_parser("kernels", help="LoRA kernel backends against a base Linear")
-    )
+    for name, (module, function, help_text) in COMMANDS.items():
+        if only is None or name == only:
+            getattr(importlib.import_module(module), function)(commands, name, help_text)
+        else:
+            commands.add_parser(name, help=help_text)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((arg for arg in argv if not arg.startswith("-")), None)
+    args = build_parser(chosen if chosen in COMMANDS else None).parse_args(argv)
     return int(args.run(args) or 0)
 
 

@@ -29,6 +29,17 @@ from loraquilt.server.sequence import Sequence
 from loraquilt.server.tokenizer import load_tokenizer, stop_token_ids
 
 
+class EngineStepError(RuntimeError):
+    """A forward step failed; every request in that step fails with it."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    last_batch_size: int
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # HF folder, .gguf, hub id; None = the embedded default
@@ -77,6 +88,7 @@ class Engine:
         self._free_cache_slots = list(range(config.max_batch_size - 1, -1, -1))  # pop() gives the lowest
         self._lock = threading.RLock()
         self._aborted: set[str] = set()
+        self.last_batch_size = 0
         log(f"model {self.model_name} ready in {time.perf_counter() - started:.1f}s on "
             f"{self.model.device} ({str(self.model.dtype).removeprefix('torch.')}): "
             f"{self.model.quantized_bytes() / 2**20:.1f} MiB NF4 weights, KV cache "
@@ -134,21 +146,42 @@ class Engine:
     # -- the loop -------------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
+        """One scheduling round and one forward. New requests and aborts may arrive from
+        other threads meanwhile; the forward itself runs outside the lock."""
         with self._lock:
             outputs = self._apply_aborts()
             plan = self.scheduler.schedule(self._try_admit)
             outputs += [StepOutput(seq.request_id, "", (), error=seq.error) for seq in plan.rejected]
-            if plan:
-                tokens = self.runner.execute(plan.decodes, plan.prefills)
-                now = time.monotonic()
-                for seq, token in zip(plan.sequences, tokens):
-                    seq.prefilled = True
-                    seq.output_ids.append(token)
-                    seq.first_token_time = seq.first_token_time or now
+        if not plan:
+            return outputs
+        self.last_batch_size = len(plan.sequences)
+        try:
+            tokens = self.runner.execute(plan.decodes, plan.prefills)
+        except Exception as error:  # fail this step's requests only; the engine goes on
+            failure = EngineStepError(f"engine step failed: {type(error).__name__}: {error}")
+            with self._lock:
+                for seq in plan.sequences:
+                    seq.finish_reason, seq.error = "error", failure
+                    outputs.append(StepOutput(seq.request_id, "", (), error=failure))
+                for seq in self.scheduler.remove_finished():
+                    self._release(seq)
+            return outputs
+        with self._lock:
+            now = time.monotonic()
+            for seq, token in zip(plan.sequences, tokens):
+                seq.prefilled = True
+                seq.output_ids.append(token)
+                seq.first_token_time = seq.first_token_time or now
+                if not seq.finished:  # an abort may have landed during the forward
                     outputs.append(self._advance(seq))
             for seq in self.scheduler.remove_finished():
                 self._release(seq)
-            return outputs
+        return outputs
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+                               last_batch_size=self.last_batch_size)
 
     def generate(self, requests: list[Request]) -> list[GenerationResult]:
         """Answer every request (batched together); results in request order."""
@@ -179,6 +212,7 @@ class Engine:
             seq.adapter_lease = lease
             seq.adapter_slots = [(slot, w) for slot, (_, w) in zip(lease.slots, seq.request.adapter_weights)]
         seq.cache_slot = self._free_cache_slots.pop()
+        seq.admitted_time = time.monotonic()
         return Admission.ADMIT
 
     def _advance(self, seq: Sequence) -> StepOutput:
@@ -204,6 +238,7 @@ class Engine:
             request_id=seq.request_id, text=seq.text, token_ids=tuple(seq.output_ids),
             finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt_ids),
             completion_tokens=len(seq.output_ids),
+            queue_seconds=(seq.admitted_time or time.monotonic()) - seq.arrival_time,
         )
 
     def _apply_aborts(self) -> list[StepOutput]:

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 
-def add_run_parser(commands) -> None:
-    parser = commands.add_parser("run", help="generate once, locally, and print the text")
+def add_run_parser(commands, name: str = "run", help_text: str = "generate once, locally") -> None:
+    parser = commands.add_parser(name, help=help_text)
     parser.add_argument("prompt")
     parser.add_argument("--model", help="HF folder, .gguf file or hub id (default: embedded SmolLM2)")
     group = parser.add_mutually_exclusive_group()
@@ -29,8 +29,8 @@ def add_run_parser(commands) -> None:
     parser.set_defaults(run=_run)
 
 
-def add_info_parser(commands) -> None:
-    parser = commands.add_parser("info", help="parameters and bytes of the NF4 model")
+def add_info_parser(commands, name: str = "info", help_text: str = "NF4 model figures") -> None:
+    parser = commands.add_parser(name, help=help_text)
     parser.add_argument("--model", help="HF folder, .gguf file or hub id (default: embedded SmolLM2)")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--device", default="auto")

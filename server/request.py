@@ -114,6 +114,7 @@ class GenerationResult:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    queue_seconds: float = 0.0  # arrival to admission into the running batch
 
 
 @dataclass(frozen=True)

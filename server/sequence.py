@@ -24,6 +24,7 @@ class Sequence:
     emitted_chars: int = 0  # text already handed out
     generator: Any = None  # torch.Generator for sampled requests (set by the runner)
     arrival_time: float = field(default_factory=time.monotonic)
+    admitted_time: float | None = None
     first_token_time: float | None = None
 
     @property

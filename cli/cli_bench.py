@@ -1,0 +1,11 @@
+"""`loraquilt bench KIND`: every benchmark writes JSON; each kind lives beside what it measures."""
+
+from __future__ import annotations
+
+
+def add_bench_parser(commands, name: str, help_text: str) -> None:
+    from loraquilt.kernels import bench as kernel_bench
+
+    bench = commands.add_parser(name, help=help_text)
+    kinds = bench.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
+    kernel_bench.add_arguments(kinds.add_parser("kernels", help="LoRA kernel backends against a base Linear"))

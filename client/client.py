@@ -1,0 +1,113 @@
+"""Python clients for the loraquilt gRPC service: `LoraQuiltClient` (blocking) and
+`AsyncLoraQuiltClient` (asyncio). No torch here.
+
+    client = LoraQuiltClient("127.0.0.1:50051")
+    client.register_adapter("sql", "sql-adapter")          # a folder under --adapter-root
+    print(client.generate("List the tables", adapter="sql").text)
+    for piece in client.generate_stream("Tell me a story", mix={"a": 0.5, "b": 0.5}):
+        print(piece.text, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Mapping
+
+import grpc
+
+from loraquilt.v1 import loraquilt_pb2 as pb
+from loraquilt.v1 import loraquilt_pb2_grpc as pb_grpc
+
+Mix = Mapping[str, float] | list[tuple[str, float]] | None
+
+
+def build_request(prompt: str, *, adapter: str = "", mix: Mix = None, max_new_tokens: int = 0,
+                  temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0, seed: int | None = None,
+                  stop: list[str] | tuple[str, ...] = (), chat: bool = False,
+                  ignore_eos: bool = False) -> pb.GenerateRequest:
+    entries = list(mix.items()) if isinstance(mix, Mapping) else list(mix or [])
+    request = pb.GenerateRequest(
+        prompt=prompt, adapter=adapter,
+        adapters=[pb.AdapterWeight(name=name, weight=weight) for name, weight in entries],
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        stop=list(stop), chat=chat, ignore_eos=ignore_eos,
+    )
+    if seed is not None:
+        request.seed = seed
+    return request
+
+
+class LoraQuiltClient:
+    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = None,
+                 channel: grpc.Channel | None = None, metadata: list[tuple[str, str]] | None = None):
+        self.channel = channel or grpc.insecure_channel(target)
+        self.stub = pb_grpc.LoraQuiltStub(self.channel)
+        self.timeout, self.metadata = timeout, metadata
+
+    def generate(self, prompt: str, **options) -> pb.GenerateResponse:
+        return self.stub.Generate(build_request(prompt, **options), timeout=self.timeout, metadata=self.metadata)
+
+    def generate_stream(self, prompt: str, **options) -> Iterator[pb.GenerateResponse]:
+        """Incremental text per message; the last message has finish_reason and counts."""
+        return self.stub.GenerateStream(build_request(prompt, **options), timeout=self.timeout,
+                                        metadata=self.metadata)
+
+    def register_adapter(self, name: str, path: str) -> pb.AdapterInfo:
+        return self.stub.RegisterAdapter(pb.RegisterAdapterRequest(name=name, path=path),
+                                         timeout=self.timeout, metadata=self.metadata)
+
+    def unregister_adapter(self, name: str) -> None:
+        self.stub.UnregisterAdapter(pb.UnregisterAdapterRequest(name=name), timeout=self.timeout,
+                                    metadata=self.metadata)
+
+    def list_adapters(self) -> list[pb.AdapterInfo]:
+        return list(self.stub.ListAdapters(pb.ListAdaptersRequest(), timeout=self.timeout,
+                                           metadata=self.metadata).adapters)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> LoraQuiltClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncLoraQuiltClient:
+    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = None,
+                 metadata: list[tuple[str, str]] | None = None):
+        self.channel = grpc.aio.insecure_channel(target)
+        self.stub = pb_grpc.LoraQuiltStub(self.channel)
+        self.timeout, self.metadata = timeout, metadata
+
+    async def generate(self, prompt: str, **options) -> pb.GenerateResponse:
+        return await self.stub.Generate(build_request(prompt, **options), timeout=self.timeout,
+                                        metadata=self.metadata)
+
+    async def generate_stream(self, prompt: str, **options) -> AsyncIterator[pb.GenerateResponse]:
+        call = self.stub.GenerateStream(build_request(prompt, **options), timeout=self.timeout,
+                                        metadata=self.metadata)
+        async for response in call:
+            yield response
+
+    async def register_adapter(self, name: str, path: str) -> pb.AdapterInfo:
+        return await self.stub.RegisterAdapter(pb.RegisterAdapterRequest(name=name, path=path),
+                                               timeout=self.timeout, metadata=self.metadata)
+
+    async def unregister_adapter(self, name: str) -> None:
+        await self.stub.UnregisterAdapter(pb.UnregisterAdapterRequest(name=name), timeout=self.timeout,
+                                          metadata=self.metadata)
+
+    async def list_adapters(self) -> list[pb.AdapterInfo]:
+        response = await self.stub.ListAdapters(pb.ListAdaptersRequest(), timeout=self.timeout,
+                                                metadata=self.metadata)
+        return list(response.adapters)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncLoraQuiltClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf code for loraquilt.v1 (regenerate with `bash proto/generate.sh`)."""

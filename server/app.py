@@ -1,0 +1,172 @@
+"""`loraquilt serve`: the engine, its loop thread, the gRPC server (with health and
+reflection) and the Prometheus endpoint, started together and stopped gracefully."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from loraquilt.server.adapters.registry import RegistryEvents
+from loraquilt.server.engine import Engine, EngineConfig
+from loraquilt.server.engine_loop import EngineLoop
+from loraquilt.server.metrics import Metrics
+from loraquilt.server.model.weights import DeviceConfig
+from loraquilt.server.service import LoraQuiltService, ServiceConfig
+from loraquilt.v1 import loraquilt_pb2 as pb
+from loraquilt.v1 import loraquilt_pb2_grpc as pb_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LoraQuilt"].full_name
+MAX_MESSAGE_BYTES = 4 << 20
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 = any free port
+    metrics_port: int | None = 9464  # None = no metrics endpoint; 0 = any free port
+    grace_seconds: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
+    preload: tuple[tuple[str, str], ...] = ()  # (name, path) registered at start
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+
+
+class RunningServer:
+    """A started server; `port` / `metrics_port` are the bound ones."""
+
+    def __init__(self, engine: Engine, config: ServerConfig):
+        self.engine, self.config = engine, config
+        self.metrics = Metrics()
+        engine.adapters.events = RegistryEvents(on_load=self.metrics.on_adapter_load,
+                                                on_evict=self.metrics.on_adapter_evict)
+        self.metrics.watch(engine)
+        self.loop = EngineLoop(engine, self.metrics).start()
+        service = LoraQuiltService(self.loop, config.service, self.metrics)
+        for name, path in config.preload:
+            engine.register_adapter(name, path)
+
+        capacity = engine.config.max_batch_size + engine.scheduler.config.max_waiting
+        self.grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=capacity + 8, thread_name_prefix="loraquilt-rpc"),
+            maximum_concurrent_rpcs=capacity + 8,
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
+        )
+        pb_grpc.add_LoraQuiltServicer_to_server(service, self.grpc)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), self.grpc)
+        self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {config.host}:{config.port}")
+        self.grpc.start()
+        self.metrics_port = None
+        self._metrics_server = None
+        if config.metrics_port is not None:
+            self._metrics_server, _ = self.metrics.serve(config.metrics_port, config.host)
+            self.metrics_port = self._metrics_server.server_port
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._stopped = threading.Event()
+
+    @property
+    def target(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    def shutdown(self, grace: float | None = None) -> bool:
+        """Stop accepting (new calls get UNAVAILABLE), let in-flight requests finish
+        within the grace period, then stop. Returns True if nothing was cut off."""
+        if self._stopped.is_set():
+            return True
+        grace = self.config.grace_seconds if grace is None else grace
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.loop.stop_accepting()
+        drained = self.loop.drain(grace)
+        self.grpc.stop(grace=1.0).wait()
+        self.loop.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        self._stopped.set()
+        return drained
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until shut down (or the timeout); True once stopped."""
+        return self._stopped.wait(timeout)
+
+
+def start_server(engine_config: EngineConfig, config: ServerConfig) -> RunningServer:
+    return RunningServer(Engine(engine_config), config)
+
+
+# -- CLI ------------------------------------------------------------------------------------
+
+def add_serve_parser(commands, name: str = "serve", help_text: str = "start the gRPC server") -> None:
+    parser = commands.add_parser(name, help=help_text)
+    parser.add_argument("--model", help="HF folder, .gguf file or hub id (default: embedded SmolLM2)")
+    parser.add_argument("--adapter-root", type=Path, help="RegisterAdapter paths must lie under this folder")
+    parser.add_argument("--preload", metavar="NAME=PATH", nargs="+", action="extend", default=[],
+                        help="adapters registered at start")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=50051)
+    parser.add_argument("--metrics-port", type=int, default=9464, help="-1 disables the endpoint")
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-active-adapters", type=int, default=32, help="adapter slots on the device")
+    parser.add_argument("--max-cpu-adapters", type=int, default=256, help="adapters kept in host memory")
+    parser.add_argument("--max-lora-rank", type=int, default=16)
+    parser.add_argument("--max-queue", type=int, default=1024, help="waiting requests before RESOURCE_EXHAUSTED")
+    parser.add_argument("--max-seq-len", type=int, default=1024, help="prompt + generated tokens per request")
+    parser.add_argument("--max-prefill-tokens", type=int, default=4096)
+    parser.add_argument("--default-max-new-tokens", type=int, default=128)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16")
+    parser.add_argument("--lora-backend", default="auto", choices=["auto", "torch", "triton", "reference"])
+    parser.add_argument("--grace-seconds", type=float, default=30.0)
+    parser.set_defaults(run=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    preload = []
+    for entry in args.preload:
+        name, sep, path = entry.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--preload entries look like NAME=PATH, got {entry!r}")
+        preload.append((name, path))
+    engine_config = EngineConfig(
+        model=args.model, device=DeviceConfig(args.device, args.dtype), max_batch_size=args.max_batch_size,
+        max_seq_len=args.max_seq_len, max_prefill_tokens=args.max_prefill_tokens, max_waiting=args.max_queue,
+        max_active_adapters=args.max_active_adapters, max_cpu_adapters=args.max_cpu_adapters,
+        max_lora_rank=args.max_lora_rank, lora_backend=args.lora_backend,
+    )
+    config = ServerConfig(
+        host=args.host, port=args.port,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        grace_seconds=args.grace_seconds, preload=tuple(preload),
+        service=ServiceConfig(adapter_root=args.adapter_root,
+                              default_max_new_tokens=args.default_max_new_tokens,
+                              max_new_tokens_limit=args.max_seq_len),
+    )
+    server = start_server(engine_config, config)
+    metrics = f", metrics http://{args.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
+    print(f"loraquilt serving {server.engine.model_name} on {server.target}{metrics}", file=sys.stderr, flush=True)
+
+    def on_signal(signum, _frame):
+        print(f"signal {signal.Signals(signum).name}: finishing in-flight requests "
+              f"(grace {config.grace_seconds:.0f}s)", file=sys.stderr, flush=True)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not server.wait(0.5):
+        pass
+    print("loraquilt stopped", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,103 @@
+"""Every Prometheus metric of the server, in one registry.
+
+Counters and histograms are updated as requests move; gauges that describe state
+(running/waiting requests, adapters per tier, memory) are read from the engine at scrape
+time, so they are never stale. Latency histograms carry a `kind` label ("base",
+"adapter", "mix"): bounded cardinality, whatever the number of adapters.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+def request_kind(adapter_weights) -> str:
+    if not adapter_weights:
+        return "base"
+    return "adapter" if len(adapter_weights) == 1 else "mix"
+
+
+def process_rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: peak RSS is the best portable figure
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("loraquilt_requests", "Finished requests by status", ["status"], registry=r)
+        self.ttft = Histogram("loraquilt_time_to_first_token_seconds", "Arrival to first token",
+                              ["kind"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inter_token = Histogram("loraquilt_inter_token_latency_seconds", "Time between tokens",
+                                     ["kind"], buckets=TOKEN_BUCKETS, registry=r)
+        self.latency = Histogram("loraquilt_request_latency_seconds", "Arrival to last token",
+                                 ["kind"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("loraquilt_queue_time_seconds", "Arrival to admission",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("loraquilt_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generated_tokens = Counter("loraquilt_generated_tokens", "Tokens generated", registry=r)
+        self.adapter_loads = Counter("loraquilt_adapter_loads", "Adapter folders read and validated", registry=r)
+        self.adapter_evictions = Counter("loraquilt_adapter_evictions", "Adapters evicted from a tier",
+                                         ["tier"], registry=r)
+        self.adapter_load_seconds = Histogram("loraquilt_adapter_load_seconds", "Time to read an adapter folder",
+                                              buckets=LATENCY_BUCKETS, registry=r)
+        self.step_batch = Histogram("loraquilt_step_batch_size", "Sequences per engine step",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self._engine = None
+
+    def watch(self, engine) -> None:
+        """Read state gauges from this engine at every scrape."""
+        self._engine = engine
+        self.registry.register(_EngineCollector(self))
+
+    def serve(self, port: int, host: str = "127.0.0.1"):
+        """Expose /metrics over HTTP; returns (server, thread)."""
+        return start_http_server(port, addr=host, registry=self.registry)
+
+    def on_adapter_load(self, seconds: float) -> None:
+        self.adapter_loads.inc()
+        self.adapter_load_seconds.observe(seconds)
+
+    def on_adapter_evict(self, tier: str) -> None:
+        self.adapter_evictions.labels(tier=tier).inc()
+
+
+class _EngineCollector:
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self):
+        engine = self.metrics._engine
+        running = GaugeMetricFamily("loraquilt_running_requests", "Sequences in the running batch")
+        waiting = GaugeMetricFamily("loraquilt_waiting_requests", "Requests queued for admission")
+        batch = GaugeMetricFamily("loraquilt_batch_size", "Sequences in the last engine step")
+        adapters = GaugeMetricFamily("loraquilt_adapters", "Registered adapters by tier", labels=["tier"])
+        memory = GaugeMetricFamily("loraquilt_memory_bytes", "Memory by kind", labels=["kind"])
+        if engine is not None:
+            stats = engine.stats()
+            running.add_metric([], stats.running)
+            waiting.add_metric([], stats.waiting)
+            batch.add_metric([], stats.last_batch_size)
+            for tier, count in engine.adapters.tier_counts().items():
+                adapters.add_metric([tier], count)
+            memory.add_metric(["base_weights"], engine.model.quantized_bytes() + engine.model.dense_bytes())
+            memory.add_metric(["adapters"], engine.slots.num_bytes + engine.adapters.host_bytes())
+            memory.add_metric(["adapter_slots"], engine.slots.num_bytes)
+            memory.add_metric(["adapters_host"], engine.adapters.host_bytes())
+            memory.add_metric(["kv_cache"], engine.cache.num_bytes)
+            if torch.cuda.is_available() and engine.model.device.type == "cuda":
+                memory.add_metric(["device_allocated"], torch.cuda.memory_allocated(engine.model.device))
+        memory.add_metric(["process_rss"], process_rss_bytes())
+        yield from (running, waiting, batch, adapters, memory)
