@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -48,7 +48,12 @@ class RunningServer:
                                                 on_evict=self.metrics.on_adapter_evict)
         self.metrics.watch(engine)
         self.loop = EngineLoop(engine, self.metrics).start()
-        service = LoraQuiltService(self.loop, config.service, self.metrics)
+        # nothing longer than the KV cache row can be generated
+        service_config = replace(config.service, max_new_tokens_limit=min(
+            config.service.max_new_tokens_limit, engine.max_seq_len - 1))
+        service_config = replace(service_config, default_max_new_tokens=min(
+            service_config.default_max_new_tokens, service_config.max_new_tokens_limit))
+        service = LoraQuiltService(self.loop, service_config, self.metrics)
         for name, path in config.preload:
             engine.register_adapter(name, path)
 
@@ -152,8 +157,7 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         grace_seconds=args.grace_seconds, preload=tuple(preload),
         service=ServiceConfig(adapter_root=args.adapter_root,
-                              default_max_new_tokens=args.default_max_new_tokens,
-                              max_new_tokens_limit=args.max_seq_len),
+                              default_max_new_tokens=args.default_max_new_tokens),
     )
     server = start_server(engine_config, config)
     metrics = f", metrics http://{args.host}:{server.metrics_port}/metrics" if server.metrics_port else ""

@@ -91,11 +91,14 @@ class LoraQuiltService(pb_grpc.LoraQuiltServicer):
 
     def GenerateStream(self, request: pb.GenerateRequest, context: grpc.ServicerContext):
         handle = self._submit(request, context)
+        counted = False
         try:
             for output in handle.outputs():
                 if output.error is not None:
+                    counted = True
                     self._fail(context, output.error)
                 if output.finished is not None:
+                    counted = True
                     response = self._finish(output.finished)
                     response.text, response.token_ids[:] = output.new_text, list(output.new_token_ids)
                     yield response
@@ -104,6 +107,8 @@ class LoraQuiltService(pb_grpc.LoraQuiltServicer):
                     yield pb.GenerateResponse(text=output.new_text, token_ids=list(output.new_token_ids))
         finally:
             handle.cancel()
+            if not counted:  # the client went away mid-stream
+                self.metrics.requests.labels(status="cancelled").inc()
 
     def _submit(self, request: pb.GenerateRequest, context: grpc.ServicerContext):
         try:
