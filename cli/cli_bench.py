@@ -9,3 +9,6 @@ def add_bench_parser(commands, name: str, help_text: str) -> None:
     bench = commands.add_parser(name, help=help_text)
     kinds = bench.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
     kernel_bench.add_arguments(kinds.add_parser("kernels", help="LoRA kernel backends against a base Linear"))
+    from loraquilt.bench import serve as serve_bench
+
+    serve_bench.add_arguments(kinds.add_parser("serve", help="loraquilt vs transformers + PEFT, one run"))

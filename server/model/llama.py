@@ -9,6 +9,7 @@ from loraquilt.server.model.batch import ForwardBatch, LoraHook
 from loraquilt.server.model.config import PROJECTIONS, ModelConfig
 from loraquilt.server.model.kv_cache import KVCache
 from loraquilt.server.model.layers import DecoderLayer, RMSNorm, RotaryEmbedding
+from loraquilt.kernels.nf4 import DequantScratch
 from loraquilt.server.model.nf4 import NF4Linear
 
 
@@ -72,10 +73,10 @@ class CausalLM(nn.Module):
 
 
 def build_projection(config: ModelConfig, name: str, weight: torch.Tensor, bias: torch.Tensor | None,
-                     dtype: torch.dtype, device: torch.device) -> NF4Linear:
+                     dtype: torch.dtype, device: torch.device, scratch: DequantScratch) -> NF4Linear:
     expected = config.projection_shape(name)
     if tuple(weight.shape) != expected:
         raise ValueError(f"{name} weight has shape {tuple(weight.shape)}, config says {expected}")
     if config.projection_bias(name) and bias is None:
         raise ValueError(f"{name} needs a bias for model_type {config.model_type!r}, none in checkpoint")
-    return NF4Linear(weight.to(device), None if bias is None else bias.to(device), dtype)
+    return NF4Linear(weight.to(device), None if bias is None else bias.to(device), dtype, scratch)

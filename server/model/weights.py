@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from loraquilt.kernels.nf4 import DequantScratch
 from loraquilt.server.model.config import PROJECTIONS, ModelConfig, load_model_config
 from loraquilt.server.model.layers import DecoderLayer
 from loraquilt.server.model.llama import CausalLM, build_projection
@@ -86,6 +87,7 @@ def load_causal_lm(folder: Path, device_config: DeviceConfig = DeviceConfig(),
     def dense(key: str) -> torch.Tensor:
         return reader.get(key).to(device=device, dtype=dtype)
 
+    scratch = DequantScratch()  # one dequantization buffer for every projection of this model
     layers = []
     for index in _progress(range(config.num_layers), progress, f"quantizing {config.num_layers} layers to NF4"):
         prefix = f"model.layers.{index}."
@@ -94,7 +96,7 @@ def load_causal_lm(folder: Path, device_config: DeviceConfig = DeviceConfig(),
             group = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
             weight = reader.get(f"{prefix}{group}.{name}.weight")
             bias = reader.find(f"{prefix}{group}.{name}.bias")
-            projections[name] = build_projection(config, name, weight, bias, dtype, device)
+            projections[name] = build_projection(config, name, weight, bias, dtype, device, scratch)
         layers.append(DecoderLayer(
             config, index, projections,
             dense(f"{prefix}input_layernorm.weight"), dense(f"{prefix}post_attention_layernorm.weight"),

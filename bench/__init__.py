@@ -1,0 +1,1 @@
+"""`loraquilt bench serve`: loraquilt against transformers + PEFT, side by side, one run."""

@@ -1,0 +1,176 @@
+"""loraquilt measured the way a user meets it: a real `loraquilt serve` process on
+loopback, driven by the gRPC client from the bench process."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from loraquilt.client import LoraQuiltClient
+
+
+@dataclass
+class RunResult:
+    tokens_per_s: float
+    wall_s: float
+    generated_tokens: int
+    token_ids: list[list[int]] = field(default_factory=list, repr=False)
+    latency_p50_ms: float = 0.0
+    latency_p99_ms: float = 0.0
+    server_rss_mb: float = 0.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else 0.0
+
+
+def process_memory_mb(pid: int) -> tuple[float, float]:
+    """(current RSS, peak RSS) of a process in MiB, from /proc."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0]) / 1024
+    return fields.get("VmRSS", 0.0), fields.get("VmHWM", 0.0)
+
+
+class ServedLoraQuilt:
+    """Starts `loraquilt serve` and talks to it; stop() ends the process."""
+
+    def __init__(self, model_folder: Path, adapter_root: Path, *, port: int, max_batch_size: int,
+                 max_active_adapters: int, max_cpu_adapters: int, max_seq_len: int, log):
+        self.log = log
+        command = [sys.executable, "-m", "loraquilt", "serve", "--model", str(model_folder),
+                   "--adapter-root", str(adapter_root), "--port", str(port), "--metrics-port", "-1",
+                   "--max-batch-size", str(max_batch_size), "--max-active-adapters", str(max_active_adapters),
+                   "--max-cpu-adapters", str(max_cpu_adapters), "--max-seq-len", str(max_seq_len),
+                   "--max-queue", "4096", "--grace-seconds", "5"]
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + 600
+        for line in self.process.stderr:
+            if "loraquilt serving" in line:
+                break
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"loraquilt serve did not start: {line.strip()}")
+        threading.Thread(target=self._drain_stderr, daemon=True).start()
+        self.client = LoraQuiltClient(f"127.0.0.1:{port}", timeout=3600)
+
+    def _drain_stderr(self) -> None:
+        for _ in self.process.stderr:
+            pass
+
+    def memory_mb(self) -> tuple[float, float]:
+        return process_memory_mb(self.process.pid)
+
+    def register(self, name: str, path: str) -> None:
+        self.client.register_adapter(name, path)
+
+    def unregister(self, name: str) -> None:
+        self.client.unregister_adapter(name)
+
+    def throughput(self, prompts: list[str], adapters: list[str | None], new_tokens: int,
+                   concurrency: int | None = None) -> RunResult:
+        """Every request sent at once (closed batch); tokens/s over the whole wall time."""
+        latencies = [0.0] * len(prompts)
+
+        def call(index: int):
+            start = time.perf_counter()
+            response = self.client.generate(prompts[index], adapter=adapters[index] or "",
+                                            max_new_tokens=new_tokens, ignore_eos=True)
+            latencies[index] = time.perf_counter() - start
+            return list(response.token_ids)
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=concurrency or len(prompts)) as pool:
+            token_ids = list(pool.map(call, range(len(prompts))))
+        wall = time.perf_counter() - start
+        generated = sum(len(ids) for ids in token_ids)
+        return RunResult(generated / wall, wall, generated, token_ids,
+                         percentile(latencies, 50) * 1e3, percentile(latencies, 99) * 1e3,
+                         self.memory_mb()[0])
+
+    def first_token_ms(self, prompt: str, adapter: str) -> float:
+        start = time.perf_counter()
+        for _ in self.client.generate_stream(prompt, adapter=adapter, max_new_tokens=1, ignore_eos=True):
+            break
+        return (time.perf_counter() - start) * 1e3
+
+    def hotload(self, folders: list[str], prompt: str) -> dict:
+        """RegisterAdapter -> first token of a never-seen adapter, once per folder."""
+        samples = []
+        for index, folder in enumerate(folders):
+            name = f"hot-{index}"
+            start = time.perf_counter()
+            self.register(name, folder)
+            for _ in self.client.generate_stream(prompt, adapter=name, max_new_tokens=1, ignore_eos=True):
+                break
+            samples.append((time.perf_counter() - start) * 1e3)
+            self.unregister(name)
+        return {"p50_ms": percentile(samples, 50), "p99_ms": percentile(samples, 99), "samples_ms": samples}
+
+    def open_loop(self, prompts: list[str], adapters: list[str], new_tokens: int, rate: float,
+                  duration_s: float, seed: int) -> dict:
+        """Poisson arrivals at `rate` requests/s for `duration_s`; TTFT and inter-token latency."""
+        rng = np.random.default_rng(seed)
+        ttft, itl, threads = [], [], []
+        lock = threading.Lock()
+
+        def one(index: int) -> None:
+            start = time.perf_counter()
+            last = None
+            gaps = []
+            first = None
+            for piece in self.client.generate_stream(prompts[index % len(prompts)], adapter=adapters[index % len(adapters)],
+                                                     max_new_tokens=new_tokens, ignore_eos=True):
+                now = time.perf_counter()
+                if not piece.token_ids:
+                    continue
+                if first is None:
+                    first = now - start
+                else:
+                    gaps.extend([(now - last) / len(piece.token_ids)] * len(piece.token_ids))
+                last = now
+            with lock:
+                ttft.append(first or 0.0)
+                itl.extend(gaps)
+
+        begin = time.perf_counter()
+        next_arrival, index = begin, 0
+        while next_arrival - begin < duration_s:
+            delay = next_arrival - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            thread = threading.Thread(target=one, args=(index,), daemon=True)
+            thread.start()
+            threads.append(thread)
+            index += 1
+            next_arrival += rng.exponential(1.0 / rate)
+        for thread in threads:
+            thread.join()
+        return {"rate_rps": rate, "requests": index, "duration_s": time.perf_counter() - begin,
+                "ttft_p50_ms": percentile(ttft, 50) * 1e3, "ttft_p99_ms": percentile(ttft, 99) * 1e3,
+                "itl_p50_ms": percentile(itl, 50) * 1e3, "itl_p99_ms": percentile(itl, 99) * 1e3}
+
+    def stop(self) -> None:
+        self.client.close()
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
