@@ -55,7 +55,10 @@ def load_nf4_model(model_folder: Path, *, exact_fp32: bool = True) -> torch.nn.M
     exact_fp32: on CPUs with AVX512-BF16, bitsandbytes' ``Linear4bit.forward`` in eval mode
     repacks the weight for a fused kernel that computes in bfloat16 whatever the compute
     dtype. True turns that path off so every projection dequantizes to float32 and runs an
-    fp32 matmul (the compute dtype asked for); False keeps bitsandbytes' default.
+    fp32 matmul (the compute dtype asked for); False keeps bitsandbytes' default. On that
+    default path every ``state_dict()`` call (PEFT makes one per ``load_adapter``) unpacks
+    the weights by re-quantizing their bf16 absmax, and the next forward packs them again:
+    the base weights drift a little with each adapter load.
     """
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig

@@ -1,13 +1,12 @@
 """CPU fast path: grouped matmuls over slot segments, no per-row work.
 
-Three strategies, chosen per step from the segment table:
+Two strategies, chosen per step from the segment table:
 - `loop`: one `mm`/`addmm_` per segment on contiguous row slices; cheapest when few
   adapters are in the batch (the per-call cost stays below the matmul cost).
-- `gathered`: each pair's A and B gathered into a batch and two `bmm` calls (BGMV); four
-  calls whatever the number of adapters, best when most segments hold a single row (the
-  decode steps of many distinct adapters), where the gather copies no more than it reads.
-- `grouped`: `torch.nn.functional.grouped_mm` over every slot at once; one call, but its
-  CPU kernel walks every group, so it pays off only for many segments of several rows.
+- `grouped`: `torch.nn.functional.grouped_mm` over every slot at once; one call whatever
+  the number of segments, best when many distinct adapters share a step.
+(A gathered-weights `bmm` (BGMV) was measured too: 3-7x slower than both on this CPU,
+MKL's batched GEMV on [R, in] x [in, 1] problems being the bottleneck.)
 When the rows already come grouped by slot with one pair each (`rows_in_order`, the
 common case once the scheduler sorts its batch), both write straight into y, with no
 gather or scatter.
@@ -23,8 +22,6 @@ from loraquilt.kernels.segments import LoraBatchMeta
 # Above this many segments per step, one grouped GEMM beats a Python loop of GEMMs
 # (measured with `loraquilt bench kernels`, see README).
 LOOP_MAX_SEGMENTS = 8
-# Gather each pair's weights only while segments average at most this many rows.
-GATHER_MAX_ROWS_PER_SEGMENT = 2
 
 
 def _weighted(t: torch.Tensor, meta: LoraBatchMeta) -> torch.Tensor:
@@ -56,20 +53,16 @@ def lora_add_cpu_(
         return y
     if strategy is None:
         strategy = choose_strategy(meta, x, lora_a, lora_b)
-    if strategy == "gathered":
-        return _gathered(y, x, lora_a, lora_b, meta)
     if strategy == "grouped":
         return _grouped(y, x, lora_a, lora_b, meta)
     if strategy == "loop":
         return _loop(y, x, lora_a, lora_b, meta)
-    raise ValueError(f"unknown CPU LoRA strategy {strategy!r}; choose loop, gathered or grouped")
+    raise ValueError(f"unknown CPU LoRA strategy {strategy!r}; choose loop or grouped")
 
 
 def choose_strategy(meta: LoraBatchMeta, x, lora_a, lora_b) -> str:
     if meta.num_segments <= LOOP_MAX_SEGMENTS:
         return "loop"
-    if meta.num_pairs <= GATHER_MAX_ROWS_PER_SEGMENT * meta.num_segments:
-        return "gathered"
     return "grouped" if grouped_mm_supports(x, lora_a, lora_b) else "loop"
 
 
@@ -99,18 +92,6 @@ def _loop(y, x, lora_a, lora_b, meta: LoraBatchMeta) -> torch.Tensor:
     delta = torch.empty(meta.num_pairs, y.shape[1], dtype=y.dtype, device=y.device)  # [P, out]
     for slot, start, end in meta.segments:
         torch.mm(t[start:end], lora_b[slot].T, out=delta[start:end])
-    return y.index_add_(0, meta.pair_rows, delta)
-
-
-def _gathered(y, x, lora_a, lora_b, meta: LoraBatchMeta) -> torch.Tensor:
-    xs = x if meta.rows_in_order else x.index_select(0, meta.pair_rows)  # [P, in]
-    a = lora_a.index_select(0, meta.pair_slots)  # [P, R, in]
-    t = torch.bmm(a, xs.unsqueeze(2)).squeeze(2)  # [P, R]
-    _weighted(t, meta)
-    b = lora_b.index_select(0, meta.pair_slots)  # [P, out, R]
-    delta = torch.bmm(b, t.unsqueeze(2)).squeeze(2)  # [P, out]
-    if meta.rows_in_order:
-        return y.add_(delta)
     return y.index_add_(0, meta.pair_rows, delta)
 
 

@@ -55,7 +55,7 @@ def test_composition(pairs, dtype):
     assert_close(actual, expected, dtype)
 
 
-@pytest.mark.parametrize("strategy", ["loop", "gathered", "grouped"])
+@pytest.mark.parametrize("strategy", ["loop", "grouped"])
 @pytest.mark.parametrize("pattern", PATTERNS + ("grouped_rows", "composed"))
 def test_both_strategies(strategy, pattern):
     gen = torch.Generator().manual_seed(11)
