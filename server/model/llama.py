@@ -50,7 +50,9 @@ class CausalLM(nn.Module):
         for layer in self.layers:
             hidden = layer(hidden, cos, sin, batch, cache, lora)
         last = self.norm(hidden[batch.logits_rows])  # [N, hidden]
-        return (last @ self.lm_head.T).float()  # [N, vocab]
+        # vocab-major GEMM: streams the [vocab, hidden] head once (much faster on CPU than
+        # last @ head.T for a few rows); returned as a [N, vocab] view
+        return torch.mm(self.lm_head, last.t()).t().float()  # [N, vocab]
 
     def quantized_bytes(self) -> int:
         return sum(proj.quantized_bytes() for _, _, proj in self.projections())
