@@ -18,10 +18,10 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -135,7 +135,7 @@ class PeftPeer:
             attention_mask[index, width - len(row) :] = 1
         return input_ids, attention_mask
 
-    def _adapter_mode(self, adapters: Sequence[str | None]) -> tuple[ContextManager, dict, str]:
+    def _adapter_mode(self, adapters: Sequence[str | None]) -> tuple[AbstractContextManager, dict, str]:
         """The context, extra generate kwargs and a description for a batch's adapters."""
         distinct = set(adapters)
         if not self._is_peft:
