@@ -20,6 +20,7 @@ class ShuttingDown(RuntimeError):
 @dataclass
 class _Tracked:
     request: Request
+    stream: bool  # False: only the final output is delivered (one wake-up per request)
     outputs: queue.Queue = field(default_factory=queue.Queue)
     arrival: float = field(default_factory=time.monotonic)
     last_token: float | None = None
@@ -61,11 +62,14 @@ class EngineLoop:
         self._thread.start()
         return self
 
-    def submit(self, request: Request) -> RequestHandle:
-        """Queue a request; raises what Engine.add_request raises, or ShuttingDown."""
+    def submit(self, request: Request, stream: bool = True) -> RequestHandle:
+        """Queue a request; raises what Engine.add_request raises, or ShuttingDown.
+
+        stream=False delivers only the final output: the waiting thread wakes once, not
+        at every step (on a 2-core machine, every wake-up competes with the forward)."""
         if not self._accepting:
             raise ShuttingDown("server is shutting down")
-        tracked = _Tracked(request)
+        tracked = _Tracked(request, stream)
         with self._lock:
             self._tracked[request.request_id] = tracked
         try:
@@ -119,7 +123,8 @@ class EngineLoop:
             return
         if self.metrics is not None:
             self._observe(tracked, output)
-        tracked.outputs.put(output)
+        if tracked.stream or output.finished is not None or output.error is not None:
+            tracked.outputs.put(output)
 
     def _observe(self, tracked: _Tracked, output: StepOutput) -> None:
         metrics, kind = self.metrics, request_kind(tracked.request.adapter_weights)

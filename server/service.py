@@ -78,7 +78,7 @@ class LoraQuiltService(pb_grpc.LoraQuiltServicer):
     # -- generation -----------------------------------------------------------------------
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
-        handle = self._submit(request, context)
+        handle = self._submit(request, context, stream=False)
         try:
             for output in handle.outputs():
                 if output.error is not None:
@@ -110,10 +110,10 @@ class LoraQuiltService(pb_grpc.LoraQuiltServicer):
             if not counted:  # the client went away mid-stream
                 self.metrics.requests.labels(status="cancelled").inc()
 
-    def _submit(self, request: pb.GenerateRequest, context: grpc.ServicerContext):
+    def _submit(self, request: pb.GenerateRequest, context: grpc.ServicerContext, stream: bool = True):
         try:
             engine_request = self._to_request(request)
-            handle = self.loop.submit(engine_request)
+            handle = self.loop.submit(engine_request, stream=stream)
         except Exception as error:  # refused before it ran
             self._fail(context, error)
         context.add_callback(handle.cancel)  # client cancel or deadline: free the sequence
