@@ -41,13 +41,16 @@ class ServerConfig:
 class RunningServer:
     """A started server; `port` / `metrics_port` are the bound ones."""
 
-    def __init__(self, engine: Engine, config: ServerConfig):
+    def __init__(self, engine: Engine, config: ServerConfig, *, loop_thread: bool = True):
+        """loop_thread=False: the caller runs `self.loop.run_here()` itself."""
         self.engine, self.config = engine, config
         self.metrics = Metrics()
         engine.adapters.events = RegistryEvents(on_load=self.metrics.on_adapter_load,
                                                 on_evict=self.metrics.on_adapter_evict)
         self.metrics.watch(engine)
-        self.loop = EngineLoop(engine, self.metrics).start()
+        self.loop = EngineLoop(engine, self.metrics)
+        if loop_thread:
+            self.loop.start()
         # nothing longer than the KV cache row can be generated
         service_config = replace(config.service, max_new_tokens_limit=min(
             config.service.max_new_tokens_limit, engine.max_seq_len - 1))
@@ -109,8 +112,8 @@ class RunningServer:
         return self._stopped.wait(timeout)
 
 
-def start_server(engine_config: EngineConfig, config: ServerConfig) -> RunningServer:
-    return RunningServer(Engine(engine_config), config)
+def start_server(engine_config: EngineConfig, config: ServerConfig, *, loop_thread: bool = True) -> RunningServer:
+    return RunningServer(Engine(engine_config), config, loop_thread=loop_thread)
 
 
 # -- CLI ------------------------------------------------------------------------------------
@@ -159,7 +162,7 @@ def _serve(args: argparse.Namespace) -> int:
         service=ServiceConfig(adapter_root=args.adapter_root,
                               default_max_new_tokens=args.default_max_new_tokens),
     )
-    server = start_server(engine_config, config)
+    server = start_server(engine_config, config, loop_thread=False)
     metrics = f", metrics http://{args.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
     print(f"loraquilt serving {server.engine.model_name} on {server.target}{metrics}", file=sys.stderr, flush=True)
 
@@ -170,6 +173,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    server.loop.run_here()  # the engine steps on the main thread until shutdown stops the loop
     while not server.wait(0.5):
         pass
     print("loraquilt stopped", file=sys.stderr, flush=True)

@@ -59,8 +59,15 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="loraquilt-engine", daemon=True)
 
     def start(self) -> EngineLoop:
+        """Run the loop on a background thread."""
         self._thread.start()
         return self
+
+    def run_here(self) -> None:
+        """Run the loop on the calling thread until stop() (the `serve` process gives it
+        the main thread: torch's OpenMP pool was built there, and steps ran measurably
+        slower from a second thread on this CPU)."""
+        self._run()
 
     def submit(self, request: Request, stream: bool = True) -> RequestHandle:
         """Queue a request; raises what Engine.add_request raises, or ShuttingDown.
@@ -103,7 +110,8 @@ class EngineLoop:
         self._accepting = False
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     def _run(self) -> None:
         while not self._stop.is_set():
