@@ -141,6 +141,11 @@ def test_register_during_traffic_and_unregister_a_running_adapter(world, client)
     for thread in threads:
         thread.start()
     client.register_adapter("late", "adapter-9")  # while requests run
+    for _ in range(600):  # wait until the long request holds its adapter slot
+        if server.engine.adapters.get("busy").pins:
+            break
+        threading.Event().wait(0.01)
+    assert server.engine.adapters.get("busy").pins == 1
     client.unregister_adapter("busy")  # its request is running
     response = long_call.result()
     for thread in threads:
