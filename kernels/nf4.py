@@ -11,6 +11,7 @@ result is bit-identical to the reference, at about half the cost per decode step
 from __future__ import annotations
 
 import ctypes
+import functools
 from dataclasses import dataclass
 
 import bitsandbytes as bnb
@@ -72,8 +73,10 @@ def nf4_linear_reference(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor 
     return bnb.matmul_4bit(x, weight.packed.view(-1, 1).t(), quant_state=weight.state, bias=bias)
 
 
+@functools.cache
 def _c_dequantizer(dtype: torch.dtype):
-    """bitsandbytes' CPU NF4 dequantize kernel for this output dtype, if the library has it."""
+    """bitsandbytes' CPU NF4 dequantize kernel for this output dtype, if the library has it
+    (looked up once per dtype: this sits on the path of every projection)."""
     try:
         from bitsandbytes.cextension import lib
     except ImportError:  # pragma: no cover - bitsandbytes without its CPU library

@@ -61,7 +61,6 @@ class LoraBatchMeta:
       row_weights:  [T, K] float32 weight of pair k of row t
       pair_rows:    [P] int64   activation row of each valid pair, sorted by slot
       pair_weights: [P] float32 weight of each valid pair, same order
-      pair_slots:   [P] int64   slot of each valid pair, same order (non-decreasing)
       seg_indptr:   [S+1] int64 segment offsets into the sorted pairs
       seg_slot:     [S] int64   slot of each segment
       slot_offsets: [num_slots] int32  cumulative end of each slot's pairs (grouped-GEMM
@@ -77,7 +76,6 @@ class LoraBatchMeta:
     row_weights: torch.Tensor
     pair_rows: torch.Tensor
     pair_weights: torch.Tensor
-    pair_slots: torch.Tensor
     seg_indptr: torch.Tensor
     seg_slot: torch.Tensor
     slot_offsets: torch.Tensor
@@ -163,7 +161,6 @@ def build_lora_meta(
         row_weights=on_device(host_weights),
         pair_rows=on_device(pair_rows),
         pair_weights=on_device(pair_weights),
-        pair_slots=on_device(host_slots.reshape(-1)[segs.perm]),
         seg_indptr=on_device(segs.seg_indptr),
         seg_slot=on_device(segs.seg_slot),
         slot_offsets=on_device(slot_offsets),

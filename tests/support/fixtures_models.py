@@ -375,34 +375,16 @@ def adapter_ranks(adapter_folder: Path) -> dict[str, int]:
 
 
 def load_nf4_reference(base_folder: Path, *, exact_fp32: bool = True) -> torch.nn.Module:
-    """The transformers + bitsandbytes NF4 model of ``base_folder`` on CPU, in eval mode.
+    """The transformers + bitsandbytes NF4 model of ``base_folder`` on CPU, in eval mode
+    (the benchmark's peer loader; see ``loraquilt.bench.peft_peer.load_nf4_model``).
 
     Every projection becomes ``bnb.nn.Linear4bit`` (NF4, blocksize 64, double
     quantization, float32 compute); embeddings, norms and lm_head stay float32.
-
-    exact_fp32: on CPUs with AVX512-BF16, ``Linear4bit.forward`` in eval mode repacks the
-    weight for a fused kernel that computes in bfloat16 (activations and absmax cast to
-    bf16), whatever the compute dtype. True (default) turns that path off, so each
-    projection dequantizes to float32 and runs an fp32 matmul, the same arithmetic as
-    calling ``bnb.matmul_4bit`` directly. False keeps bitsandbytes' default behaviour.
+    exact_fp32 (default) turns off bitsandbytes' AVX512-BF16 path, which computes in bf16.
     """
-    import bitsandbytes as bnb
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from loraquilt.bench.peft_peer import load_nf4_model
 
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    model = AutoModelForCausalLM.from_pretrained(
-        base_folder, quantization_config=quantization, device_map="cpu", dtype=torch.float32
-    )
-    if exact_fp32:
-        for module in model.modules():
-            if isinstance(module, bnb.nn.Linear4bit):
-                module.support_avx512bf16_for_cpu = False
-    return model.eval()
+    return load_nf4_model(base_folder, exact_fp32=exact_fp32)
 
 
 @torch.no_grad()
