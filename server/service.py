@@ -8,13 +8,14 @@ engine step INTERNAL. Every outcome is counted in `loraquilt_requests_total{stat
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
-from loraquilt.server.adapters.peft_folder import AdapterError
+from loraquilt.server.adapters.peft_folder import CONFIG_FILE, WEIGHTS_FILE, AdapterError
 from loraquilt.server.adapters.registry import AdapterExists, AdapterRecord, UnknownAdapter
 from loraquilt.server.engine import EngineStepError
 from loraquilt.server.engine_loop import EngineLoop, ShuttingDown
@@ -26,6 +27,7 @@ from loraquilt.v1 import loraquilt_pb2_grpc as pb_grpc
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 MAX_MIX = 8
+MAX_PATH_CHARS = 1024
 
 
 @dataclass(frozen=True)
@@ -65,10 +67,9 @@ def status_for(error: BaseException) -> ServiceError:
 
 
 def check_adapter_name(name: str, field_name: str = "name") -> None:
-    if not ADAPTER_NAME.match(name):
-        shown = name if len(name) <= 40 else name[:40] + "..."
+    if not ADAPTER_NAME.fullmatch(name):  # fullmatch: '$' alone would let a trailing newline in
         raise RequestError(field_name, f"adapter names are 1-128 characters of [A-Za-z0-9._:-] "
-                                       f"starting with a letter or digit; got {shown!r}")
+                                       f"starting with a letter or digit; got {shown(name)!r}")
 
 
 class LoraQuiltService(pb_grpc.LoraQuiltServicer):
@@ -130,6 +131,8 @@ class LoraQuiltService(pb_grpc.LoraQuiltServicer):
             raise RequestError("adapters", f"at most {MAX_MIX} adapters in a mix, got {len(request.adapters)}")
         for entry in request.adapters:
             check_adapter_name(entry.name, "adapters.name")
+            if not math.isfinite(entry.weight):
+                raise RequestError("adapters.weight", f"weight of {entry.name!r} must be finite, got {entry.weight}")
         if request.adapters and not sum(e.weight for e in request.adapters) > 0:
             raise RequestError("adapters", "mix weights must sum to a positive number")
         max_new = request.max_new_tokens or self.config.default_max_new_tokens
@@ -177,6 +180,7 @@ class LoraQuiltService(pb_grpc.LoraQuiltServicer):
 
     def UnregisterAdapter(self, request: pb.UnregisterAdapterRequest, context) -> pb.UnregisterAdapterResponse:
         try:
+            check_adapter_name(request.name)
             self.loop.engine.unregister_adapter(request.name)
         except Exception as error:
             status = status_for(error)
@@ -194,12 +198,28 @@ class LoraQuiltService(pb_grpc.LoraQuiltServicer):
                                "adapter registration is disabled: the server has no --adapter-root")
         if not path or "\x00" in path:
             raise RequestError("path", "must be a non-empty path without NUL characters")
+        if len(path) > MAX_PATH_CHARS:
+            raise RequestError("path", f"at most {MAX_PATH_CHARS} characters, got {len(path)}")
         real_root = root.resolve()
-        candidate = (real_root / path).resolve()  # symlinks and '..' resolved before the check
+        try:  # symlinks and '..' resolved before the check, the folder's and its files'
+            candidate = (real_root / path).resolve()
+            files = {name: (candidate / name).resolve() for name in (CONFIG_FILE, WEIGHTS_FILE)}
+        except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop
+            reason = error.strerror if isinstance(error, OSError) else "symlink loop"
+            raise RequestError("path", f"{shown(path)!r} cannot be resolved: {reason}") from None
         if candidate != real_root and real_root not in candidate.parents:
             raise ServiceError(grpc.StatusCode.PERMISSION_DENIED,
-                               f"path {path!r} resolves outside the adapter root")
+                               f"path {shown(path)!r} resolves outside the adapter root")
+        for name, target in files.items():
+            if real_root not in target.parents:
+                raise ServiceError(grpc.StatusCode.PERMISSION_DENIED,
+                                   f"{name} in {shown(path)!r} links outside the adapter root")
         return candidate
+
+
+def shown(text: str, limit: int = 40) -> str:
+    """`text` cut short for an error message (a status's details travel in trailers)."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def adapter_info(record: AdapterRecord) -> pb.AdapterInfo:

@@ -105,14 +105,20 @@ def _rank(value, what: str, max_rank: int) -> int:
 
 def read_adapter_config(folder: Path, max_rank: int) -> dict:
     path = folder / CONFIG_FILE
-    if not folder.is_dir():
-        raise AdapterError(f"adapter folder {folder} does not exist")
-    if not path.is_file():
-        raise AdapterError(f"{folder} has no {CONFIG_FILE}")
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise AdapterError(f"{CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        if not folder.is_dir():
+            if folder.exists():
+                raise AdapterError(f"adapter path {folder} is not a folder")
+            raise AdapterError(f"adapter folder {folder} does not exist")
+        if not path.is_file():
+            raise AdapterError(f"{folder} has no {CONFIG_FILE}")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise AdapterError(f"{CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes")
+        text = path.read_bytes()
+    except OSError as error:  # a name too long, no permission
+        raise AdapterError(f"cannot read {path}: {error.strerror or error}") from None
+    try:
+        config = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise AdapterError(f"{CONFIG_FILE} is not valid JSON: {error}") from None
     if not isinstance(config, dict):
