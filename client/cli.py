@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 import grpc
 
@@ -14,6 +16,10 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 def _add_target(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=DEFAULT_TARGET, help=f"HOST:PORT (default {DEFAULT_TARGET})")
     parser.add_argument("--timeout", type=float, default=None, help="seconds before giving up")
+    parser.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
+    parser.add_argument("--tls-ca", type=Path, help="TLS trusting this PEM certificate (private CA, self-signed)")
+    parser.add_argument("--admin-token-file", type=Path,
+                        help="admin token for register/unregister (default: $LORAQUILT_ADMIN_TOKEN)")
 
 
 def add_generate_parser(commands, name: str = "generate", help_text: str = "send a Generate request") -> None:
@@ -66,7 +72,11 @@ def _mix(entries: list[str] | None) -> list[tuple[str, float]]:
 def _client(args):
     from loraquilt.client.client import LoraQuiltClient
 
-    return LoraQuiltClient(args.target, timeout=args.timeout)
+    token = os.environ.get("LORAQUILT_ADMIN_TOKEN") or None
+    if args.admin_token_file is not None:
+        token = args.admin_token_file.read_text(encoding="utf-8").strip()
+    return LoraQuiltClient(args.target, timeout=args.timeout, admin_token=token,
+                           tls=args.tls_ca or args.tls or None)
 
 
 def _rpc_error(error: grpc.RpcError) -> int:

@@ -6,11 +6,16 @@
     print(client.generate("List the tables", adapter="sql").text)
     for piece in client.generate_stream("Tell me a story", mix={"a": 0.5, "b": 0.5}):
         print(piece.text, end="", flush=True)
+
+A server started with `--admin-token-file` needs `admin_token=` for register/unregister
+(sent only on those calls); one started with `--tls-cert` needs `tls=True` (system
+roots) or `tls="ca.pem"` (a private CA or a self-signed certificate).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Mapping
+from pathlib import Path
 
 import grpc
 
@@ -18,6 +23,20 @@ from loraquilt.v1 import loraquilt_pb2 as pb
 from loraquilt.v1 import loraquilt_pb2_grpc as pb_grpc
 
 Mix = Mapping[str, float] | list[tuple[str, float]] | None
+TLS = bool | str | Path | None  # None/False: plaintext; True: system roots; a path: PEM root certificates
+
+
+def channel_credentials(tls: TLS) -> grpc.ChannelCredentials | None:
+    if tls is None or tls is False:
+        return None
+    roots = None if tls is True else Path(tls).read_bytes()
+    return grpc.ssl_channel_credentials(root_certificates=roots)
+
+
+def admin_metadata(metadata: list[tuple[str, str]] | None, token: str | None) -> list[tuple[str, str]] | None:
+    if token is None:
+        return metadata
+    return [*(metadata or []), ("authorization", f"Bearer {token}")]
 
 
 def build_request(prompt: str, *, adapter: str = "", mix: Mix = None, max_new_tokens: int = 0,
@@ -38,10 +57,16 @@ def build_request(prompt: str, *, adapter: str = "", mix: Mix = None, max_new_to
 
 class LoraQuiltClient:
     def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = None,
-                 channel: grpc.Channel | None = None, metadata: list[tuple[str, str]] | None = None):
-        self.channel = channel or grpc.insecure_channel(target)
+                 channel: grpc.Channel | None = None, metadata: list[tuple[str, str]] | None = None,
+                 admin_token: str | None = None, tls: TLS = None):
+        if channel is None:
+            credentials = channel_credentials(tls)
+            channel = (grpc.secure_channel(target, credentials) if credentials
+                       else grpc.insecure_channel(target))
+        self.channel = channel
         self.stub = pb_grpc.LoraQuiltStub(self.channel)
         self.timeout, self.metadata = timeout, metadata
+        self.admin_metadata = admin_metadata(metadata, admin_token)
 
     def generate(self, prompt: str, **options) -> pb.GenerateResponse:
         return self.stub.Generate(build_request(prompt, **options), timeout=self.timeout, metadata=self.metadata)
@@ -53,11 +78,11 @@ class LoraQuiltClient:
 
     def register_adapter(self, name: str, path: str) -> pb.AdapterInfo:
         return self.stub.RegisterAdapter(pb.RegisterAdapterRequest(name=name, path=path),
-                                         timeout=self.timeout, metadata=self.metadata)
+                                         timeout=self.timeout, metadata=self.admin_metadata)
 
     def unregister_adapter(self, name: str) -> None:
         self.stub.UnregisterAdapter(pb.UnregisterAdapterRequest(name=name), timeout=self.timeout,
-                                    metadata=self.metadata)
+                                    metadata=self.admin_metadata)
 
     def list_adapters(self) -> list[pb.AdapterInfo]:
         return list(self.stub.ListAdapters(pb.ListAdaptersRequest(), timeout=self.timeout,
@@ -75,10 +100,14 @@ class LoraQuiltClient:
 
 class AsyncLoraQuiltClient:
     def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = None,
-                 metadata: list[tuple[str, str]] | None = None):
-        self.channel = grpc.aio.insecure_channel(target)
+                 metadata: list[tuple[str, str]] | None = None, admin_token: str | None = None,
+                 tls: TLS = None):
+        credentials = channel_credentials(tls)
+        self.channel = (grpc.aio.secure_channel(target, credentials) if credentials
+                        else grpc.aio.insecure_channel(target))
         self.stub = pb_grpc.LoraQuiltStub(self.channel)
         self.timeout, self.metadata = timeout, metadata
+        self.admin_metadata = admin_metadata(metadata, admin_token)
 
     async def generate(self, prompt: str, **options) -> pb.GenerateResponse:
         return await self.stub.Generate(build_request(prompt, **options), timeout=self.timeout,
@@ -92,11 +121,11 @@ class AsyncLoraQuiltClient:
 
     async def register_adapter(self, name: str, path: str) -> pb.AdapterInfo:
         return await self.stub.RegisterAdapter(pb.RegisterAdapterRequest(name=name, path=path),
-                                               timeout=self.timeout, metadata=self.metadata)
+                                               timeout=self.timeout, metadata=self.admin_metadata)
 
     async def unregister_adapter(self, name: str) -> None:
         await self.stub.UnregisterAdapter(pb.UnregisterAdapterRequest(name=name), timeout=self.timeout,
-                                          metadata=self.metadata)
+                                          metadata=self.admin_metadata)
 
     async def list_adapters(self) -> list[pb.AdapterInfo]:
         response = await self.stub.ListAdapters(pb.ListAdaptersRequest(), timeout=self.timeout,

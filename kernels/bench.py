@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loraquilt.kernels.cpu import lora_add_cpu_
+from loraquilt.kernels.cpu import STRATEGIES, lora_add_cpu_
 from loraquilt.kernels.dispatch import lora_add_
 from loraquilt.kernels.segments import build_lora_meta
 
@@ -106,7 +106,7 @@ def run_kernel_bench(config: KernelBenchConfig, log=print) -> dict:
                 })
                 log(f"{name:<18} {backend:<9} {lora_us:10.1f} us  base {base_us:8.1f} us  "
                     f"ratio {lora_us / base_us:.3f}")
-            for strategy in ("loop", "grouped"):
+            for strategy in STRATEGIES:
                 base_us, lora_us = _time_pair(
                     base_linear,
                     lambda: lora_add_cpu_(y, x, lora_a, lora_b, meta, strategy=strategy),

@@ -70,6 +70,12 @@ class LoraBatchMeta:
       segments: ((slot, start, end), ...) per segment, max_segment_len,
       rows_in_order: pair_rows == arange(T) (each row exactly one pair, already grouped),
       unit_weights: every pair weight is exactly 1.
+    Slot-range form (for batched GEMMs over a contiguous range of slot buffers):
+      slot_lo, slot_hi: the segments' slots lie in [slot_lo, slot_hi) (0, 0 when no pair)
+      padded_pairs: [P] int64 position of each sorted pair in a [slot_hi - slot_lo,
+                    max_segment_len] grid (slot - slot_lo, rank within its segment),
+                    flattened; None when that grid holds exactly the pairs in order
+                    (every slot of the range used, all segments max_segment_len long).
     """
 
     row_slots: torch.Tensor
@@ -87,10 +93,18 @@ class LoraBatchMeta:
     max_segment_len: int
     rows_in_order: bool
     unit_weights: bool
+    slot_lo: int = 0
+    slot_hi: int = 0
+    padded_pairs: torch.Tensor | None = None
 
     @property
     def num_segments(self) -> int:
         return len(self.segments)
+
+    @property
+    def slot_range_rows(self) -> int:
+        """Rows of the [slot_hi - slot_lo, max_segment_len] grid (padding included)."""
+        return (self.slot_hi - self.slot_lo) * self.max_segment_len
 
 
 def build_lora_meta(
@@ -153,6 +167,14 @@ def build_lora_meta(
         torch.equal(pair_rows, torch.arange(num_rows, dtype=torch.int64))
     )
 
+    max_segment_len = max((end - start for _, start, end in segments), default=0)
+    slot_lo, slot_hi = (slots[0], slots[-1] + 1) if slots else (0, 0)
+    padded_pairs = None
+    if num_pairs and num_pairs != (slot_hi - slot_lo) * max_segment_len:
+        seg_of_pair = torch.repeat_interleave(torch.arange(len(slots)), torch.diff(segs.seg_indptr))  # [P]
+        rank_in_seg = torch.arange(num_pairs) - segs.seg_indptr[seg_of_pair]  # [P]
+        padded_pairs = (segs.seg_slot[seg_of_pair] - slot_lo) * max_segment_len + rank_in_seg  # [P]
+
     def on_device(t: torch.Tensor) -> torch.Tensor:
         return t.to(device, non_blocking=True)
 
@@ -169,7 +191,10 @@ def build_lora_meta(
         num_pairs=num_pairs,
         max_pairs_per_row=int(used_per_row.max()) if num_rows else 0,
         segments=segments,
-        max_segment_len=max((end - start for _, start, end in segments), default=0),
+        max_segment_len=max_segment_len,
         rows_in_order=rows_in_order,
         unit_weights=bool((pair_weights == 1.0).all()),
+        slot_lo=slot_lo,
+        slot_hi=slot_hi,
+        padded_pairs=None if padded_pairs is None else on_device(padded_pairs),
     )

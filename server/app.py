@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from loraquilt.server.adapters.registry import RegistryEvents
+from loraquilt.server.auth import AdminAuthInterceptor, AdminCheck, AuthConfigError, TLSFiles, read_token_file
 from loraquilt.server.engine import Engine, EngineConfig
 from loraquilt.server.engine_loop import EngineLoop
 from loraquilt.server.metrics import Metrics
@@ -36,6 +37,8 @@ class ServerConfig:
     grace_seconds: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
     preload: tuple[tuple[str, str], ...] = ()  # (name, path) registered at start
     service: ServiceConfig = field(default_factory=ServiceConfig)
+    admin_token: str | None = field(default=None, repr=False)  # None: admin RPCs open to every caller
+    tls: TLSFiles | None = None  # None: plaintext gRPC
 
 
 class RunningServer:
@@ -61,9 +64,12 @@ class RunningServer:
             engine.register_adapter(name, path)
 
         capacity = engine.config.max_batch_size + engine.scheduler.config.max_waiting
+        interceptors = []
+        if config.admin_token is not None:
+            interceptors.append(AdminAuthInterceptor(AdminCheck.for_token(config.admin_token), SERVICE_NAME))
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=capacity + 8, thread_name_prefix="loraquilt-rpc"),
-            maximum_concurrent_rpcs=capacity + 8,
+            maximum_concurrent_rpcs=capacity + 8, interceptors=interceptors,
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
         )
@@ -73,7 +79,11 @@ class RunningServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self.grpc)
-        self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")
+        address = f"{config.host}:{config.port}"
+        if config.tls is not None:
+            self.port = self.grpc.add_secure_port(address, config.tls.server_credentials())
+        else:
+            self.port = self.grpc.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {config.host}:{config.port}")
         self.grpc.start()
@@ -124,12 +134,14 @@ def add_serve_parser(commands, name: str = "serve", help_text: str = "start the 
     parser.add_argument("--adapter-root", type=Path, help="RegisterAdapter paths must lie under this folder")
     parser.add_argument("--preload", metavar="NAME=PATH", nargs="+", action="extend", default=[],
                         help="adapters registered at start")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     parser.add_argument("--port", type=int, default=50051)
     parser.add_argument("--metrics-port", type=int, default=9464, help="-1 disables the endpoint")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-active-adapters", type=int, default=32, help="adapter slots on the device")
     parser.add_argument("--max-cpu-adapters", type=int, default=256, help="adapters kept in host memory")
+    parser.add_argument("--max-adapters", type=int, default=10000,
+                        help="registered adapters before RegisterAdapter answers RESOURCE_EXHAUSTED")
     parser.add_argument("--max-lora-rank", type=int, default=16)
     parser.add_argument("--max-queue", type=int, default=1024, help="waiting requests before RESOURCE_EXHAUSTED")
     parser.add_argument("--max-seq-len", type=int, default=1024, help="prompt + generated tokens per request")
@@ -139,6 +151,11 @@ def add_serve_parser(commands, name: str = "serve", help_text: str = "start the 
     parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16")
     parser.add_argument("--lora-backend", default="auto", choices=["auto", "torch", "triton", "reference"])
     parser.add_argument("--grace-seconds", type=float, default=30.0)
+    security = parser.add_argument_group("security")
+    security.add_argument("--admin-token-file", type=Path,
+                          help="Register/UnregisterAdapter then need 'authorization: Bearer <token>' metadata")
+    security.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve gRPC over TLS")
+    security.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     parser.set_defaults(run=_serve)
 
 
@@ -153,12 +170,28 @@ def _serve(args: argparse.Namespace) -> int:
         model=args.model, device=DeviceConfig(args.device, args.dtype), max_batch_size=args.max_batch_size,
         max_seq_len=args.max_seq_len, max_prefill_tokens=args.max_prefill_tokens, max_waiting=args.max_queue,
         max_active_adapters=args.max_active_adapters, max_cpu_adapters=args.max_cpu_adapters,
-        max_lora_rank=args.max_lora_rank, lora_backend=args.lora_backend,
+        max_adapters=args.max_adapters, max_lora_rank=args.max_lora_rank, lora_backend=args.lora_backend,
     )
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise SystemExit("--tls-cert and --tls-key go together")
+    try:
+        admin_token = read_token_file(args.admin_token_file) if args.admin_token_file else None
+    except AuthConfigError as error:
+        raise SystemExit(str(error)) from None
+    tls = TLSFiles(args.tls_cert, args.tls_key) if args.tls_cert else None
+    try:
+        if tls is not None:
+            tls.server_credentials()  # unreadable or non-PEM files fail now, before the model loads
+    except AuthConfigError as error:
+        raise SystemExit(str(error)) from None
+    if admin_token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host} without --admin-token-file: anyone who reaches "
+              "the port can register and unregister adapters", file=sys.stderr, flush=True)
     config = ServerConfig(
         host=args.host, port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-        grace_seconds=args.grace_seconds, preload=tuple(preload),
+        grace_seconds=args.grace_seconds, preload=tuple(preload), admin_token=admin_token,
+        tls=tls,
         service=ServiceConfig(adapter_root=args.adapter_root,
                               default_max_new_tokens=args.default_max_new_tokens),
     )

@@ -33,6 +33,10 @@ class EngineStepError(RuntimeError):
     """A forward step failed; every request in that step fails with it."""
 
 
+class NonFiniteLogits(EngineStepError):
+    """One request's logits overflowed (inf/NaN); only that request fails."""
+
+
 @dataclass(frozen=True)
 class EngineStats:
     running: int
@@ -50,6 +54,7 @@ class EngineConfig:
     max_waiting: int = 1024
     max_active_adapters: int = 8  # device slots
     max_cpu_adapters: int = 64  # host-memory LRU
+    max_adapters: int = 10000  # registered adapters (any tier)
     max_lora_rank: int = 16
     lora_backend: str = "auto"
     progress: bool = True
@@ -81,6 +86,7 @@ class Engine:
             self.model.dtype, self.model.device,
         )
         self.adapters = AdapterRegistry(model_config, self.slots, max_cpu_adapters=config.max_cpu_adapters,
+                                        max_adapters=config.max_adapters,
                                         events=events)
         self.scheduler = Scheduler(SchedulerConfig(config.max_batch_size, config.max_prefill_tokens,
                                                    config.max_waiting))
@@ -161,7 +167,7 @@ class Engine:
             failure = EngineStepError(f"engine step failed: {type(error).__name__}: {error}")
             with self._lock:
                 for seq in plan.sequences:
-                    seq.finish_reason, seq.error = "error", failure
+                    seq.finish_reason, seq.error, seq.scrub_cache = "error", failure, True
                     outputs.append(StepOutput(seq.request_id, "", (), error=failure))
                 for seq in self.scheduler.remove_finished():
                     self._release(seq)
@@ -169,6 +175,11 @@ class Engine:
         with self._lock:
             now = time.monotonic()
             for seq, token in zip(plan.sequences, tokens):
+                if token is None:
+                    seq.scrub_cache = True
+                    if not seq.finished:
+                        outputs.append(self._fail_non_finite(seq))
+                    continue
                 seq.prefilled = True
                 seq.output_ids.append(token)
                 seq.first_token_time = seq.first_token_time or now
@@ -233,6 +244,15 @@ class Engine:
         seq.emitted_chars = max(seq.emitted_chars, stable)
         return StepOutput(seq.request_id, new_text, (token,), self._result(seq) if seq.finished else None)
 
+    def _fail_non_finite(self, seq: Sequence) -> StepOutput:
+        weights = seq.request.adapter_weights
+        source = (f"adapters {', '.join(f'{name}={weight:g}' for name, weight in weights)}"
+                  if weights else "the base model")
+        seq.error = NonFiniteLogits(f"engine step failed for this request: non-finite logits (inf/NaN) "
+                                    f"with {source}; the adapter weights overflow the activations")
+        seq.finish_reason, seq.scrub_cache = "error", True
+        return StepOutput(seq.request_id, "", (), error=seq.error)
+
     def _result(self, seq: Sequence) -> GenerationResult:
         return GenerationResult(
             request_id=seq.request_id, text=seq.text, token_ids=tuple(seq.output_ids),
@@ -255,6 +275,8 @@ class Engine:
 
     def _release(self, seq: Sequence) -> None:
         if seq.cache_slot is not None:
+            if seq.scrub_cache:
+                self.cache.clear(seq.cache_slot)
             self._free_cache_slots.append(seq.cache_slot)
             self._free_cache_slots.sort(reverse=True)
             seq.cache_slot = None

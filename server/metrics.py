@@ -84,6 +84,8 @@ class _EngineCollector:
         waiting = GaugeMetricFamily("loraquilt_waiting_requests", "Requests queued for admission")
         batch = GaugeMetricFamily("loraquilt_batch_size", "Sequences in the last engine step")
         adapters = GaugeMetricFamily("loraquilt_adapters", "Registered adapters by tier", labels=["tier"])
+        slots = GaugeMetricFamily("loraquilt_adapter_slots", "Device adapter slots by state (used: holds "
+                                  "an adapter, registered or still pinned after unregister)", labels=["state"])
         memory = GaugeMetricFamily("loraquilt_memory_bytes", "Memory by kind", labels=["kind"])
         if engine is not None:
             stats = engine.stats()
@@ -92,6 +94,9 @@ class _EngineCollector:
             batch.add_metric([], stats.last_batch_size)
             for tier, count in engine.adapters.tier_counts().items():
                 adapters.add_metric([tier], count)
+            used = engine.adapters.slots_in_use()
+            slots.add_metric(["used"], used)
+            slots.add_metric(["free"], engine.slots.config.num_slots - used)
             memory.add_metric(["base_weights"], engine.model.quantized_bytes() + engine.model.dense_bytes())
             memory.add_metric(["adapters"], engine.slots.num_bytes + engine.adapters.host_bytes())
             memory.add_metric(["adapter_slots"], engine.slots.num_bytes)
@@ -100,4 +105,4 @@ class _EngineCollector:
             if torch.cuda.is_available() and engine.model.device.type == "cuda":
                 memory.add_metric(["device_allocated"], torch.cuda.memory_allocated(engine.model.device))
         memory.add_metric(["process_rss"], process_rss_bytes())
-        yield from (running, waiting, batch, adapters, memory)
+        yield from (running, waiting, batch, adapters, slots, memory)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 FINISH_LENGTH, FINISH_STOP, FINISH_EOS, FINISH_CANCELLED = "length", "stop", "eos", "cancelled"
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
+MAX_MIX_WEIGHT = 1000.0  # |weight| of one adapter in a mix; far past any useful composition
 _ids = itertools.count()
 
 
@@ -97,6 +98,9 @@ class Request:
         for name, weight in self.mix:
             if not _is_number(weight) or not math.isfinite(weight):
                 raise RequestError("adapters", f"weight of {name!r} must be finite, got {weight!r}")
+            if abs(weight) > MAX_MIX_WEIGHT:
+                raise RequestError("adapters", f"weight of {name!r} must lie within ±{MAX_MIX_WEIGHT:g}, "
+                                               f"got {weight!r}")
 
     @property
     def adapter_weights(self) -> tuple[tuple[str, float], ...]:

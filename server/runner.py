@@ -19,8 +19,10 @@ class ModelRunner:
     def __init__(self, model: CausalLM, cache: KVCache, slots: LoraSlots):
         self.model, self.cache, self.slots = model, cache, slots
 
-    def execute(self, decodes: tuple[Sequence, ...], prefills: tuple[Sequence, ...]) -> list[int]:
-        """One forward over every sequence; returns the next token of each, decodes first."""
+    def execute(self, decodes: tuple[Sequence, ...], prefills: tuple[Sequence, ...]) -> list[int | None]:
+        """One forward over every sequence; returns the next token of each, decodes first,
+        or None for a sequence whose logits are not finite (rows never mix, so one
+        request's overflow leaves the others' tokens intact)."""
         sequences = decodes + prefills
         batch = build_forward_batch(
             prefill_tokens=[seq.next_input() for seq in prefills],
@@ -38,12 +40,15 @@ class ModelRunner:
             logits = self.model(batch, self.cache, lora)  # [N, vocab]
         finally:
             self.slots.end_step()
+        finite = torch.isfinite(logits).all(dim=-1).tolist()  # [N]
         for seq in sequences:
             if seq.generator is None and not seq.request.sampling.greedy:
                 seq.generator = new_generator(seq.request.sampling.seed)
-        return sample_next_tokens(
-            logits, [seq.request.sampling for seq in sequences], [seq.generator for seq in sequences]
+        tokens = sample_next_tokens(
+            logits, [seq.request.sampling for seq in sequences],
+            [seq.generator if ok else None for seq, ok in zip(sequences, finite)],
         )
+        return [token if ok else None for token, ok in zip(tokens, finite)]
 
     def _begin_lora(self, decodes, prefills) -> LoraSlots | None:
         """Row tables for the step's tokens: each token carries its sequence's (slot, weight) pairs."""

@@ -23,10 +23,11 @@ def new_generator(seed: int | None) -> random.Random:
 def sample_next_tokens(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[random.Random | None]
 ) -> list[int]:
-    """logits: [N, vocab] float32 (any device) -> N token ids."""
+    """logits: [N, vocab] float32 (any device) -> N token ids. A sampled row without a
+    generator gets the greedy token (the runner passes None for rows it will discard)."""
     chosen = torch.argmax(logits, dim=-1).tolist()  # greedy for everyone, replaced below
     for row, (param, generator) in enumerate(zip(params, generators)):
-        if not param.greedy:
+        if not param.greedy and generator is not None:  # None: the caller discards this row
             chosen[row] = _sample_row(logits[row].cpu(), param, generator)
     return chosen
 

@@ -19,7 +19,8 @@ class Sequence:
     adapter_lease: Any = None  # the registry's Lease behind adapter_slots
     prefilled: bool = False
     finish_reason: str | None = None
-    error: Exception | None = None  # why it was rejected, if it was
+    error: Exception | None = None  # why it was rejected or failed, if it was
+    scrub_cache: bool = False  # its KV row may hold non-finite values: zero it on release
     text: str = ""  # generated text so far (stop strings cut)
     emitted_chars: int = 0  # text already handed out
     generator: Any = None  # torch.Generator for sampled requests (set by the runner)

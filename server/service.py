@@ -2,8 +2,11 @@
 
 Status codes: unknown adapter NOT_FOUND; bad arguments INVALID_ARGUMENT (the message
 names the field); name taken ALREADY_EXISTS; path outside the adapter root
-PERMISSION_DENIED; queue full RESOURCE_EXHAUSTED; shutting down UNAVAILABLE; a failed
-engine step INTERNAL. Every outcome is counted in `loraquilt_requests_total{status}`.
+PERMISSION_DENIED; queue full or --max-adapters reached RESOURCE_EXHAUSTED; adapter files
+deleted or rewritten since registration FAILED_PRECONDITION; shutting down UNAVAILABLE; a
+failed engine step, or non-finite logits for a request, INTERNAL. Admin credentials are
+checked before the service sees a call (server/auth.py). Every generation outcome is
+counted in `loraquilt_requests_total{status}`.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from pathlib import Path
 import grpc
 
 from loraquilt.server.adapters.peft_folder import CONFIG_FILE, WEIGHTS_FILE, AdapterError
-from loraquilt.server.adapters.registry import AdapterExists, AdapterRecord, UnknownAdapter
+from loraquilt.server.adapters.registry import (
+    AdapterChanged, AdapterExists, AdapterRecord, TooManyAdapters, UnknownAdapter,
+)
 from loraquilt.server.engine import EngineStepError
 from loraquilt.server.engine_loop import EngineLoop, ShuttingDown
 from loraquilt.server.metrics import Metrics
@@ -51,13 +56,15 @@ def status_for(error: BaseException) -> ServiceError:
     """The gRPC status a failure maps to."""
     if isinstance(error, ServiceError):
         return error
+    if isinstance(error, AdapterChanged):  # before AdapterError, its base
+        return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, str(error))
     if isinstance(error, UnknownAdapter):
         return ServiceError(grpc.StatusCode.NOT_FOUND, str(error))
     if isinstance(error, AdapterExists):
         return ServiceError(grpc.StatusCode.ALREADY_EXISTS, str(error))
     if isinstance(error, (RequestError, AdapterError)):
         return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-    if isinstance(error, QueueFull):
+    if isinstance(error, (QueueFull, TooManyAdapters)):
         return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
     if isinstance(error, ShuttingDown):
         return ServiceError(grpc.StatusCode.UNAVAILABLE, str(error))

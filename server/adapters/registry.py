@@ -14,7 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loraquilt.server.adapters.peft_folder import LoadedAdapter, load_peft_adapter
+from loraquilt.server.adapters.peft_folder import (
+    CONFIG_FILE, WEIGHTS_FILE, AdapterError, LoadedAdapter, load_peft_adapter,
+)
 from loraquilt.server.adapters.slots import LoraSlots
 from loraquilt.server.model.config import ModelConfig
 
@@ -30,6 +32,14 @@ class AdapterExists(ValueError):
     pass
 
 
+class AdapterChanged(AdapterError):
+    """A registered adapter's files were deleted or rewritten after registration."""
+
+
+class TooManyAdapters(RuntimeError):
+    """The registry holds --max-adapters names already."""
+
+
 @dataclass
 class AdapterRecord:
     name: str
@@ -37,6 +47,7 @@ class AdapterRecord:
     rank: int
     target_modules: tuple[str, ...]
     size_bytes: int
+    fingerprint: tuple | None = field(default=None, repr=False)  # the files as registered
     host: LoadedAdapter | None = field(default=None, repr=False)
     slot: int | None = None
     pins: int = 0
@@ -67,11 +78,12 @@ class Lease:
 
 class AdapterRegistry:
     def __init__(self, model: ModelConfig, slots: LoraSlots, *, max_cpu_adapters: int,
-                 events: RegistryEvents | None = None):
-        if max_cpu_adapters < 1:
-            raise ValueError(f"max_cpu_adapters must be >= 1, got {max_cpu_adapters}")
+                 max_adapters: int = 10000, events: RegistryEvents | None = None):
+        if max_cpu_adapters < 1 or max_adapters < 1:
+            raise ValueError(f"max_cpu_adapters and max_adapters must be >= 1, got "
+                             f"{max_cpu_adapters} and {max_adapters}")
         self.model, self.slots = model, slots
-        self.max_cpu_adapters = max_cpu_adapters
+        self.max_cpu_adapters, self.max_adapters = max_cpu_adapters, max_adapters
         self.events = events or RegistryEvents()
         self._records: dict[str, AdapterRecord] = {}  # registered names only
         self._host_lru: OrderedDict[str, None] = OrderedDict()
@@ -82,20 +94,32 @@ class AdapterRegistry:
     # -- registration -------------------------------------------------------------------
 
     def register(self, name: str, path: Path | str) -> AdapterRecord:
-        """Load and validate now (errors surface here, not at first use); keep it on host."""
+        """Load and validate now (errors surface here, not at first use); keep it on host.
+
+        The files' identity (inode, size, mtime) is remembered: if they are deleted or
+        rewritten later, reading them back fails with AdapterChanged rather than serving
+        different weights under the same name."""
         path = Path(path)
         with self._lock:
-            if name in self._records:
-                raise AdapterExists(f"adapter {name!r} is already registered")
+            self._check_room(name)
+        before = file_fingerprint(path)
         adapter = self._read(path)
+        if file_fingerprint(path) != before:
+            raise AdapterError(f"the files under {path} changed while they were being read; retry")
         with self._lock:
-            if name in self._records:
-                raise AdapterExists(f"adapter {name!r} is already registered")
-            record = AdapterRecord(name=name, path=path, rank=adapter.rank,
-                                   target_modules=adapter.target_modules, size_bytes=adapter.size_bytes)
+            self._check_room(name)
+            record = AdapterRecord(name=name, path=path, rank=adapter.rank, target_modules=adapter.target_modules,
+                                   size_bytes=adapter.size_bytes, fingerprint=before)
             self._records[name] = record
             self._keep_on_host(record, adapter)
             return record
+
+    def _check_room(self, name: str) -> None:
+        if name in self._records:
+            raise AdapterExists(f"adapter {name!r} is already registered")
+        if len(self._records) >= self.max_adapters:
+            raise TooManyAdapters(f"this server holds its limit of {self.max_adapters} registered adapters "
+                                  "(--max-adapters); unregister one first")
 
     def unregister(self, name: str) -> None:
         """Forget the name now; a slot still pinned by running requests is freed (and
@@ -169,6 +193,9 @@ class AdapterRegistry:
     def _bring_to_device(self, record: AdapterRecord) -> None:
         adapter = record.host
         if adapter is None:
+            if file_fingerprint(record.path) != record.fingerprint:
+                raise AdapterChanged(f"the files of adapter {record.name!r} were deleted or rewritten since it "
+                                     "was registered; unregister and register it again")
             adapter = self._read(record.path)  # before evicting anyone: a failed read costs nothing
             self._keep_on_host(record, adapter)
         else:
@@ -223,6 +250,21 @@ class AdapterRegistry:
                 counts[record.tier] += 1
             return counts
 
+    def slots_in_use(self) -> int:
+        """Device slots holding an adapter: resident registered ones, plus unregistered
+        ones still pinned by running requests (their slots free at the last release)."""
+        with self._lock:
+            return sum(owner is not None for owner in self._slot_owner)
+
     def host_bytes(self) -> int:
         with self._lock:
             return sum(r.host.nbytes_in(self.slots.dtype) for r in self._records.values() if r.host)
+
+
+def file_fingerprint(folder: Path) -> tuple | None:
+    """(inode, size, mtime) of an adapter folder's two files; None when either is missing."""
+    try:
+        return tuple((st.st_ino, st.st_size, st.st_mtime_ns)
+                     for st in ((folder / CONFIG_FILE).stat(), (folder / WEIGHTS_FILE).stat()))
+    except OSError:
+        return None

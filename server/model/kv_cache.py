@@ -36,6 +36,12 @@ class KVCache:
         self.keys[layer, slots, :, positions] = k
         self.values[layer, slots, :, positions] = v
 
+    def clear(self, slot: int) -> None:
+        """Zero one slot's row: later sequences in the slot read finite values even where
+        they are masked out (a masked NaN still poisons softmax(scores) @ values)."""
+        self.keys[:, slot].zero_()
+        self.values[:, slot].zero_()
+
     @property
     def num_bytes(self) -> int:
         return 2 * self.keys.numel() * self.keys.element_size()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from loraquilt.kernels import build_lora_meta, lora_add_
-from loraquilt.kernels.cpu import lora_add_cpu_
+from loraquilt.kernels.cpu import STRATEGIES, choose_strategy, lora_add_cpu_
 
 from cases import PATTERNS, adapter_buffers, assert_close, composed_slots, row_slots_for
 
@@ -55,9 +55,9 @@ def test_composition(pairs, dtype):
     assert_close(actual, expected, dtype)
 
 
-@pytest.mark.parametrize("strategy", ["loop", "grouped"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("pattern", PATTERNS + ("grouped_rows", "composed"))
-def test_both_strategies(strategy, pattern):
+def test_every_strategy(strategy, pattern):
     gen = torch.Generator().manual_seed(11)
     weights = None
     if pattern == "grouped_rows":  # already sorted by slot: the no-gather fast path
@@ -70,13 +70,52 @@ def test_both_strategies(strategy, pattern):
     assert_close(actual, expected, torch.float32)
 
 
+# Slot-range layouts: (row slots, row weights or None); -1 = no adapter.
+SLOT_RANGE_LAYOUTS = {
+    "decode_every_slot": (list(range(12)), None),  # the grid is the rows themselves
+    "decode_shuffled": ([5, 2, 9, 0, 11, 3, 7, 1, 10, 4, 8, 6], None),
+    "decode_some_slots": ([2, 4, 5, 7, 8, 11], None),  # holes in the range: padded grid
+    "uneven_segments": ([3, 3, 4, 5, 5, 5, 6, 7, 8, 8], None),
+    "with_base_rows": ([0, -1, 1, 2, -1, 3, 4, 5, 6, 7], None),
+    "weighted": (list(range(10)), [0.5, -1.0, 2.0, 1.0, 0.25, 3.0, -0.5, 1.5, 0.0, 1.0]),
+    "composed": ([[0, 5], [1, 6], [2, 7], [3, 8], [4, 9]], [[0.7, 0.3]] * 5),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("in_features, out_features, rank", [(64, 96, 16), (576, 192, 8), (130, 2049, 7)])
+@pytest.mark.parametrize("layout", SLOT_RANGE_LAYOUTS)
+def test_slot_range_layouts(layout, in_features, out_features, rank, dtype):
+    slots, weights = SLOT_RANGE_LAYOUTS[layout]
+    gen = torch.Generator().manual_seed(len(slots) + rank)
+    slots = torch.tensor(slots)
+    weights = None if weights is None else torch.tensor(weights)
+    actual, expected, y0 = _run_both(slots.shape[0], in_features, out_features, rank, 12, slots, weights,
+                                     dtype, gen, strategy="slot_range")
+    assert_close(actual, expected, dtype)
+    if slots.dim() == 1:
+        assert torch.equal(actual[slots == -1], y0[slots == -1])
+
+
+def test_strategy_choice_follows_the_segment_table():
+    def chosen(slots):
+        meta = build_lora_meta(torch.tensor(slots), num_slots=40)
+        return choose_strategy(meta, torch.zeros(len(slots), 64), torch.zeros(40, 16, 64), torch.zeros(40, 64, 16))
+
+    assert chosen([0, 0, 1, 1, 2]) == "loop"  # few segments
+    assert chosen(list(range(32))) == "slot_range"  # decode over 32 distinct adapters
+    assert chosen(list(range(0, 40, 2))) == "slot_range"  # half the range used: padding 2x
+    assert chosen(list(range(0, 39, 3))) == "grouped"  # a third used: too much padding
+    assert chosen([0] * 40 + list(range(1, 32))) == "grouped"  # a prefill beside decodes
+
+
 def test_unaligned_shapes_fall_back_to_the_loop():
     gen = torch.Generator().manual_seed(12)
-    slots = row_slots_for("all_distinct", 20, 20, gen)  # many segments: grouped preferred
-    actual, expected, _ = _run_both(20, 50, 70, 5, 20, slots, None, torch.float32, gen)
+    slots = torch.cat([torch.zeros(12, dtype=torch.int64), torch.arange(1, 20)])  # uneven: no slot_range
+    actual, expected, _ = _run_both(31, 50, 70, 5, 20, slots, None, torch.float32, gen)
     assert_close(actual, expected, torch.float32)
     with pytest.raises(ValueError, match="16-byte aligned"):
-        _run_both(20, 50, 70, 5, 20, slots, None, torch.float32, gen, strategy="grouped")
+        _run_both(31, 50, 70, 5, 20, slots, None, torch.float32, gen, strategy="grouped")
 
 
 def test_row_weights_scale_the_delta_linearly():

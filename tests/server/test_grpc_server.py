@@ -25,7 +25,7 @@ METRIC_NAMES = (
     "loraquilt_queue_time_seconds", "loraquilt_prompt_tokens_total", "loraquilt_generated_tokens_total",
     "loraquilt_running_requests", "loraquilt_waiting_requests", "loraquilt_batch_size",
     "loraquilt_adapters", "loraquilt_adapter_loads_total", "loraquilt_adapter_evictions_total",
-    "loraquilt_adapter_load_seconds", "loraquilt_memory_bytes",
+    "loraquilt_adapter_load_seconds", "loraquilt_adapter_slots", "loraquilt_memory_bytes",
 )
 NEW_TOKENS = 10
 PROMPTS = ("The river", "Birds fly over the", "A long time ago in a quiet town",
@@ -124,6 +124,9 @@ def test_concurrent_mixed_traffic_equals_the_engine_alone(world, client):
         before, "loraquilt_generated_tokens_total")
     assert generated == (len(jobs) + 2) * NEW_TOKENS
     assert metric_value(after, "loraquilt_running_requests") == 0
+    used_slots = metric_value(after, "loraquilt_adapter_slots", 'state="used"')
+    assert used_slots >= 1 and used_slots == metric_value(after, "loraquilt_adapters", 'tier="device"')
+    assert used_slots + metric_value(after, "loraquilt_adapter_slots", 'state="free"') == 6
     assert metric_value(after, "loraquilt_memory_bytes", 'kind="kv_cache"') > 0
     assert metric_value(after, "loraquilt_memory_bytes", 'kind="process_rss"') > 0
     assert metric_value(after, "loraquilt_adapter_loads_total") >= 8
