@@ -106,9 +106,9 @@ class RunningServer:
         if self._stopped.is_set():
             return True
         grace = self.config.grace_seconds if grace is None else grace
+        self.loop.stop_accepting()  # before health says so: a caller who saw NOT_SERVING is refused
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.loop.stop_accepting()
         drained = self.loop.drain(grace)
         self.grpc.stop(grace=1.0).wait()
         self.loop.stop()

@@ -13,6 +13,7 @@ import time
 import grpc
 import pytest
 from fixtures_models import build_tiny_model, make_adapter_zoo
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loraquilt.client import LoraQuiltClient
 
@@ -77,7 +78,11 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(served):
         stream = client.generate_stream("The river", adapter="first", max_new_tokens=1500, ignore_eos=True)
         first = next(stream)
         process.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        health = health_pb2_grpc.HealthStub(client.channel)
+        deadline = time.monotonic() + 60  # the handler runs between engine steps
+        while health.Check(health_pb2.HealthCheckRequest()).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert time.monotonic() < deadline, "SIGTERM did not start the shutdown"
+            time.sleep(0.05)
         with pytest.raises(grpc.RpcError) as refused:
             client.generate("A new request", max_new_tokens=4)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
