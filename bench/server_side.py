@@ -4,11 +4,14 @@ loopback, driven by the gRPC client from the bench process."""
 from __future__ import annotations
 
 import os
+import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +36,12 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else 0.0
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def process_memory_mb(pid: int) -> tuple[float, float]:
     """(current RSS, peak RSS) of a process in MiB, from /proc."""
     fields = {}
@@ -45,33 +54,54 @@ def process_memory_mb(pid: int) -> tuple[float, float]:
 
 
 class ServedLoraQuilt:
-    """Starts `loraquilt serve` and talks to it; stop() ends the process."""
+    """Starts `loraquilt serve` and talks to it; stop() ends the process.
 
-    def __init__(self, model_folder: Path, adapter_root: Path, *, port: int, max_batch_size: int,
-                 max_active_adapters: int, max_cpu_adapters: int, max_seq_len: int, log):
+    model_folder None serves the embedded default model; metrics_port -1 turns the
+    Prometheus endpoint off; extra_args go to `serve` as they are."""
+
+    def __init__(self, model_folder: Path | None, adapter_root: Path, *, port: int, max_batch_size: int,
+                 max_active_adapters: int, max_cpu_adapters: int, max_seq_len: int, log,
+                 metrics_port: int = -1, extra_args: tuple[str, ...] = ()):
         self.log = log
-        command = [sys.executable, "-m", "loraquilt", "serve", "--model", str(model_folder),
-                   "--adapter-root", str(adapter_root), "--port", str(port), "--metrics-port", "-1",
+        self.port, self.metrics_port = port, metrics_port
+        model = [] if model_folder is None else ["--model", str(model_folder)]
+        command = [sys.executable, "-m", "loraquilt", "serve", *model,
+                   "--adapter-root", str(adapter_root), "--port", str(port), "--metrics-port", str(metrics_port),
                    "--max-batch-size", str(max_batch_size), "--max-active-adapters", str(max_active_adapters),
                    "--max-cpu-adapters", str(max_cpu_adapters), "--max-seq-len", str(max_seq_len),
-                   "--max-queue", "4096", "--grace-seconds", "5"]
+                   "--max-queue", "4096", "--grace-seconds", "5", *extra_args]
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.stderr_tail: deque[str] = deque(maxlen=40)  # the server's last words, for failure reports
         deadline = time.monotonic() + 600
         for line in self.process.stderr:
+            self.stderr_tail.append(line.rstrip())
             if "loraquilt serving" in line:
                 break
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"loraquilt serve did not start: {line.strip()}")
+        else:
+            raise RuntimeError("loraquilt serve exited before serving:\n" + "\n".join(self.stderr_tail))
         threading.Thread(target=self._drain_stderr, daemon=True).start()
-        self.client = LoraQuiltClient(f"127.0.0.1:{port}", timeout=3600)
+        self.target = f"127.0.0.1:{port}"
+        self.client = LoraQuiltClient(self.target, timeout=3600)
 
     def _drain_stderr(self) -> None:
-        for _ in self.process.stderr:
-            pass
+        for line in self.process.stderr:
+            self.stderr_tail.append(line.rstrip())
 
     def memory_mb(self) -> tuple[float, float]:
         return process_memory_mb(self.process.pid)
+
+    def scrape_metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """The server's Prometheus samples: (name, sorted label pairs) -> value."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            text = response.read().decode()
+        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in text_string_to_metric_families(text) for sample in family.samples}
 
     def register(self, name: str, path: str) -> None:
         self.client.register_adapter(name, path)

@@ -17,6 +17,7 @@ COMMANDS = {
     "run": ("loraquilt.server.local_cli", "add_run_parser", "generate once, locally, and print the text"),
     "info": ("loraquilt.server.local_cli", "add_info_parser", "parameters and bytes of the NF4 model"),
     "bench": ("loraquilt.cli_bench", "add_bench_parser", "benchmarks (JSON out)"),
+    "torture": ("loraquilt.bench.torture", "add_torture_parser", "soak test: traffic while adapters cycle (JSON out)"),
 }
 
 
