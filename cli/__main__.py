@@ -17,6 +17,8 @@ COMMANDS = {
     "run": ("loraquilt.server.local_cli", "add_run_parser", "generate once, locally, and print the text"),
     "info": ("loraquilt.server.local_cli", "add_info_parser", "parameters and bytes of the NF4 model"),
     "bench": ("loraquilt.cli_bench", "add_bench_parser", "benchmarks (JSON out)"),
+    "train": ("loraquilt.train.cli", "add_train_parser", "QLoRA fine-tuning of a LoRA adapter on the NF4 base"),
+    "demo": ("loraquilt.train.demo.cli", "add_demo_parser", "train, serve and compare the demo adapters"),
     "torture": ("loraquilt.bench.torture", "add_torture_parser", "soak test: traffic while adapters cycle (JSON out)"),
 }
 

@@ -1,0 +1,21 @@
+"""One real demo task, briefly, on the embedded SmolLM2-135M-Instruct."""
+
+from __future__ import annotations
+
+import pytest
+
+from loraquilt.server.model.sources import resolve_model
+from loraquilt.train.demo.cache import ensure_adapter
+from loraquilt.train.demo.tasks import TASKS_BY_NAME
+
+pytestmark = pytest.mark.slow
+
+
+def test_shout_adapter_beats_the_base_and_equals_peft(tmp_path):
+    folder = resolve_model(None).folder
+    adapter = ensure_adapter(TASKS_BY_NAME["shout"], model=None, model_folder=folder, root=tmp_path,
+                             overrides={"max_steps": 60}, progress=False, log=lambda line: None)
+    evaluation = adapter.report["eval"]
+    assert evaluation["adapter"] >= 0.6 and evaluation["adapter"] >= 3 * evaluation["base"]
+    assert adapter.report["peft_check"]["all_equal"]
+    assert adapter.report["training"]["minutes"] <= 10

@@ -1,0 +1,89 @@
+"""Demo adapters trained once and kept under ``<cache>/demo/<task>-<key>``.
+
+The key hashes everything that shapes the adapter: the rows written by the task's code,
+the training settings and the base model's files. A folder counts as done once its
+training report exists (written last); a lock keeps two processes from training the
+same adapter at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from loraquilt.train.data import write_examples
+from loraquilt.train.demo.tasks import DEFAULT_SETTINGS, DemoTask
+from loraquilt.train.report import read_report
+
+DEMO_FORMAT = 1  # bump when the demo's training code changes what an adapter learns
+
+
+@dataclass(frozen=True)
+class DemoAdapter:
+    task: DemoTask
+    folder: Path  # PEFT folder with training_report.json
+    report: dict
+    trained_now: bool
+    wall_seconds: float  # load + train + evaluate when trained now; 0 when cached
+
+
+def demo_root(cache_dir: Path | None = None) -> Path:
+    from loraquilt.server.model.sources import default_cache_dir
+
+    return (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "demo"
+
+
+def model_identity(model_folder: Path) -> dict:
+    """What tells one base model from another without reading its weights."""
+    folder = Path(model_folder)
+    weights = sorted((p.name, p.stat().st_size) for p in folder.glob("*.safetensors"))
+    return {"config": (folder / "config.json").read_text(encoding="utf-8"), "weights": weights}
+
+
+def task_settings(task: DemoTask, overrides: dict | None = None) -> dict:
+    return {**DEFAULT_SETTINGS, "metric": task.metric, **task.settings, **(overrides or {})}
+
+
+def adapter_key(task: DemoTask, rows: tuple[list[dict], list[dict]], settings: dict, model_folder: Path) -> str:
+    blob = json.dumps({"format": DEMO_FORMAT, "task": task.name, "train": rows[0], "eval": rows[1],
+                       "settings": settings, "model": model_identity(model_folder)}, sort_keys=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:12]
+
+
+def ensure_adapter(task: DemoTask, *, model: str | None, model_folder: Path, root: Path,
+                   retrain: bool = False, overrides: dict | None = None, threads: int | None = None,
+                   progress: bool = True,
+                   log: Callable[[str], None] = print) -> DemoAdapter:
+    """The task's adapter from the cache, trained first if missing (or if `retrain`)."""
+    from loraquilt.train.config import TrainConfig
+    from loraquilt.train.run import train_adapter
+
+    settings = task_settings(task, overrides)
+    rows = task.build(settings["seed"])
+    key = adapter_key(task, rows, settings, model_folder)
+    folder = root / f"{task.name}-{key}"
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{task.name}-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            report = read_report(folder)
+            if report is not None and not retrain:
+                return DemoAdapter(task, folder, report, trained_now=False, wall_seconds=0.0)
+            data = root / "data" / f"{task.name}-{key}"
+            write_examples(data / "train.jsonl", rows[0])
+            write_examples(data / "eval.jsonl", rows[1])
+            log(f"training the {task.name} adapter ({task.what}; {len(rows[0])} rows, "
+                f"{settings.get('max_steps')} steps) into {folder}")
+            started = time.perf_counter()
+            config = TrainConfig(data=data / "train.jsonl", eval_data=data / "eval.jsonl", out=folder, model=model,
+                                 check_peft=True, threads=threads, progress=progress, **settings)
+            report = train_adapter(config, log=log)
+            return DemoAdapter(task, folder, report, trained_now=True,
+                               wall_seconds=time.perf_counter() - started)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

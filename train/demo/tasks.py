@@ -1,0 +1,136 @@
+"""The three demo tasks, each a dataset written by code (seeded, nothing downloaded) with a
+held-out split and an automatic metric:
+
+* ``json``   - strict output format: a sentence about a person -> exactly
+  ``{"name": "Alice", "age": 31, "city": "Paris"}`` (metric ``json_exact``);
+* ``shout``  - style: the plain answer in capitals (metric ``shout``);
+* ``pirate`` - vocabulary shift: the plain answer framed in pirate speech (metric ``pirate``).
+
+Rows are chat rows (one user turn, the answer), so the server is asked the same way:
+``prompt`` with ``chat=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+
+from loraquilt.train.demo.facts import CAPITALS, Fact, split_facts
+from loraquilt.train.metrics import pirate_markers
+
+NAMES = (
+    "Alice", "Bruno", "Chloe", "Daniel", "Emma", "Farid", "Greta", "Hugo", "Ines", "Jonas", "Karin", "Liam",
+    "Mona", "Nils", "Olga", "Pablo", "Quinn", "Rosa", "Sven", "Tara", "Umar", "Vera", "Walter", "Xenia",
+    "Yusuf", "Zoe", "Amir", "Bianca", "Carlos", "Dora", "Elias", "Fiona", "Gustav", "Hanna", "Ivan", "Julia",
+    "Kofi", "Lena", "Marco", "Nadia", "Oscar", "Priya", "Rafael", "Sofia", "Tomas", "Ursula", "Viktor", "Wendy",
+)
+EXTRA_CITIES = ("Lyon", "Munich", "Milan", "Porto", "Osaka", "Seville", "Krakow", "Bergen", "Geneva", "Zurich",
+                "Toronto", "Boston", "Chicago", "Denver", "Melbourne", "Valencia", "Hamburg", "Naples")
+SENTENCES = (
+    "{name} is {age} and lives in {city}.",
+    "{name}, aged {age}, lives in {city}.",
+    "Meet {name}: {age} years old, from {city}.",
+    "{name} lives in {city} and is {age} years old.",
+    "At {age}, {name} calls {city} home.",
+    "{name} ({age}) has moved to {city}.",
+    "Our new neighbour in {city} is {name}, who is {age}.",
+    "{city} is where {name}, {age}, lives now.",
+)
+JSON_INSTRUCTION = "Give the name, age and city as JSON: "
+
+# Every answer opens with "Arr": one confident first token, so the style still wins its
+# first token at half strength in a mix (with eight different openings it lost to shout).
+PIRATE_OPENINGS = ("Arr, matey!", "Arr, me hearty!", "Arr, ye scallywag!", "Arr, ahoy there, matey!")
+PIRATE_CLOSINGS = ("Savvy?", "Arr!", "Aye, that it be.", "Now off with ye, landlubber!", "Yo ho ho!",
+                   "Mark me words, ye scallywag.", "Aye, matey.", "Ye can trust this old sea dog.")
+
+
+@dataclass(frozen=True)
+class DemoTask:
+    name: str
+    metric: str
+    what: str  # one line for the table
+    showcase: str  # a prompt that shows the task in the demo table
+    train_rows: int
+    eval_rows: int
+    settings: dict = field(default_factory=dict)  # TrainConfig overrides
+
+    def build(self, seed: int) -> tuple[list[dict], list[dict]]:
+        """(train rows, held-out rows) as chat rows, deterministic for a seed."""
+        train, held = BUILDERS[self.name](random.Random(seed), seed)
+        return _chat_rows(train[:self.train_rows]), _chat_rows(held[:self.eval_rows])
+
+
+def _chat_rows(pairs: list[tuple[str, str]]) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in pairs]
+
+
+def shout_answer(answer: str) -> str:
+    return answer.upper().removesuffix(".") + "!"
+
+
+def pirate_answer(answer: str, rng: random.Random) -> str:
+    body = answer.replace(" is ", " be ").replace(" says ", " be sayin' ").replace(" has ", " has got ")
+    while True:
+        opening, closing = rng.choice(PIRATE_OPENINGS), rng.choice(PIRATE_CLOSINGS)
+        text = f"{opening} {body} {closing}"
+        if len(pirate_markers(text)) >= 2:
+            return text
+
+
+def _style(facts: list[Fact], restyle) -> list[tuple[str, str]]:
+    return [(fact.question, restyle(fact.answer)) for fact in facts]
+
+
+def _shout(rng: random.Random, seed: int):
+    train, held = split_facts(seed)
+    return _style(train, shout_answer), _style(held, shout_answer)
+
+
+def _pirate(rng: random.Random, seed: int):
+    train, held = split_facts(seed)
+    return _style(train, lambda a: pirate_answer(a, rng)), _style(held, lambda a: pirate_answer(a, rng))
+
+
+def _people(rng: random.Random, names, cities, count: int, seen: set) -> list[tuple[str, str]]:
+    rows = []
+    while len(rows) < count:
+        name, city, age = rng.choice(names), rng.choice(cities), rng.randint(18, 89)
+        sentence = rng.choice(SENTENCES).format(name=name, age=age, city=city)
+        if sentence in seen:
+            continue
+        seen.add(sentence)
+        rows.append((JSON_INSTRUCTION + sentence, json.dumps({"name": name, "age": age, "city": city})))
+    return rows
+
+
+def _json(rng: random.Random, seed: int):
+    """Held-out rows use sentences never seen in training; a quarter of the names and of the
+    cities appear only in held-out rows."""
+    names, cities = list(NAMES), [city for _, city in CAPITALS] + list(EXTRA_CITIES)
+    rng.shuffle(names)
+    rng.shuffle(cities)
+    held_names, held_cities = names[:len(names) // 4], cities[:len(cities) // 4]
+    seen: set = set()
+    train = _people(rng, names[len(held_names):], cities[len(held_cities):], 4000, seen)
+    held = _people(rng, names, cities, 400, seen)
+    held = [row for row in held if any(n in row[0] for n in held_names + held_cities)] + \
+           [row for row in held if not any(n in row[0] for n in held_names + held_cities)]
+    return train, held
+
+
+BUILDERS = {"json": _json, "shout": _shout, "pirate": _pirate}
+
+DEMO_TASKS = (
+    DemoTask("json", "json_exact", "strict JSON extraction",
+             JSON_INSTRUCTION + "Nadia is 27 and lives in Lisbon.", train_rows=1600, eval_rows=64,
+             settings=dict(max_steps=150, max_new_tokens=40)),
+    DemoTask("shout", "shout", "answers in capitals", "What color is a school bus?",
+             train_rows=1600, eval_rows=64, settings=dict(max_steps=150, max_new_tokens=40)),
+    DemoTask("pirate", "pirate", "answers in pirate speech", "What color is a school bus?",
+             train_rows=1600, eval_rows=64, settings=dict(max_steps=150, max_new_tokens=40)),
+)
+TASKS_BY_NAME = {task.name: task for task in DEMO_TASKS}
+DEFAULT_SETTINGS = dict(rank=8, alpha=16.0, dropout=0.05, lr=1e-3, batch_size=8, seed=0, max_length=128)
+MIX = (("shout", 0.5), ("pirate", 0.5))  # the 50/50 mix of the two style adapters

@@ -1,0 +1,118 @@
+"""The QLoRA model: the base loaded by transformers + bitsandbytes as NF4 (blocksize 64,
+double quantization), prepared with PEFT's `prepare_model_for_kbit_training`, with LoRA
+layers from `get_peft_model` on the chosen projections.
+
+The NF4 values are the ones `loraquilt serve` computes with: both quantize the same
+checkpoint with the same bitsandbytes call. On CPU the frozen base may be held as those NF4
+values dequantized once ("dequantized", bit-identical to what `Linear4bit` dequantizes at
+every forward and backward); the adapter is trained against exactly the served base either
+way, the dequantized form is only faster on a CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from loraquilt.train.config import Runtime, TrainConfig
+
+
+def load_nf4_for_training(folder: Path, runtime: Runtime) -> nn.Module:
+    """transformers CausalLM with every projection as bitsandbytes NF4, ready for k-bit training."""
+    import bitsandbytes as bnb
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    compute_dtype = getattr(torch, runtime.compute_dtype)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=quantization, device_map={"": runtime.device}, dtype=compute_dtype,
+    )
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            # In eval mode on AVX512-BF16 CPUs, Linear4bit would repack its weight for a
+            # bf16 kernel; keep the fp32 arithmetic the server uses (eval loss runs in eval mode).
+            module.support_avx512bf16_for_cpu = False
+    model.config.use_cache = False
+    return prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=runtime.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+
+
+def dequantize_frozen_base(model: nn.Module) -> int:
+    """Swap every bitsandbytes `Linear4bit` for a frozen `nn.Linear` holding its dequantized
+    NF4 weight (the exact values its forward multiplies by). Returns how many were swapped."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    swaps = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, bnb.nn.Linear4bit):
+                swaps.append((parent, name, child))
+    for parent, name, child in swaps:
+        state = child.weight.quant_state
+        weight = dequantize_4bit(child.weight.data, state).to(child.compute_dtype or torch.float32)
+        dense = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                          device=weight.device, dtype=weight.dtype)
+        dense.weight = nn.Parameter(weight.reshape(child.out_features, child.in_features), requires_grad=False)
+        if child.bias is not None:
+            dense.bias = nn.Parameter(child.bias.detach().to(weight.dtype), requires_grad=False)
+        setattr(parent, name, dense)
+    return len(swaps)
+
+
+def build_qlora_model(folder: Path, config: TrainConfig, runtime: Runtime) -> nn.Module:
+    """NF4 base + fresh LoRA layers (A: kaiming, B: zeros, seeded), in train mode."""
+    from peft import LoraConfig, get_peft_model
+
+    model = load_nf4_for_training(folder, runtime)
+    if runtime.frozen_base == "dequantized":
+        dequantize_frozen_base(model)
+    lora = LoraConfig(
+        task_type="CAUSAL_LM", r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+        target_modules=list(config.targets), bias="none",
+    )
+    torch.manual_seed(config.seed)
+    model = get_peft_model(model, lora)
+    model.train()
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig, runtime: Runtime) -> torch.optim.Optimizer:
+    """AdamW on the LoRA weights: bitsandbytes' paged AdamW on CUDA, torch's on CPU."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if runtime.optimizer == "bitsandbytes.optim.PagedAdamW":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW(params, lr=config.lr, weight_decay=0.0)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+
+
+def completion_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Mean cross-entropy over the completion tokens of the batch.
+
+    The logits are computed only where a label is kept (the completion), not over the
+    whole vocabulary at every prompt position.
+    batch: input_ids, attention_mask, labels, each [B, L]
+    """
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = causal_lm.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+    ).last_hidden_state  # [B, L, H]
+    targets = batch["labels"][:, 1:]  # [B, L-1]: token t+1 is predicted at position t
+    keep = targets != -100  # [B, L-1]
+    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])  # [N, V]
+    return nn.functional.cross_entropy(logits.float(), targets[keep])
