@@ -57,7 +57,7 @@ class TortureConfig:
 
     @classmethod
     def quick(cls) -> TortureConfig:
-        return cls(clients=8, cycles=40, duration_s=120.0, stable_adapters=4, pool_size=8, live_cycled=4,
+        return cls(clients=8, cycles=40, duration_s=300.0, stable_adapters=4, pool_size=8, live_cycled=4,
                    cycle_patience_s=20.0, prompts=8, max_batch_size=8, max_active_adapters=6,
                    max_cpu_adapters=16, warmup_s=1.0, progress_every_s=5.0, request_timeout_s=60.0)
 

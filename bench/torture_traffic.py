@@ -23,6 +23,9 @@ from loraquilt.client import LoraQuiltClient
 
 # request kinds and how often clients pick each
 KIND_WEIGHTS = {"base": 0.10, "stable": 0.32, "mix": 0.16, "cycled": 0.40, "unknown": 0.02}
+# share of streamed requests; a cycled adapter can be unregistered at its first token (not
+# its last), so streaming them keeps the cycle rate up while the request runs on, pinned
+STREAMED_SHARE = {"cycled": 0.8}
 UNKNOWN_ADAPTER = "never-registered"  # deliberately bad requests name this
 MIX_WEIGHTS = ((0.5, 0.5), (0.75, 0.25), (0.3, 0.7))
 EXAMPLES_KEPT = 10
@@ -293,7 +296,7 @@ class TrafficClients:
             target = self._choose(rng)
             choices = self.plan.prompt_choices.get(target.weights) or range(len(self.plan.prompts))
             prompt_index = rng.choice(choices)
-            stream = rng.random() < 0.5
+            stream = rng.random() < STREAMED_SHARE.get(target.kind, 0.5)
             self.tally.on_sent(target.kind, stream)
             mark = (lambda: self.cycled.mark_used(target.adapter)) if target.kind == "cycled" else (lambda: None)
             started = time.perf_counter()
