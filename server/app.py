@@ -55,10 +55,9 @@ class RunningServer:
         if loop_thread:
             self.loop.start()
         # nothing longer than the KV cache row can be generated
-        service_config = replace(config.service, max_new_tokens_limit=min(
-            config.service.max_new_tokens_limit, engine.max_seq_len - 1))
-        service_config = replace(service_config, default_max_new_tokens=min(
-            service_config.default_max_new_tokens, service_config.max_new_tokens_limit))
+        limit = min(config.service.max_new_tokens_limit, engine.max_seq_len - 1)
+        service_config = replace(config.service, max_new_tokens_limit=limit,
+                                 default_max_new_tokens=min(config.service.default_max_new_tokens, limit))
         service = LoraQuiltService(self.loop, service_config, self.metrics)
         for name, path in config.preload:
             engine.register_adapter(name, path)

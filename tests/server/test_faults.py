@@ -249,3 +249,15 @@ def test_flood_past_the_queue_is_refused_at_once_and_memory_stays_bounded(world)
     finally:
         stop.set()
         server.shutdown(grace=5)
+
+
+def test_a_context_shorter_than_the_default_new_tokens_clamps_the_default(world):
+    base, adapter_root, _, _, _ = world
+    server = RunningServer(Engine(engine_config(base, max_seq_len=32)), ServerConfig(
+        port=0, metrics_port=None, service=ServiceConfig(adapter_root=adapter_root)))  # default 128 new tokens
+    try:
+        with LoraQuiltClient(server.target, timeout=60) as client:
+            answer = client.generate("The river", ignore_eos=True)
+        assert answer.prompt_tokens + answer.completion_tokens == 32 and answer.finish_reason == "length"
+    finally:
+        server.shutdown(grace=5)
