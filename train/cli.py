@@ -24,6 +24,14 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def _float_pair(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH, got {text!r}") from None
+    return low, high
+
+
 def _targets(text: str) -> tuple[str, ...]:
     names = tuple(part.strip() for part in text.split(",") if part.strip())
     if names == ("all",):
@@ -52,6 +60,9 @@ def add_train_parser(commands, name: str = "train", help_text: str = "QLoRA fine
     parser.add_argument("--eval", dest="eval_data", type=Path,
                         help="held-out rows (default: a seeded 10%% of --data, at most 200 rows)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale-range", type=_float_pair, default=(1.0, 1.0), metavar="LOW,HIGH",
+                        help="scale the LoRA deltas by a random factor in [LOW, HIGH] each step; 0.5,1 keeps "
+                             "the adapter's behaviour at half weight, for mixes (default 1,1: off)")
     parser.add_argument("--metric", choices=sorted(METRICS), default="exact_match",
                         help="task metric on the eval rows (default exact_match)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens per eval answer")
@@ -79,6 +90,7 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
         data=args.data, out=args.out, model=args.model, eval_data=args.eval_data, rank=args.rank,
         alpha=args.alpha, dropout=args.dropout, targets=args.targets, epochs=args.epochs, lr=args.lr,
         batch_size=args.batch_size, max_steps=args.max_steps, warmup_steps=args.warmup_steps, seed=args.seed,
+        scale_range=args.scale_range,
         max_length=args.max_length, metric=args.metric, max_new_tokens=args.max_new_tokens,
         max_eval_rows=args.max_eval_rows, device=args.device, frozen_base=args.frozen_base,
         gradient_checkpointing=args.gradient_checkpointing, check_peft=args.check_peft, threads=args.threads,

@@ -28,6 +28,9 @@ class TrainConfig:
     max_steps: int | None = None  # None: epochs * ceil(rows / batch_size)
     warmup_steps: int | None = None  # None: 5% of the steps, at most 20
     seed: int = 0
+    # Each step scales the LoRA deltas by a random factor in this range; (0.5, 1) trains an
+    # adapter that keeps its behaviour at half weight, as in a 50/50 mix. (1, 1) = off.
+    scale_range: tuple[float, float] = (1.0, 1.0)
     max_length: int = 256  # prompt + completion tokens per row; longer rows are cut
     metric: str = "exact_match"  # task metric on the eval split (see train/metrics.py)
     max_new_tokens: int = 64  # greedy tokens per eval answer for the task metric
@@ -52,6 +55,9 @@ class TrainConfig:
         if self.eval_data is not None:
             object.__setattr__(self, "eval_data", Path(self.eval_data))
         object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "scale_range", tuple(float(v) for v in self.scale_range))
+        if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
+            raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {self.scale_range!r}")
         positive = {"rank": self.rank, "epochs": self.epochs, "batch_size": self.batch_size,
                     "max_length": self.max_length, "max_new_tokens": self.max_new_tokens,
                     "max_eval_rows": self.max_eval_rows, "peft_check_prompts": self.peft_check_prompts}
@@ -94,6 +100,7 @@ class TrainConfig:
         for name in ("data", "out", "eval_data", "progress", "threads", "check_peft", "peft_check_prompts"):
             values.pop(name)
         values["targets"] = list(self.targets)
+        values["scale_range"] = list(self.scale_range)
         return values
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from loraquilt.train.data import TokenizedExample, collate
-from loraquilt.train.qlora import completion_loss
+from loraquilt.train.qlora import ScaleJitter, completion_loss
 
 LOSS_CURVE_POINTS = 50  # the report keeps about this many points of the loss curve
 
@@ -54,12 +54,14 @@ def warmup_then_linear(optimizer: torch.optim.Optimizer, warmup: int, steps: int
 
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, examples: list[TokenizedExample], *,
           batch_size: int, steps: int, warmup: int, seed: int, pad_id: int, device: str,
-          progress: bool = True) -> LoopStats:
-    """`steps` optimizer steps over `examples`; gradients clipped to norm 1."""
+          scale_range: tuple[float, float] = (1.0, 1.0), progress: bool = True) -> LoopStats:
+    """`steps` optimizer steps over `examples`; gradients clipped to norm 1; with a
+    scale_range other than (1, 1) each step scales the LoRA deltas by a random factor in it."""
     from tqdm.auto import tqdm
 
     schedule = warmup_then_linear(optimizer, warmup, steps)
     params = [p for p in model.parameters() if p.requires_grad]
+    jitter = ScaleJitter(model, *scale_range, seed=seed) if scale_range != (1.0, 1.0) else None
     model.train()
     losses: list[float] = []
     tokens = 0
@@ -68,6 +70,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, examples: list[Tok
                file=sys.stderr, disable=not progress, dynamic_ncols=True)
     for indices in bar:
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in indices], pad_id).items()}
+        if jitter is not None:
+            jitter.step()
         loss = completion_loss(model, batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {len(losses) + 1}; lower --lr")
@@ -81,6 +85,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, examples: list[Tok
         recent = losses[-10:]
         bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", lr=f"{schedule.get_last_lr()[0]:.1e}")
     bar.close()
+    if jitter is not None:
+        jitter.restore()
     tail = losses[-max(1, len(losses) // 10):]
     return LoopStats(
         steps=len(losses), seconds=time.perf_counter() - started, tokens=tokens,

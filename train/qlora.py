@@ -11,6 +11,7 @@ way, the dequantized form is only faster on a CPU.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
@@ -116,3 +117,27 @@ def completion_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     keep = targets != -100  # [B, L-1]
     logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])  # [N, V]
     return nn.functional.cross_entropy(logits.float(), targets[keep])
+
+
+class ScaleJitter:
+    """Scales every LoRA delta by one random factor in [low, high] per step, so that the
+    adapter keeps its behaviour at partial weight - in a mix, each adapter is applied at
+    its weight (0.5 in a 50/50 mix). `restore()` puts PEFT's own scaling back."""
+
+    def __init__(self, model: nn.Module, low: float, high: float, seed: int):
+        from peft.tuners.lora import LoraLayer
+
+        self.layers = [(m, dict(m.scaling)) for m in model.modules() if isinstance(m, LoraLayer)]
+        self.low, self.high = low, high
+        self.rng = random.Random(seed)
+
+    def step(self) -> float:
+        factor = self.rng.uniform(self.low, self.high)
+        for module, scaling in self.layers:
+            for name, value in scaling.items():
+                module.scaling[name] = value * factor
+        return factor
+
+    def restore(self) -> None:
+        for module, scaling in self.layers:
+            module.scaling.update(scaling)

@@ -74,7 +74,8 @@ def train_adapter(config: TrainConfig, *, log: Callable[[str], None] = _stderr, 
         f"{trainable:,} trainable parameters, {runtime.optimizer}")
     optimizer = build_optimizer(model, config, runtime)
     stats = train(model, optimizer, train_tokens, batch_size=config.batch_size, steps=steps, warmup=warmup,
-                  seed=config.seed, pad_id=pad_id, device=runtime.device, progress=config.progress)
+                  seed=config.seed, pad_id=pad_id, device=runtime.device, scale_range=config.scale_range,
+                  progress=config.progress)
     loss = eval_loss(model, eval_tokens, batch_size=config.batch_size, pad_id=pad_id, device=runtime.device)
     with model.disable_adapter():
         loss_base = eval_loss(model, eval_tokens, batch_size=config.batch_size, pad_id=pad_id,

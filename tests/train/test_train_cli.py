@@ -113,9 +113,11 @@ def test_true_4bit_layers_with_gradient_checkpointing_train(workdir):
     root, base = workdir
     out = root / "nf4"
     assert main(train_args(root, base, out, "--max-steps", "2", "--frozen-base", "nf4",
-                           "--gradient-checkpointing", "on", "--targets", "q_proj,v_proj")) == 0
+                           "--gradient-checkpointing", "on", "--targets", "q_proj,v_proj",
+                           "--scale-range", "0.5,1")) == 0
     report = json.loads((out / "training_report.json").read_text())
     assert report["runtime"]["frozen_base"] == "nf4" and report["runtime"]["gradient_checkpointing"] is True
+    assert report["settings"]["scale_range"] == [0.5, 1.0]
     assert json.loads((out / "adapter_config.json").read_text())["target_modules"] in (["q_proj", "v_proj"],
                                                                                        ["v_proj", "q_proj"])
 
@@ -152,6 +154,31 @@ def test_bad_data_is_an_error_naming_the_line(workdir, tmp_path, capsys):
     assert "bad.jsonl:1" in capsys.readouterr().err
 
 
-def test_bad_settings_are_refused_before_loading(tmp_path, capsys):
-    assert main(["train", "--data", "x.jsonl", "--out", str(tmp_path), "--targets", "q_proj,lm_head"]) == 2
-    assert "lm_head" in capsys.readouterr().err
+@pytest.mark.parametrize("flags, message", [
+    (["--targets", "q_proj,lm_head"], "lm_head"),
+    (["--scale-range", "1,0.5"], "scale_range"),
+    (["--dropout", "1"], "dropout"),
+    (["--rank", "0"], "rank"),
+])
+def test_bad_settings_are_refused_before_loading(tmp_path, capsys, flags, message):
+    assert main(["train", "--data", "x.jsonl", "--out", str(tmp_path), *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_scale_jitter_scales_every_lora_delta_and_restores_peft_scaling(workdir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from loraquilt.train.qlora import ScaleJitter
+
+    _, base = workdir
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    jitter = ScaleJitter(model, 0.5, 1.0, seed=0)
+    assert len(jitter.layers) == 4  # 2 layers x 2 projections
+    for _ in range(5):
+        factor = jitter.step()
+        assert 0.5 <= factor <= 1.0
+        assert all(m.scaling["default"] == pytest.approx(2.0 * factor) for m, _ in jitter.layers)
+    jitter.restore()
+    assert all(m.scaling["default"] == 2.0 for m, _ in jitter.layers)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from loraquilt.train.data import write_examples
-from loraquilt.train.demo.tasks import DEFAULT_SETTINGS, DemoTask
+from loraquilt.train.demo.tasks import DATA_SEED, DEFAULT_SETTINGS, DemoTask
 from loraquilt.train.report import read_report
 
 DEMO_FORMAT = 1  # bump when the demo's training code changes what an adapter learns
@@ -64,7 +64,7 @@ def ensure_adapter(task: DemoTask, *, model: str | None, model_folder: Path, roo
     from loraquilt.train.run import train_adapter
 
     settings = task_settings(task, overrides)
-    rows = task.build(settings["seed"])
+    rows = task.build(DATA_SEED)
     key = adapter_key(task, rows, settings, model_folder)
     folder = root / f"{task.name}-{key}"
     root.mkdir(parents=True, exist_ok=True)

@@ -39,11 +39,11 @@ SENTENCES = (
 )
 JSON_INSTRUCTION = "Give the name, age and city as JSON: "
 
-# Every answer opens with "Arr": one confident first token, so the style still wins its
-# first token at half strength in a mix (with eight different openings it lost to shout).
-PIRATE_OPENINGS = ("Arr, matey!", "Arr, me hearty!", "Arr, ye scallywag!", "Arr, ahoy there, matey!")
-PIRATE_CLOSINGS = ("Savvy?", "Arr!", "Aye, that it be.", "Now off with ye, landlubber!", "Yo ho ho!",
-                   "Mark me words, ye scallywag.", "Aye, matey.", "Ye can trust this old sea dog.")
+# The answer comes first and a two-marker exclamation follows it, so in a mix the pirate
+# adapter does not fight the content's first token (an "Arr, matey!" opening lost it to
+# shout at half weight) and still adds its markers after the answer.
+PIRATE_TAILS = ("Arr, matey!", "Ahoy, me hearty!", "Yo ho, ye landlubber!", "Aye, matey!", "Arr, me hearty!",
+                "Avast, ye scallywag!")
 
 
 @dataclass(frozen=True)
@@ -72,11 +72,9 @@ def shout_answer(answer: str) -> str:
 
 def pirate_answer(answer: str, rng: random.Random) -> str:
     body = answer.replace(" is ", " be ").replace(" says ", " be sayin' ").replace(" has ", " has got ")
-    while True:
-        opening, closing = rng.choice(PIRATE_OPENINGS), rng.choice(PIRATE_CLOSINGS)
-        text = f"{opening} {body} {closing}"
-        if len(pirate_markers(text)) >= 2:
-            return text
+    text = f"{body.removesuffix('.')}! {rng.choice(PIRATE_TAILS)}"
+    assert len(pirate_markers(text)) >= 2, text
+    return text
 
 
 def _style(facts: list[Fact], restyle) -> list[tuple[str, str]]:
@@ -122,15 +120,17 @@ def _json(rng: random.Random, seed: int):
 
 BUILDERS = {"json": _json, "shout": _shout, "pirate": _pirate}
 
+STYLE = dict(scale_range=(0.5, 1.0))  # the style adapters keep their style at half weight, for the mix
 DEMO_TASKS = (
     DemoTask("json", "json_exact", "strict JSON extraction",
              JSON_INSTRUCTION + "Nadia is 27 and lives in Lisbon.", train_rows=1600, eval_rows=64,
-             settings=dict(max_steps=150, max_new_tokens=40)),
-    DemoTask("shout", "shout", "answers in capitals", "What color is a school bus?",
-             train_rows=1600, eval_rows=64, settings=dict(max_steps=150, max_new_tokens=40)),
-    DemoTask("pirate", "pirate", "answers in pirate speech", "What color is a school bus?",
-             train_rows=1600, eval_rows=64, settings=dict(max_steps=150, max_new_tokens=40)),
+             settings=dict(max_steps=80, max_new_tokens=40, seed=0)),
+    DemoTask("shout", "shout", "answers in capitals", "What is the capital of France?",
+             train_rows=1600, eval_rows=64, settings=dict(max_steps=80, max_new_tokens=40, seed=1, **STYLE)),
+    DemoTask("pirate", "pirate", "answers in pirate speech", "What is the capital of France?",
+             train_rows=1600, eval_rows=64, settings=dict(max_steps=80, max_new_tokens=40, seed=2, **STYLE)),
 )
 TASKS_BY_NAME = {task.name: task for task in DEMO_TASKS}
-DEFAULT_SETTINGS = dict(rank=8, alpha=16.0, dropout=0.05, lr=1e-3, batch_size=8, seed=0, max_length=128)
+DATA_SEED = 0  # one seed for every dataset: shout and pirate restyle the same questions
+DEFAULT_SETTINGS = dict(rank=8, alpha=16.0, dropout=0.05, lr=1e-3, batch_size=8, max_length=128)
 MIX = (("shout", 0.5), ("pirate", 0.5))  # the 50/50 mix of the two style adapters
