@@ -39,11 +39,13 @@ SENTENCES = (
 )
 JSON_INSTRUCTION = "Give the name, age and city as JSON: "
 
-# The answer comes first and a two-marker exclamation follows it, so in a mix the pirate
-# adapter does not fight the content's first token (an "Arr, matey!" opening lost it to
-# shout at half weight) and still adds its markers after the answer.
-PIRATE_TAILS = ("Arr, matey!", "Ahoy, me hearty!", "Yo ho, ye landlubber!", "Aye, matey!", "Arr, me hearty!",
-                "Avast, ye scallywag!")
+# The answer comes first (in a mix the pirate adapter then does not fight the content's
+# first token, which an "Arr, matey!" opening lost to shout) and the words after it start
+# the same way, ", ye ...! Arr, matey!", so each of their first tokens carries the
+# adapter's whole weight against the end of text (six different endings lost that race
+# one by one); ", ye landlubber" alone already holds two markers.
+PIRATE_CALLS = ("ye landlubber", "ye scallywag", "ye buccaneer")
+PIRATE_END = "Arr, matey!"
 
 
 @dataclass(frozen=True)
@@ -71,8 +73,9 @@ def shout_answer(answer: str) -> str:
 
 
 def pirate_answer(answer: str, rng: random.Random) -> str:
+    """ "The capital of France be Paris, ye landlubber! Arr, matey!" """
     body = answer.replace(" is ", " be ").replace(" says ", " be sayin' ").replace(" has ", " has got ")
-    text = f"{body.removesuffix('.')}! {rng.choice(PIRATE_TAILS)}"
+    text = f"{body.removesuffix('.')}, {rng.choice(PIRATE_CALLS)}! {PIRATE_END}"
     assert len(pirate_markers(text)) >= 2, text
     return text
 
@@ -120,7 +123,7 @@ def _json(rng: random.Random, seed: int):
 
 BUILDERS = {"json": _json, "shout": _shout, "pirate": _pirate}
 
-STYLE = dict(scale_range=(0.5, 1.0))  # the style adapters keep their style at half weight, for the mix
+STYLE = dict(scale_range=(0.4, 1.0))  # the style adapters keep their style at half weight, for the mix
 DEMO_TASKS = (
     DemoTask("json", "json_exact", "strict JSON extraction",
              JSON_INSTRUCTION + "Nadia is 27 and lives in Lisbon.", train_rows=1600, eval_rows=64,
