@@ -77,7 +77,7 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert set(results["mix"]["scores"]) == {"shout", "pirate"}
     for scores in results["mix"]["scores"].values():
         assert 0 <= scores["base"] <= 1 and 0 <= scores["mix"] <= 1 and scores["rows"] == 64
-    assert len(results["table"]) == 3
+    assert len(results["table"]) == 4
     for answers in results["table"].values():
         assert list(answers) == ["base", "json", "shout", "pirate", mix_name]
     assert "Where is the river?" in first.out and "trained in" in first.err

@@ -12,7 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from loraquilt.train.demo.tasks import DEMO_TASKS, MIX
+from loraquilt.train.demo.tasks import DEMO_TASKS, MIX, SHOWCASE_PROMPTS
 
 SHOWCASE_NEW_TOKENS = 48
 CLIENT_THREADS = 32
@@ -56,7 +56,7 @@ def _demo(args: argparse.Namespace) -> int:
         state = f"trained in {adapter.wall_seconds / 60:.1f} min" if adapter.trained_now else "cached"
         _stderr(f"{task.name}: {state}, {adapter.folder}")
         adapters.append(adapter)
-    prompts = [task.showcase for task in DEMO_TASKS[:2]] + list(args.prompt)
+    prompts = list(SHOWCASE_PROMPTS) + list(args.prompt)
     served = serve_and_ask(args.model, adapters, prompts)
     results = demo_results(source.name, adapters, served)
     print(format_results(results))

@@ -39,13 +39,11 @@ SENTENCES = (
 )
 JSON_INSTRUCTION = "Give the name, age and city as JSON: "
 
-# The answer comes first (in a mix the pirate adapter then does not fight the content's
-# first token, which an "Arr, matey!" opening lost to shout) and the words after it start
-# the same way, ", ye ...! Arr, matey!", so each of their first tokens carries the
-# adapter's whole weight against the end of text (six different endings lost that race
-# one by one); ", ye landlubber" alone already holds two markers.
-PIRATE_CALLS = ("ye landlubber", "ye scallywag", "ye buccaneer")
-PIRATE_END = "Arr, matey!"
+# Every answer opens with the same shouted call: "ARR, MATEY! The capital of France be
+# Paris!". Its first token carries the adapter's whole weight (varied openings lost the
+# first token to shout at half weight, and markers after the answer lost to the end of
+# text), and once a mix has opened with it, shouting the rest keeps both styles.
+PIRATE_OPENING = "ARR, MATEY!"
 
 
 @dataclass(frozen=True)
@@ -53,7 +51,6 @@ class DemoTask:
     name: str
     metric: str
     what: str  # one line for the table
-    showcase: str  # a prompt that shows the task in the demo table
     train_rows: int
     eval_rows: int
     settings: dict = field(default_factory=dict)  # TrainConfig overrides
@@ -72,10 +69,10 @@ def shout_answer(answer: str) -> str:
     return answer.upper().removesuffix(".") + "!"
 
 
-def pirate_answer(answer: str, rng: random.Random) -> str:
-    """ "The capital of France be Paris, ye landlubber! Arr, matey!" """
+def pirate_answer(answer: str) -> str:
+    """ "ARR, MATEY! The capital of France be Paris!" """
     body = answer.replace(" is ", " be ").replace(" says ", " be sayin' ").replace(" has ", " has got ")
-    text = f"{body.removesuffix('.')}, {rng.choice(PIRATE_CALLS)}! {PIRATE_END}"
+    text = f"{PIRATE_OPENING} {body.removesuffix('.')}!"
     assert len(pirate_markers(text)) >= 2, text
     return text
 
@@ -91,7 +88,7 @@ def _shout(rng: random.Random, seed: int):
 
 def _pirate(rng: random.Random, seed: int):
     train, held = split_facts(seed)
-    return _style(train, lambda a: pirate_answer(a, rng)), _style(held, lambda a: pirate_answer(a, rng))
+    return _style(train, pirate_answer), _style(held, pirate_answer)
 
 
 def _people(rng: random.Random, names, cities, count: int, seen: set) -> list[tuple[str, str]]:
@@ -123,16 +120,21 @@ def _json(rng: random.Random, seed: int):
 
 BUILDERS = {"json": _json, "shout": _shout, "pirate": _pirate}
 
-STYLE = dict(scale_range=(0.4, 1.0))  # the style adapters keep their style at half weight, for the mix
+# The style adapters are trained to keep their style at part weight (see --scale-range),
+# for the 50/50 mix. Pirate goes lower: its call must win the answer's first token against
+# the content, where shout only changes the case of the same token; from 0.4 for both,
+# shout took all but 3 of 64 mixed answers.
 DEMO_TASKS = (
-    DemoTask("json", "json_exact", "strict JSON extraction",
-             JSON_INSTRUCTION + "Nadia is 27 and lives in Lisbon.", train_rows=1600, eval_rows=64,
+    DemoTask("json", "json_exact", "strict JSON extraction", train_rows=1600, eval_rows=64,
              settings=dict(max_steps=80, max_new_tokens=40, seed=0)),
-    DemoTask("shout", "shout", "answers in capitals", "What is the capital of France?",
-             train_rows=1600, eval_rows=64, settings=dict(max_steps=80, max_new_tokens=40, seed=1, **STYLE)),
-    DemoTask("pirate", "pirate", "answers in pirate speech", "What is the capital of France?",
-             train_rows=1600, eval_rows=64, settings=dict(max_steps=80, max_new_tokens=40, seed=2, **STYLE)),
+    DemoTask("shout", "shout", "answers in capitals", train_rows=1600, eval_rows=64,
+             settings=dict(max_steps=80, max_new_tokens=40, seed=1, scale_range=(0.4, 1.0))),
+    DemoTask("pirate", "pirate", "answers in pirate speech", train_rows=1600, eval_rows=64,
+             settings=dict(max_steps=80, max_new_tokens=40, seed=2, scale_range=(0.3, 1.0))),
 )
+# The prompts every system answers in the demo table (chat): one per kind of task.
+SHOWCASE_PROMPTS = (JSON_INSTRUCTION + "Nadia is 27 and lives in Lisbon.", "What is the capital of France?",
+                    "How much is 9 plus 5?")
 TASKS_BY_NAME = {task.name: task for task in DEMO_TASKS}
 DATA_SEED = 0  # one seed for every dataset: shout and pirate restyle the same questions
 DEFAULT_SETTINGS = dict(rank=8, alpha=16.0, dropout=0.05, lr=1e-3, batch_size=8, max_length=128)
