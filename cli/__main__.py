@@ -19,6 +19,7 @@ COMMANDS = {
     "bench": ("loraquilt.cli_bench", "add_bench_parser", "benchmarks (JSON out)"),
     "train": ("loraquilt.train.cli", "add_train_parser", "QLoRA fine-tuning of a LoRA adapter on the NF4 base"),
     "demo": ("loraquilt.train.demo.cli", "add_demo_parser", "train, serve and compare the demo adapters"),
+    "serve-ray": ("loraquilt.scaleout.cli", "add_serve_ray_parser", "serve replicas on Ray Serve, routed by adapter (needs the ray extra)"),
     "torture": ("loraquilt.bench.torture", "add_torture_parser", "soak test: traffic while adapters cycle (JSON out)"),
 }
 

@@ -12,3 +12,7 @@ def add_bench_parser(commands, name: str, help_text: str) -> None:
     from loraquilt.bench import serve as serve_bench
 
     serve_bench.add_arguments(kinds.add_parser("serve", help="loraquilt vs transformers + PEFT, one run"))
+    from loraquilt.bench import scaleout as scaleout_bench
+
+    scaleout_bench.add_arguments(kinds.add_parser(
+        "scaleout", help="adapter-affinity routing on Ray Serve: replicas vs one (needs the ray extra)"))

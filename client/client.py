@@ -9,7 +9,10 @@
 
 A server started with `--admin-token-file` needs `admin_token=` for register/unregister
 (sent only on those calls); one started with `--tls-cert` needs `tls=True` (system
-roots) or `tls="ca.pem"` (a private CA or a self-signed certificate).
+roots) or `tls="ca.pem"` (a private CA or a self-signed certificate). Every Generate
+carries its routing key as metadata (client/routing.py); generation and listing calls that
+meet UNAVAILABLE (a replica of `loraquilt serve-ray` that died, a server restarting) are
+tried again, `retries` attempts in all (client/retry.py).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from pathlib import Path
 
 import grpc
 
+from loraquilt.client.retry import RetryingStream, RetryPolicy
+from loraquilt.client.routing import routing_metadata
 from loraquilt.v1 import loraquilt_pb2 as pb
 from loraquilt.v1 import loraquilt_pb2_grpc as pb_grpc
 
@@ -55,26 +60,35 @@ def build_request(prompt: str, *, adapter: str = "", mix: Mix = None, max_new_to
     return request
 
 
+DEFAULT_RETRIES = 4  # attempts in all, for generation and listing calls, on UNAVAILABLE
+
+
 class LoraQuiltClient:
     def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = None,
                  channel: grpc.Channel | None = None, metadata: list[tuple[str, str]] | None = None,
-                 admin_token: str | None = None, tls: TLS = None):
+                 admin_token: str | None = None, tls: TLS = None, retries: int = DEFAULT_RETRIES):
         if channel is None:
             credentials = channel_credentials(tls)
             channel = (grpc.secure_channel(target, credentials) if credentials
                        else grpc.insecure_channel(target))
         self.channel = channel
+        self.retry = RetryPolicy(attempts=max(1, retries))
         self.stub = pb_grpc.LoraQuiltStub(self.channel)
         self.timeout, self.metadata = timeout, metadata
         self.admin_metadata = admin_metadata(metadata, admin_token)
 
     def generate(self, prompt: str, **options) -> pb.GenerateResponse:
-        return self.stub.Generate(build_request(prompt, **options), timeout=self.timeout, metadata=self.metadata)
+        request = build_request(prompt, **options)
+        metadata = routing_metadata(request, self.metadata)
+        return self.retry.call(lambda: self.stub.Generate(request, timeout=self.timeout, metadata=metadata))
 
     def generate_stream(self, prompt: str, **options) -> Iterator[pb.GenerateResponse]:
-        """Incremental text per message; the last message has finish_reason and counts."""
-        return self.stub.GenerateStream(build_request(prompt, **options), timeout=self.timeout,
-                                        metadata=self.metadata)
+        """Incremental text per message; the last message has finish_reason and counts.
+        The returned iterator also has the call's cancel()."""
+        request = build_request(prompt, **options)
+        metadata = routing_metadata(request, self.metadata)
+        return RetryingStream(self.retry, lambda: self.stub.GenerateStream(
+            request, timeout=self.timeout, metadata=metadata))
 
     def register_adapter(self, name: str, path: str) -> pb.AdapterInfo:
         return self.stub.RegisterAdapter(pb.RegisterAdapterRequest(name=name, path=path),
@@ -85,8 +99,8 @@ class LoraQuiltClient:
                                     metadata=self.admin_metadata)
 
     def list_adapters(self) -> list[pb.AdapterInfo]:
-        return list(self.stub.ListAdapters(pb.ListAdaptersRequest(), timeout=self.timeout,
-                                           metadata=self.metadata).adapters)
+        return list(self.retry.call(lambda: self.stub.ListAdapters(
+            pb.ListAdaptersRequest(), timeout=self.timeout, metadata=self.metadata)).adapters)
 
     def close(self) -> None:
         self.channel.close()
@@ -101,22 +115,26 @@ class LoraQuiltClient:
 class AsyncLoraQuiltClient:
     def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = None,
                  metadata: list[tuple[str, str]] | None = None, admin_token: str | None = None,
-                 tls: TLS = None):
+                 tls: TLS = None, retries: int = DEFAULT_RETRIES):
         credentials = channel_credentials(tls)
         self.channel = (grpc.aio.secure_channel(target, credentials) if credentials
                         else grpc.aio.insecure_channel(target))
+        self.retry = RetryPolicy(attempts=max(1, retries))
         self.stub = pb_grpc.LoraQuiltStub(self.channel)
         self.timeout, self.metadata = timeout, metadata
         self.admin_metadata = admin_metadata(metadata, admin_token)
 
     async def generate(self, prompt: str, **options) -> pb.GenerateResponse:
-        return await self.stub.Generate(build_request(prompt, **options), timeout=self.timeout,
-                                        metadata=self.metadata)
+        request = build_request(prompt, **options)
+        metadata = routing_metadata(request, self.metadata)
+        return await self.retry.call_async(lambda: self.stub.Generate(request, timeout=self.timeout,
+                                                                      metadata=metadata))
 
     async def generate_stream(self, prompt: str, **options) -> AsyncIterator[pb.GenerateResponse]:
-        call = self.stub.GenerateStream(build_request(prompt, **options), timeout=self.timeout,
-                                        metadata=self.metadata)
-        async for response in call:
+        request = build_request(prompt, **options)
+        metadata = routing_metadata(request, self.metadata)
+        async for response in self.retry.stream_async(lambda: self.stub.GenerateStream(
+                request, timeout=self.timeout, metadata=metadata)):
             yield response
 
     async def register_adapter(self, name: str, path: str) -> pb.AdapterInfo:
@@ -128,8 +146,8 @@ class AsyncLoraQuiltClient:
                                           metadata=self.admin_metadata)
 
     async def list_adapters(self) -> list[pb.AdapterInfo]:
-        response = await self.stub.ListAdapters(pb.ListAdaptersRequest(), timeout=self.timeout,
-                                                metadata=self.metadata)
+        response = await self.retry.call_async(lambda: self.stub.ListAdapters(
+            pb.ListAdaptersRequest(), timeout=self.timeout, metadata=self.metadata))
         return list(response.adapters)
 
     async def close(self) -> None:

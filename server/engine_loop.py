@@ -3,6 +3,7 @@ request that waits for them (one queue per request), recording metrics on the wa
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
@@ -21,9 +22,23 @@ class ShuttingDown(RuntimeError):
 class _Tracked:
     request: Request
     stream: bool  # False: only the final output is delivered (one wake-up per request)
-    outputs: queue.Queue = field(default_factory=queue.Queue)
+    outputs: queue.Queue | _AsyncioQueue = field(default_factory=queue.Queue)
     arrival: float = field(default_factory=time.monotonic)
     last_token: float | None = None
+
+
+class _AsyncioQueue:
+    """put() from the engine thread, get() awaited on the asyncio loop that made it."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    async def get(self):
+        return await self._queue.get()
 
 
 class RequestHandle:
@@ -46,6 +61,17 @@ class RequestHandle:
 
     def cancel(self) -> None:
         self._loop.cancel(self.request_id)
+
+
+class AsyncRequestHandle(RequestHandle):
+    """The same for a caller on an asyncio loop: `async for output in handle.outputs()`."""
+
+    async def outputs(self):  # type: ignore[override]
+        while True:
+            output: StepOutput = await self._tracked.outputs.get()
+            yield output
+            if output.finished is not None or output.error is not None:
+                return
 
 
 class EngineLoop:
@@ -74,9 +100,16 @@ class EngineLoop:
 
         stream=False delivers only the final output: the waiting thread wakes once, not
         at every step (on a 2-core machine, every wake-up competes with the forward)."""
+        return RequestHandle(self, self._track(_Tracked(request, stream)))
+
+    def submit_async(self, request: Request, stream: bool = True) -> AsyncRequestHandle:
+        """submit() for a coroutine: outputs are awaited on the calling asyncio loop."""
+        return AsyncRequestHandle(self, self._track(_Tracked(request, stream, outputs=_AsyncioQueue())))
+
+    def _track(self, tracked: _Tracked) -> _Tracked:
         if not self._accepting:
             raise ShuttingDown("server is shutting down")
-        tracked = _Tracked(request, stream)
+        request = tracked.request
         with self._lock:
             self._tracked[request.request_id] = tracked
         try:
@@ -86,11 +119,15 @@ class EngineLoop:
                 self._tracked.pop(request.request_id, None)
             raise
         self._wake.set()
-        return RequestHandle(self, tracked)
+        return tracked
 
     def cancel(self, request_id: str) -> None:
         self.engine.abort(request_id)
         self._wake.set()
+
+    def alive(self) -> bool:
+        """False once the loop's background thread has stopped (or never started)."""
+        return self._thread.is_alive()
 
     def in_flight(self) -> int:
         with self._lock:

@@ -92,7 +92,7 @@ class LoraQuiltService(pb_grpc.LoraQuiltServicer):
                 if output.error is not None:
                     self._fail(context, output.error)
                 if output.finished is not None:
-                    return self._finish(output.finished)
+                    return self.response_for(output.finished)
         finally:
             handle.cancel()  # no-op once finished; frees the sequence if the client went away
         raise AssertionError("unreachable")
@@ -107,7 +107,7 @@ class LoraQuiltService(pb_grpc.LoraQuiltServicer):
                     self._fail(context, output.error)
                 if output.finished is not None:
                     counted = True
-                    response = self._finish(output.finished)
+                    response = self.response_for(output.finished)
                     response.text, response.token_ids[:] = output.new_text, list(output.new_token_ids)
                     yield response
                     return
@@ -120,14 +120,15 @@ class LoraQuiltService(pb_grpc.LoraQuiltServicer):
 
     def _submit(self, request: pb.GenerateRequest, context: grpc.ServicerContext, stream: bool = True):
         try:
-            engine_request = self._to_request(request)
+            engine_request = self.to_engine_request(request)
             handle = self.loop.submit(engine_request, stream=stream)
         except Exception as error:  # refused before it ran
             self._fail(context, error)
         context.add_callback(handle.cancel)  # client cancel or deadline: free the sequence
         return handle
 
-    def _to_request(self, request: pb.GenerateRequest) -> Request:
+    def to_engine_request(self, request: pb.GenerateRequest) -> Request:
+        """The engine's Request for a GenerateRequest; RequestError names a bad field."""
         if not request.prompt:
             raise RequestError("prompt", "must not be empty")
         if request.adapter and request.adapters:
@@ -160,7 +161,8 @@ class LoraQuiltService(pb_grpc.LoraQuiltServicer):
             mix=tuple((e.name, e.weight) for e in request.adapters), sampling=sampling,
         )
 
-    def _finish(self, result) -> pb.GenerateResponse:
+    def response_for(self, result) -> pb.GenerateResponse:
+        """The final GenerateResponse of a finished request (counted as ok or cancelled)."""
         status = "cancelled" if result.finish_reason == FINISH_CANCELLED else "ok"
         self.metrics.requests.labels(status=status).inc()
         return pb.GenerateResponse(
@@ -169,16 +171,21 @@ class LoraQuiltService(pb_grpc.LoraQuiltServicer):
         )
 
     def _fail(self, context: grpc.ServicerContext, error: BaseException):
+        status = self.count_failure(error)
+        context.abort(status.code, status.message)
+
+    def count_failure(self, error: BaseException) -> ServiceError:
+        """The status a failed generation gets, counted in loraquilt_requests_total."""
         status = status_for(error)
         self.metrics.requests.labels(status=status.code.name.lower()).inc()
-        context.abort(status.code, status.message)
+        return status
 
     # -- adapters -------------------------------------------------------------------------
 
     def RegisterAdapter(self, request: pb.RegisterAdapterRequest, context) -> pb.AdapterInfo:
         try:
             check_adapter_name(request.name)
-            path = self._resolve_adapter_path(request.path)
+            path = self.resolve_adapter_path(request.path)
             record = self.loop.engine.register_adapter(request.name, path)
         except Exception as error:
             status = status_for(error)
@@ -198,7 +205,8 @@ class LoraQuiltService(pb_grpc.LoraQuiltServicer):
         records = sorted(self.loop.engine.adapters.records(), key=lambda r: r.name)
         return pb.ListAdaptersResponse(adapters=[adapter_info(r) for r in records])
 
-    def _resolve_adapter_path(self, path: str) -> Path:
+    def resolve_adapter_path(self, path: str) -> Path:
+        """`path` resolved inside the adapter root, or the error that refuses it."""
         root = self.config.adapter_root
         if root is None:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,

@@ -99,20 +99,28 @@ class AdapterRegistry:
         The files' identity (inode, size, mtime) is remembered: if they are deleted or
         rewritten later, reading them back fails with AdapterChanged rather than serving
         different weights under the same name."""
-        path = Path(path)
         with self._lock:
             self._check_room(name)
+        record, adapter = self._inspect(name, Path(path))
+        with self._lock:
+            self._check_room(name)
+            self._records[name] = record
+            self._keep_on_host(record, adapter)
+            return record
+
+    def inspect(self, name: str, path: Path | str) -> AdapterRecord:
+        """The record register() would make, validated the same way, without registering
+        or keeping anything (one replica of a scaled-out server checks a folder for all)."""
+        return self._inspect(name, Path(path))[0]
+
+    def _inspect(self, name: str, path: Path) -> tuple[AdapterRecord, LoadedAdapter]:
         before = file_fingerprint(path)
         adapter = self._read(path)
         if file_fingerprint(path) != before:
             raise AdapterError(f"the files under {path} changed while they were being read; retry")
-        with self._lock:
-            self._check_room(name)
-            record = AdapterRecord(name=name, path=path, rank=adapter.rank, target_modules=adapter.target_modules,
-                                   size_bytes=adapter.size_bytes, fingerprint=before)
-            self._records[name] = record
-            self._keep_on_host(record, adapter)
-            return record
+        record = AdapterRecord(name=name, path=path, rank=adapter.rank, target_modules=adapter.target_modules,
+                               size_bytes=adapter.size_bytes, fingerprint=before)
+        return record, adapter
 
     def _check_room(self, name: str) -> None:
         if name in self._records:

@@ -1,0 +1,133 @@
+"""The Ray Serve application of `loraquilt serve-ray`: Ray Serve's gRPC proxy serves
+`loraquilt.v1.LoraQuilt` from LoraQuiltIngress, which forwards each call to one of N
+LoraQuiltReplica (one engine each) by multiplexed routing on its adapters; one
+AdapterDirectory replica holds the registrations.
+
+Ray Serve does the cluster work: placement, restarts of dead replicas, routing with
+multiplexed-model affinity, backpressure, its own metrics. This module only describes the
+application and starts it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import ray
+from ray import serve
+from ray.serve.config import gRPCOptions
+
+from loraquilt.scaleout.config import ReplicaConfig, ScaleoutConfig
+from loraquilt.scaleout.directory import AdapterDirectory
+from loraquilt.scaleout.ingress import IngressConfig, LoraQuiltIngress
+from loraquilt.scaleout.replica import LoraQuiltReplica
+from loraquilt.server.model.sources import resolve_model
+
+SERVICER_FUNCTION = "loraquilt.v1.loraquilt_pb2_grpc.add_LoraQuiltServicer_to_server"
+REPLICA_DEPLOYMENT = "LoraQuiltReplica"
+DIRECTORY_DEPLOYMENT = "AdapterDirectory"
+INGRESS_DEPLOYMENT = "LoraQuiltIngress"
+HEALTH_CHECK_PERIOD_S = 5.0
+
+
+def build_app(config: ScaleoutConfig):
+    """The bound application: ingress -> engine replicas -> directory."""
+    replica = config.replica
+    directory = serve.deployment(
+        AdapterDirectory, name=DIRECTORY_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0},
+    ).bind()
+    # Up to a full batch and as many again waiting in each engine; beyond that, requests
+    # wait in Ray's router (which may still send them to a less busy replica), and past
+    # max_queue there the caller gets RESOURCE_EXHAUSTED.
+    replicas = serve.deployment(
+        LoraQuiltReplica, name=REPLICA_DEPLOYMENT, num_replicas=config.replicas,
+        max_ongoing_requests=2 * replica.max_batch_size, max_queued_requests=replica.max_queue,
+        ray_actor_options={"num_cpus": replica.threads, "num_gpus": replica.num_gpus},
+        health_check_period_s=HEALTH_CHECK_PERIOD_S,
+    ).bind(replica, directory)
+    # The ingress only forwards (no CPU reserved); it must hold every call in flight.
+    in_flight = config.replicas * (2 * replica.max_batch_size + replica.max_queue)
+    return serve.deployment(
+        LoraQuiltIngress, name=INGRESS_DEPLOYMENT, num_replicas=config.ingress_replicas,
+        max_ongoing_requests=in_flight, ray_actor_options={"num_cpus": 0},
+    ).bind(replicas, IngressConfig(admin=config.admin, affinity=config.affinity))
+
+
+def app_builder(args: dict):
+    """The application for a Serve config file or a KubeRay RayService
+    (`import_path: loraquilt.scaleout.app:app_builder`): `args` holds `replicas`,
+    `ingress_replicas`, `admin_token_file` and any ReplicaConfig field; each replica resolves `model` itself
+    (a .gguf is converted once per node, under a file lock)."""
+    from loraquilt.server.auth import AdminCheck, read_token_file
+
+    settings = dict(args)
+    replicas = int(settings.pop("replicas", 2))
+    ingress_replicas = int(settings.pop("ingress_replicas", 1))
+    token_file = settings.pop("admin_token_file", None)
+    admin = AdminCheck.for_token(read_token_file(Path(token_file))) if token_file else None
+    if settings.get("adapter_root"):
+        settings["adapter_root"] = Path(settings["adapter_root"])
+    replica = ReplicaConfig(model=settings.pop("model", "") or "", **settings)
+    return build_app(ScaleoutConfig(replicas=replicas, ingress_replicas=ingress_replicas, replica=replica,
+                                    admin=admin))
+
+
+@dataclass
+class RunningScaleout:
+    config: ScaleoutConfig
+    model_name: str
+
+    @property
+    def target(self) -> str:
+        return f"{self.config.host}:{self.config.port}"
+
+    def replica_reports(self) -> dict[str, dict]:
+        """Each live replica's report (actor name, metrics endpoint), from the directory;
+        a replica silent for several health-check periods is left out (it is gone)."""
+        directory = serve.get_deployment_handle(DIRECTORY_DEPLOYMENT, app_name=self.config.app_name)
+        reports = directory.replicas.remote().result()
+        now = time.time()
+        return {replica: report for replica, report in reports.items()
+                if now - report["checked"] < 4 * HEALTH_CHECK_PERIOD_S}
+
+    def shutdown(self) -> None:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def start_scaleout(config: ScaleoutConfig, *, ray_address: str | None = None,
+                   log=lambda line: print(line, file=sys.stderr, flush=True)) -> RunningScaleout:
+    """Start (or join, with ray_address) a Ray cluster, Serve with the gRPC proxy on
+    config.port, and the application; returns once every replica is up."""
+    source = resolve_model(config.replica.model or None, log=log)  # convert or fetch once, for all replicas
+    config = replace(config, replica=replace(config.replica, model=str(source.folder)))
+    if not ray.is_initialized():
+        ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING,
+                 log_to_driver=False)
+    serve.start(
+        http_options={"host": config.host, "port": free_port(config.host)},
+        grpc_options=gRPCOptions(port=config.port, grpc_servicer_functions=[SERVICER_FUNCTION],
+                                 request_timeout_s=config.request_timeout_s),
+    )
+    log(f"starting {config.replicas} replica(s) of {source.name}")
+    serve.run(build_app(config), name=config.app_name, route_prefix=f"/{config.app_name}", blocking=False)
+    return RunningScaleout(config, source.name)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def write_scrape_targets(path: Path, running: RunningScaleout) -> list[str]:
+    """A Prometheus file_sd list of every replica's metrics endpoint; returns the URLs."""
+    urls = sorted(report["metrics"] for report in running.replica_reports().values())
+    targets = [url.removeprefix("http://").removesuffix("/metrics") for url in urls]
+    path.write_text(json.dumps([{"targets": targets, "labels": {"job": "loraquilt"}}], indent=2) + "\n")
+    return urls

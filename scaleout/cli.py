@@ -1,0 +1,108 @@
+"""`loraquilt serve-ray`: the same gRPC service from several replicas on Ray Serve.
+
+Needs the `ray` extra (`pip install 'loraquilt[ray]'`); ray is imported only when the
+command runs, so the rest of loraquilt works without it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def add_serve_ray_parser(commands, name: str = "serve-ray", help_text: str = "serve replicas on Ray Serve") -> None:
+    parser = commands.add_parser(name, help=help_text, description=(
+        "Replicas of the loraquilt engine behind Ray Serve's gRPC proxy: requests carry their "
+        "adapter as routing metadata and go to a replica that has it resident. Registered "
+        "adapters are validated once and loaded by each replica on first use."))
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--max-adapters-per-replica", type=int, default=16,
+                        help="routing keys (an adapter, or a mix's members) resident per replica; LRU beyond")
+    parser.add_argument("--model", help="HF folder, .gguf file or hub id (default: embedded SmolLM2)")
+    parser.add_argument("--adapter-root", type=Path, help="RegisterAdapter paths must lie under this folder, "
+                                                          "which every replica must see at the same path")
+    parser.add_argument("--port", type=int, default=9000, help="gRPC port of Ray Serve's proxy")
+    parser.add_argument("--host", default="127.0.0.1", help="address of the HTTP proxy and replica metrics "
+                                                            "(Ray's gRPC proxy listens on every interface)")
+    parser.add_argument("--threads-per-replica", type=int, default=None,
+                        help="torch threads (and Ray CPUs) per replica (default: cores / replicas)")
+    parser.add_argument("--gpus-per-replica", type=float, default=0.0)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-active-adapters", type=int, default=32, help="adapter slots on each device")
+    parser.add_argument("--max-seq-len", type=int, default=1024)
+    parser.add_argument("--max-queue", type=int, default=1024, help="requests waiting per replica")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--preload", metavar="NAME=PATH", nargs="+", action="extend", default=[],
+                        help="adapters registered at start (paths under --adapter-root)")
+    parser.add_argument("--admin-token-file", type=Path,
+                        help="Register/UnregisterAdapter then need 'authorization: Bearer <token>' metadata")
+    parser.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
+    parser.add_argument("--scrape-targets", type=Path,
+                        help="write the replicas' metrics endpoints here (Prometheus file_sd JSON)")
+    parser.set_defaults(run=_serve_ray)
+
+
+def _serve_ray(args: argparse.Namespace) -> int:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise SystemExit("serve-ray needs Ray Serve: pip install 'loraquilt[ray]'") from None
+    from loraquilt.client.client import LoraQuiltClient
+    from loraquilt.scaleout.app import start_scaleout, write_scrape_targets
+    from loraquilt.scaleout.config import ReplicaConfig, ScaleoutConfig
+    from loraquilt.server.auth import AdminCheck, AuthConfigError, read_token_file
+
+    preload = []
+    for entry in args.preload:
+        name, sep, path = entry.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--preload entries look like NAME=PATH, got {entry!r}")
+        preload.append((name, path))
+    try:
+        token = read_token_file(args.admin_token_file) if args.admin_token_file else None
+    except AuthConfigError as error:
+        raise SystemExit(str(error)) from None
+    if token is None:
+        print("warning: Ray Serve's gRPC proxy listens on every interface; without --admin-token-file "
+              "anyone who reaches the port can register and unregister adapters", file=sys.stderr, flush=True)
+    threads = args.threads_per_replica or max(1, (os.cpu_count() or 1) // args.replicas)
+    try:
+        config = ScaleoutConfig(
+            replicas=args.replicas, host=args.host, port=args.port,
+            admin=AdminCheck.for_token(token) if token else None,
+            replica=ReplicaConfig(
+                model=args.model or "", adapter_root=args.adapter_root.resolve() if args.adapter_root else None,
+                max_adapters_per_replica=args.max_adapters_per_replica, max_batch_size=args.max_batch_size,
+                max_seq_len=args.max_seq_len, max_queue=args.max_queue,
+                max_active_adapters=args.max_active_adapters, device=args.device, dtype=args.dtype,
+                threads=threads, num_gpus=args.gpus_per_replica, metrics_host=args.host,
+            ))
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    running = start_scaleout(config, ray_address=args.ray_address)
+    if preload:
+        with LoraQuiltClient(running.target, admin_token=token, timeout=120) as client:
+            for name, path in preload:
+                client.register_adapter(name, path)
+    print(f"loraquilt serve-ray: {config.replicas} replica(s) of {running.model_name} on {running.target} "
+          f"(gRPC, routing on 'multiplexed_model_id' metadata)", file=sys.stderr, flush=True)
+    time.sleep(2 * 5.0)  # every replica reports at its first health check
+    if args.scrape_targets:
+        urls = write_scrape_targets(args.scrape_targets, running)
+    else:
+        urls = sorted(report["metrics"] for report in running.replica_reports().values())
+    for url in urls:
+        print(f"replica metrics {url}", file=sys.stderr, flush=True)
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    print("stopping Ray Serve", file=sys.stderr, flush=True)
+    running.shutdown()
+    return 0

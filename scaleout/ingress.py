@@ -1,0 +1,119 @@
+"""The ingress of `loraquilt serve-ray`: the methods of `loraquilt.v1.LoraQuilt` that Ray
+Serve's gRPC proxy calls by name, each forwarded to an engine replica.
+
+Generation calls go to a replica chosen by Ray Serve's multiplexed routing on the
+request's routing key: the key the caller sent as `multiplexed_model_id` metadata, or
+else the one derived from the request itself (client/routing.py), so every call gets
+adapter affinity. Admin calls are checked here (--admin-token-file) and go to any replica.
+
+A replica that dies (crash, OOM, `ray.kill`) takes its running requests with it; Ray
+reports that to this hop as an actor error, and the caller gets UNAVAILABLE, which
+loraquilt's clients retry (Ray Serve routes the retry to a live replica and restarts the
+dead one). Through the proxy alone the caller would get INTERNAL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.grpc_util import RayServegRPCContext
+
+from loraquilt.client.routing import ROUTING_METADATA_KEY, routing_key
+from loraquilt.scaleout.replica import Reply
+from loraquilt.server.auth import AdminCheck
+from loraquilt.v1 import loraquilt_pb2 as pb
+
+# the replica (or the way to it) is gone; RayActorError covers ActorDiedError
+REPLICA_LOST = (RayActorError, ActorUnavailableError, ReplicaUnavailableError, DeploymentUnavailableError)
+
+
+@dataclass(frozen=True)
+class IngressConfig:
+    admin: AdminCheck | None = None  # Register/Unregister need its token
+    affinity: bool = True  # False: replicas chosen without the routing key (for comparisons)
+
+
+class LoraQuiltIngress:
+    def __init__(self, replicas, config: IngressConfig):
+        self.replicas, self.config = replicas, config  # replicas: a DeploymentHandle
+
+    async def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
+        try:
+            reply = await self._to_replica(request, grpc_context).generate.remote(request)
+        except BackPressureError as error:
+            return _busy(grpc_context, error, pb.GenerateResponse())
+        except REPLICA_LOST as error:
+            return _unavailable(grpc_context, error, pb.GenerateResponse())
+        return _deliver(grpc_context, reply, pb.GenerateResponse())
+
+    async def GenerateStream(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext):
+        replica = self._to_replica(request, grpc_context).options(stream=True)
+        try:
+            async for reply in replica.generate_stream.remote(request):
+                if reply.code != "OK":
+                    _deliver(grpc_context, reply, None)
+                    return
+                yield reply.message
+        except BackPressureError as error:
+            _busy(grpc_context, error, None)
+        except REPLICA_LOST as error:  # after a first message the caller cannot retry transparently
+            _unavailable(grpc_context, error, None)
+
+    async def RegisterAdapter(self, request: pb.RegisterAdapterRequest,
+                              grpc_context: RayServegRPCContext) -> pb.AdapterInfo:
+        return await self._admin(grpc_context, "register", request, pb.AdapterInfo())
+
+    async def UnregisterAdapter(self, request: pb.UnregisterAdapterRequest,
+                                grpc_context: RayServegRPCContext) -> pb.UnregisterAdapterResponse:
+        return await self._admin(grpc_context, "unregister", request, pb.UnregisterAdapterResponse())
+
+    async def ListAdapters(self, request: pb.ListAdaptersRequest,
+                           grpc_context: RayServegRPCContext) -> pb.ListAdaptersResponse:
+        try:
+            reply = await self.replicas.list_adapters.remote(request)
+        except REPLICA_LOST as error:
+            return _unavailable(grpc_context, error, pb.ListAdaptersResponse())
+        return _deliver(grpc_context, reply, pb.ListAdaptersResponse())
+
+    def _to_replica(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext):
+        if not self.config.affinity:
+            return self.replicas
+        sent = dict(grpc_context.invocation_metadata()).get(ROUTING_METADATA_KEY)
+        key = sent or routing_key(request)
+        return self.replicas.options(multiplexed_model_id=key) if key else self.replicas
+
+    async def _admin(self, grpc_context: RayServegRPCContext, method: str, request, empty):
+        if self.config.admin is not None:
+            refusal = self.config.admin.refusal(grpc_context.invocation_metadata())
+            if refusal is not None:
+                grpc_context.set_code(refusal[0])
+                grpc_context.set_details(refusal[1])
+                return empty
+        try:
+            reply = await getattr(self.replicas, method).remote(request)
+        except REPLICA_LOST as error:
+            return _unavailable(grpc_context, error, empty)
+        return _deliver(grpc_context, reply, empty)
+
+
+def _deliver(grpc_context: RayServegRPCContext, reply: Reply, empty):
+    if reply.code == "OK":
+        return reply.message
+    grpc_context.set_code(grpc.StatusCode[reply.code])
+    grpc_context.set_details(reply.details)
+    return empty
+
+
+def _busy(grpc_context: RayServegRPCContext, error: BackPressureError, empty):
+    grpc_context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    grpc_context.set_details(f"every replica's queue is full: {error.message}")
+    return empty
+
+
+def _unavailable(grpc_context: RayServegRPCContext, error: BaseException, empty):
+    grpc_context.set_code(grpc.StatusCode.UNAVAILABLE)
+    grpc_context.set_details(f"the replica serving this call went away ({type(error).__name__}); retry")
+    return empty
