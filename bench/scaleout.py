@@ -35,7 +35,7 @@ class ScaleoutBenchConfig:
     warmup_requests: int = 128
     clients: int = 32
     max_new_tokens: int = 16
-    max_adapters_per_replica: int = 24
+    max_adapters_per_replica: int = 32  # 2 replicas x 32 hold all 64 keys only when routed by adapter
     max_active_adapters: int = 32
     max_batch_size: int = 32
     prompts: int = 16
@@ -197,7 +197,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapters", type=int, default=64)
     parser.add_argument("--requests", type=int, help="timed requests per phase (384; quick 160)")
     parser.add_argument("--clients", type=int, help="concurrent clients (32; quick 16)")
-    parser.add_argument("--max-adapters-per-replica", type=int, help="routing keys resident per replica (24; quick 16)")
+    parser.add_argument("--max-adapters-per-replica", type=int, help="routing keys resident per replica (32; quick 16)")
     parser.add_argument("--workdir", type=Path, help="where the tiny model and adapters go (default: a cache folder)")
     parser.set_defaults(run=_run_command)
 
