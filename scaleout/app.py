@@ -107,8 +107,9 @@ def start_scaleout(config: ScaleoutConfig, *, ray_address: str | None = None,
     source = resolve_model(config.replica.model or None, log=log)  # convert or fetch once, for all replicas
     config = replace(config, replica=replace(config.replica, model=str(source.folder)))
     if not ray.is_initialized():
+        options = {} if config.ray_metrics_port is None else {"_metrics_export_port": config.ray_metrics_port}
         ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING,
-                 log_to_driver=False)
+                 log_to_driver=False, **options)
     serve.start(
         http_options={"host": config.host, "port": free_port(config.host)},
         grpc_options=gRPCOptions(port=config.port, grpc_servicer_functions=[SERVICER_FUNCTION],
@@ -125,9 +126,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def write_scrape_targets(path: Path, running: RunningScaleout) -> list[str]:
-    """A Prometheus file_sd list of every replica's metrics endpoint; returns the URLs."""
+def metrics_urls(running: RunningScaleout) -> list[str]:
+    """Every replica's loraquilt metrics endpoint, then Ray's own (when it was given a port)."""
     urls = sorted(report["metrics"] for report in running.replica_reports().values())
+    if running.config.ray_metrics_port is not None:
+        urls.append(f"http://127.0.0.1:{running.config.ray_metrics_port}/metrics")
+    return urls
+
+
+def write_scrape_targets(path: Path, urls: list[str]) -> None:
+    """A Prometheus file_sd list of the metrics endpoints."""
     targets = [url.removeprefix("http://").removesuffix("/metrics") for url in urls]
     path.write_text(json.dumps([{"targets": targets, "labels": {"job": "loraquilt"}}], indent=2) + "\n")
-    return urls

@@ -42,8 +42,10 @@ def add_serve_ray_parser(commands, name: str = "serve-ray", help_text: str = "se
     parser.add_argument("--admin-token-file", type=Path,
                         help="Register/UnregisterAdapter then need 'authorization: Bearer <token>' metadata")
     parser.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
+    parser.add_argument("--ray-metrics-port", type=int, default=9465,
+                        help="Ray's and Ray Serve's metrics, for a cluster started here (-1: Ray picks)")
     parser.add_argument("--scrape-targets", type=Path,
-                        help="write the replicas' metrics endpoints here (Prometheus file_sd JSON)")
+                        help="write every metrics endpoint here (Prometheus file_sd JSON)")
     parser.set_defaults(run=_serve_ray)
 
 
@@ -53,7 +55,7 @@ def _serve_ray(args: argparse.Namespace) -> int:
     except ImportError:
         raise SystemExit("serve-ray needs Ray Serve: pip install 'loraquilt[ray]'") from None
     from loraquilt.client.client import LoraQuiltClient
-    from loraquilt.scaleout.app import start_scaleout, write_scrape_targets
+    from loraquilt.scaleout.app import HEALTH_CHECK_PERIOD_S, metrics_urls, start_scaleout, write_scrape_targets
     from loraquilt.scaleout.config import ReplicaConfig, ScaleoutConfig
     from loraquilt.server.auth import AdminCheck, AuthConfigError, read_token_file
 
@@ -74,6 +76,7 @@ def _serve_ray(args: argparse.Namespace) -> int:
     try:
         config = ScaleoutConfig(
             replicas=args.replicas, host=args.host, port=args.port,
+            ray_metrics_port=None if args.ray_metrics_port < 0 or args.ray_address else args.ray_metrics_port,
             admin=AdminCheck.for_token(token) if token else None,
             replica=ReplicaConfig(
                 model=args.model or "", adapter_root=args.adapter_root.resolve() if args.adapter_root else None,
@@ -90,14 +93,13 @@ def _serve_ray(args: argparse.Namespace) -> int:
             for name, path in preload:
                 client.register_adapter(name, path)
     print(f"loraquilt serve-ray: {config.replicas} replica(s) of {running.model_name} on {running.target} "
-          f"(gRPC, routing on 'multiplexed_model_id' metadata)", file=sys.stderr, flush=True)
-    time.sleep(2 * 5.0)  # every replica reports at its first health check
+          f"(gRPC; each request goes to a replica that holds its adapters)", file=sys.stderr, flush=True)
+    time.sleep(2 * HEALTH_CHECK_PERIOD_S)  # every replica reports at its first health check
+    urls = metrics_urls(running)
     if args.scrape_targets:
-        urls = write_scrape_targets(args.scrape_targets, running)
-    else:
-        urls = sorted(report["metrics"] for report in running.replica_reports().values())
+        write_scrape_targets(args.scrape_targets, urls)
     for url in urls:
-        print(f"replica metrics {url}", file=sys.stderr, flush=True)
+        print(f"metrics {url}", file=sys.stderr, flush=True)
 
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -48,6 +48,7 @@ class ScaleoutConfig:
     port: int = 9000  # Ray Serve's gRPC proxy
     app_name: str = "loraquilt"
     request_timeout_s: float | None = None  # the proxy's end-to-end bound; None = none
+    ray_metrics_port: int | None = None  # Ray's and Ray Serve's metrics (a local cluster started here)
 
     def __post_init__(self) -> None:
         if self.replicas < 1 or self.ingress_replicas < 1:

@@ -17,7 +17,7 @@ pytest.importorskip("ray.serve")
 
 from loraquilt.client import LoraQuiltClient, build_request  # noqa: E402
 from loraquilt.client.retry import RetryPolicy  # noqa: E402
-from loraquilt.scaleout.app import free_port, start_scaleout  # noqa: E402
+from loraquilt.scaleout.app import free_port, metrics_urls, start_scaleout  # noqa: E402
 from loraquilt.scaleout.config import ReplicaConfig, ScaleoutConfig  # noqa: E402
 from loraquilt.server.engine import Engine, EngineConfig  # noqa: E402
 from loraquilt.server.request import Request, SamplingParams  # noqa: E402
@@ -40,7 +40,7 @@ def cluster(tmp_path_factory):
                                     max_seq_len=128, lora_backend="torch", progress=False))
     for index, folder in enumerate(folders):
         reference.register_adapter(f"a{index}", folder)
-    running = start_scaleout(ScaleoutConfig(replicas=2, port=free_port(), replica=ReplicaConfig(
+    running = start_scaleout(ScaleoutConfig(replicas=2, port=free_port(), ray_metrics_port=free_port(), replica=ReplicaConfig(
         model=str(base), adapter_root=adapter_root, max_adapters_per_replica=ADAPTERS, max_batch_size=16,
         max_seq_len=128, max_active_adapters=8, lora_backend="torch", threads=1, default_max_new_tokens=NEW_TOKENS)))
     client = LoraQuiltClient(running.target, timeout=120)
@@ -167,6 +167,25 @@ def test_registration_is_validated_once_and_unregister_reaches_every_replica(clu
             expected(reference, "Rain falls on", "a8")
     client.unregister_adapter("a7")
     client.register_adapter("a7", "adapter-7")
+
+
+def test_each_replica_and_ray_serve_expose_metrics(cluster):
+    running, _, client = cluster
+    client.generate("The river", adapter="a0")
+    *replica_urls, ray_url = metrics_urls(running)
+    assert len(replica_urls) == 2
+    for url in replica_urls:
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        for name in ("loraquilt_requests_total", "loraquilt_routing_total", "loraquilt_routing_key_loads_total",
+                     "loraquilt_adapter_slots", "loraquilt_memory_bytes"):
+            assert name in text, (url, name)
+    deadline = time.monotonic() + 60  # Ray exports its metrics every few seconds
+    while True:
+        text = urllib.request.urlopen(ray_url, timeout=10).read().decode()
+        if "ray_serve_num_multiplexed_models" in text and "ray_serve_deployment_request_counter" in text:
+            break
+        assert time.monotonic() < deadline, [line for line in text.splitlines() if "ray_serve" in line][:20]
+        time.sleep(2.0)
 
 
 def test_killing_a_replica_loses_no_accepted_request(cluster):
