@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import grpc
 import ray
+from prometheus_client import Counter
 from ray import serve
 
 from loraquilt.client.routing import key_members, routing_key
@@ -35,7 +36,6 @@ from loraquilt.server.service import (
     LoraQuiltService, ServiceConfig, ServiceError, adapter_info, check_adapter_name, status_for,
 )
 from loraquilt.v1 import loraquilt_pb2 as pb
-from prometheus_client import Counter
 
 logger = logging.getLogger("ray.serve")
 SERVE_NAMESPACE = "serve"  # where Ray Serve names its replica actors (ray.get_actor(name, namespace))
@@ -74,7 +74,7 @@ class LoraQuiltReplica:
         self.key_loads = Counter("loraquilt_routing_key_loads", "Routing keys made resident on this replica",
                                  registry=registry)
         self.loop = EngineLoop(self.engine, self.metrics).start()
-        limit = min(4096, self.engine.max_seq_len - 1)
+        limit = min(ServiceConfig().max_new_tokens_limit, self.engine.max_seq_len - 1)  # as `serve` clamps it
         self.service = LoraQuiltService(self.loop, ServiceConfig(
             adapter_root=config.adapter_root, max_new_tokens_limit=limit,
             default_max_new_tokens=min(config.default_max_new_tokens, limit)), self.metrics)
