@@ -2,9 +2,10 @@
 Serve's gRPC proxy calls by name, each forwarded to an engine replica.
 
 Generation calls go to a replica chosen by Ray Serve's multiplexed routing on the
-request's routing key: the key the caller sent as `multiplexed_model_id` metadata, or
-else the one derived from the request itself (client/routing.py), so every call gets
-adapter affinity. Admin calls are checked here (--admin-token-file) and go to any replica.
+request's routing key (client/routing.py), derived here from the request itself: the
+key the replica makes resident, whether or not the caller sent it as metadata, so every
+call gets adapter affinity. Admin calls are checked here (--admin-token-file) and go to
+any replica.
 
 A replica that dies (crash, OOM, `ray.kill`) takes its running requests with it; Ray
 reports that to this hop as an actor error, and the caller gets UNAVAILABLE, which
@@ -21,7 +22,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.grpc_util import RayServegRPCContext
 
-from loraquilt.client.routing import ROUTING_METADATA_KEY, routing_key
+from loraquilt.client.routing import routing_key
 from loraquilt.scaleout.replica import Reply
 from loraquilt.server.auth import AdminCheck
 from loraquilt.v1 import loraquilt_pb2 as pb
@@ -42,7 +43,7 @@ class LoraQuiltIngress:
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
         try:
-            reply = await self._to_replica(request, grpc_context).generate.remote(request)
+            reply = await self._to_replica(request).generate.remote(request)
         except BackPressureError as error:
             return _busy(grpc_context, error, pb.GenerateResponse())
         except REPLICA_LOST as error:
@@ -50,7 +51,7 @@ class LoraQuiltIngress:
         return _deliver(grpc_context, reply, pb.GenerateResponse())
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext):
-        replica = self._to_replica(request, grpc_context).options(stream=True)
+        replica = self._to_replica(request).options(stream=True)
         try:
             async for reply in replica.generate_stream.remote(request):
                 if reply.code != "OK":
@@ -78,11 +79,9 @@ class LoraQuiltIngress:
             return _unavailable(grpc_context, error, pb.ListAdaptersResponse())
         return _deliver(grpc_context, reply, pb.ListAdaptersResponse())
 
-    def _to_replica(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext):
-        if not self.config.affinity:
-            return self.replicas
-        sent = dict(grpc_context.invocation_metadata()).get(ROUTING_METADATA_KEY)
-        key = sent or routing_key(request)
+    def _to_replica(self, request: pb.GenerateRequest):
+        """Routed by the key of the request itself: the one the replica makes resident."""
+        key = routing_key(request) if self.config.affinity else ""
         return self.replicas.options(multiplexed_model_id=key) if key else self.replicas
 
     async def _admin(self, grpc_context: RayServegRPCContext, method: str, request, empty):
