@@ -1,9 +1,10 @@
 """`loraquilt bench scaleout`: adapter-affinity routing on Ray Serve, on loopback.
 
-One run, three phases over the same zipf traffic on `adapters` adapters (greedy):
-  one_replica           1 replica with every core;
-  replicas              N replicas (cores split between them), clients send the routing key;
-  replicas_no_affinity  N replicas again, the ingress routing without the key (Ray picks freely).
+One run, four phases over the same zipf traffic on `adapters` adapters (greedy):
+  one_replica                   1 replica with every core;
+  replicas                      N replicas (cores split between them), routed by adapter;
+  replicas_hot_keys_not_spread  the same without spreading hot keys over replicas;
+  replicas_no_affinity          N replicas routed without the key (Ray picks freely).
 Per phase: completion tokens/s, the affinity hit rate (requests whose routing key was
 already resident on the replica that served them, read from the replicas' own
 `loraquilt_routing_total` counters, warm-up excluded), routing-key loads per replica, and
@@ -23,7 +24,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-PHASES = ("one_replica", "replicas", "replicas_no_affinity")
+# phase -> (several replicas?, routed by adapter?, hot keys spread over replicas?)
+PHASES = {
+    "one_replica": (False, True, True),
+    "replicas": (True, True, True),
+    "replicas_hot_keys_not_spread": (True, True, False),
+    "replicas_no_affinity": (True, False, False),
+}
 
 
 @dataclass(frozen=True)
@@ -82,13 +89,13 @@ def run_scaleout_bench(model: str | None, config: ScaleoutBenchConfig, workdir: 
                              max_seq_len=256)
         running, port = None, _free_port()  # Serve's gRPC proxy keeps its first port
         try:
-            for phase in PHASES:
-                replicas = 1 if phase == "one_replica" else config.replicas
+            for phase, (several, affinity, spread) in PHASES.items():
+                replicas = config.replicas if several else 1
                 if running is not None:
                     serve.delete(running.config.app_name)
                 _progress(f"{phase}: starting {replicas} replica(s)")
                 running = start_scaleout(ScaleoutConfig(
-                    replicas=replicas, port=port, affinity=phase != "replicas_no_affinity",
+                    replicas=replicas, port=port, affinity=affinity, spread_hot_keys=spread,
                     replica=replace(base, threads=max(1, cores // replicas))), log=_progress)
                 _register_all(running.target, config.adapters)
                 _progress(f"{phase}: {config.warmup_requests} warm-up and {config.requests} timed requests, "
@@ -101,7 +108,7 @@ def run_scaleout_bench(model: str | None, config: ScaleoutBenchConfig, workdir: 
             if running is not None:
                 running.shutdown()
     reference = results["phases"]["one_replica"].pop("answers")
-    for phase in PHASES[1:]:
+    for phase in list(PHASES)[1:]:
         answers = results["phases"][phase].pop("answers")
         same = sum(answers[i] == reference[i] for i in range(len(reference)))
         results["phases"][phase]["same_greedy_tokens_as_one_replica"] = same / len(reference)
@@ -109,6 +116,8 @@ def run_scaleout_bench(model: str | None, config: ScaleoutBenchConfig, workdir: 
     results["ratios"] = {
         "tokens_per_s_replicas_over_one": many["tokens_per_s"] / one["tokens_per_s"],
         "tokens_per_s_affinity_over_none": many["tokens_per_s"] / results["phases"]["replicas_no_affinity"]["tokens_per_s"],
+        "tokens_per_s_spread_over_not_spread":
+            many["tokens_per_s"] / results["phases"]["replicas_hot_keys_not_spread"]["tokens_per_s"],
     }
     results["settings"] = {**asdict(config), "model": "tiny random Llama (quick)" if quick else source.name,
                            "cores": cores, "greedy": True, "ignore_eos": True,
@@ -219,7 +228,7 @@ def _run_command(args: argparse.Namespace) -> int:
     results = run_scaleout_bench(args.model, config, workdir, args.quick)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     for phase, summary in results["phases"].items():
-        print(f"{phase:22s} {summary['tokens_per_s']:8.1f} tokens/s  affinity hit rate "
+        print(f"{phase:30s} {summary['tokens_per_s']:8.1f} tokens/s  affinity hit rate "
               f"{summary['affinity_hit_rate']:.2f}  key loads per replica {summary['key_loads_per_replica']}")
     print(f"replicas / one replica: {results['ratios']['tokens_per_s_replicas_over_one']:.2f}x tokens/s")
     return 0

@@ -14,6 +14,7 @@ from loraquilt.v1 import loraquilt_pb2 as pb
 
 ROUTING_METADATA_KEY = "multiplexed_model_id"  # the key Ray Serve's gRPC proxy routes on
 MIX_SEPARATOR = "+"  # adapter names never contain it
+COPY_SEPARATOR = "#"  # "key#1": a second resident copy of a hot key (serve-ray); never in names
 MAX_ROUTING_KEY_CHARS = 1024
 
 def routing_key(request: pb.GenerateRequest) -> str:
@@ -23,7 +24,9 @@ def routing_key(request: pb.GenerateRequest) -> str:
 
 
 def key_members(key: str) -> tuple[str, ...]:
-    """The adapter names a routing key stands for (none for the base model)."""
+    """The adapter names a routing key (or a copy of one, "key#1") stands for; none for
+    the base model."""
+    key = key.partition(COPY_SEPARATOR)[0]
     return tuple(key.split(MIX_SEPARATOR)) if key else ()
 
 

@@ -55,7 +55,8 @@ def build_app(config: ScaleoutConfig):
     return serve.deployment(
         LoraQuiltIngress, name=INGRESS_DEPLOYMENT, num_replicas=config.ingress_replicas,
         max_ongoing_requests=in_flight, ray_actor_options={"num_cpus": 0},
-    ).bind(replicas, IngressConfig(admin=config.admin, affinity=config.affinity))
+    ).bind(replicas, IngressConfig(admin=config.admin, affinity=config.affinity, replicas=config.replicas,
+                                   spread_hot_keys=config.spread_hot_keys))
 
 
 def app_builder(args: dict):

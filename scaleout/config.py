@@ -44,6 +44,7 @@ class ScaleoutConfig:
     ingress_replicas: int = 1  # forwarding only; more for more gRPC traffic than one process carries
     admin: AdminCheck | None = None  # Register/Unregister need its token (it holds only a digest)
     affinity: bool = True  # False: replicas chosen without the routing key (for comparisons)
+    spread_hot_keys: bool = True  # a key with too much of the traffic is resident on several replicas
     host: str = "127.0.0.1"
     port: int = 9000  # Ray Serve's gRPC proxy
     app_name: str = "loraquilt"

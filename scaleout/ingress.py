@@ -23,6 +23,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.grpc_util import RayServegRPCContext
 
 from loraquilt.client.routing import routing_key
+from loraquilt.scaleout.hot_keys import HotKeys
 from loraquilt.scaleout.replica import Reply
 from loraquilt.server.auth import AdminCheck
 from loraquilt.v1 import loraquilt_pb2 as pb
@@ -35,11 +36,14 @@ REPLICA_LOST = (RayActorError, ActorUnavailableError, ReplicaUnavailableError, D
 class IngressConfig:
     admin: AdminCheck | None = None  # Register/Unregister need its token
     affinity: bool = True  # False: replicas chosen without the routing key (for comparisons)
+    replicas: int = 1  # engine replicas
+    spread_hot_keys: bool = True  # a hot key resident on several replicas (HotKeys)
 
 
 class LoraQuiltIngress:
     def __init__(self, replicas, config: IngressConfig):
         self.replicas, self.config = replicas, config  # replicas: a DeploymentHandle
+        self.hot_keys = HotKeys(config.replicas) if config.spread_hot_keys else None
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
         try:
@@ -82,7 +86,11 @@ class LoraQuiltIngress:
     def _to_replica(self, request: pb.GenerateRequest):
         """Routed by the key of the request itself: the one the replica makes resident."""
         key = routing_key(request) if self.config.affinity else ""
-        return self.replicas.options(multiplexed_model_id=key) if key else self.replicas
+        if not key:
+            return self.replicas
+        if self.hot_keys is not None:
+            key = self.hot_keys.route(key)
+        return self.replicas.options(multiplexed_model_id=key)
 
     async def _admin(self, grpc_context: RayServegRPCContext, method: str, request, empty):
         if self.config.admin is not None:

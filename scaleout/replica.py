@@ -151,8 +151,9 @@ class LoraQuiltReplica:
         if not names:
             return self.loop.submit_async(engine_request, stream=stream), ()
         registrations = await self._registrations(names)
-        self.routing.labels(result="hit" if key in self._resident_keys else "miss").inc()
-        await self._resident(key)
+        resident_id = serve.get_multiplexed_model_id() or key  # the ingress may route a copy, "key#1"
+        self.routing.labels(result="hit" if resident_id in self._resident_keys else "miss").inc()
+        await self._resident(resident_id)
         await self.adapters.acquire(registrations)  # a hold for this request (and fresh files if re-registered)
         try:
             return self.loop.submit_async(engine_request, stream=stream), names

@@ -29,3 +29,29 @@ def test_routing_metadata_is_added_only_when_it_can_travel():
     assert routing_metadata(build_request("hi", adapter="a.b:c-1"), None) == [(ROUTING_METADATA_KEY, "a.b:c-1")]
     for bad in ("caf\u00e9", "new\nline", "x" * 2000):  # the server, not the client library, refuses these
         assert routing_metadata(build_request("hi", adapter=bad), None) is None
+
+
+def test_a_copy_of_a_key_stands_for_the_same_adapters():
+    assert key_members("pirate+shout#1") == ("pirate", "shout")
+    assert key_members("sql#3") == ("sql",)
+
+
+def test_hot_keys_are_spread_over_replicas_and_cold_ones_are_not():
+    from loraquilt.scaleout.hot_keys import HotKeys
+
+    hot = HotKeys(replicas=2, window=100)
+    routed = [hot.route("hot" if i % 4 == 0 else f"cold-{i}") for i in range(400)]  # "hot": 25% of traffic
+    hot_ids = [key for key in routed if key.startswith("hot")]
+    assert set(hot_ids) == {"hot", "hot#1"} and abs(hot_ids.count("hot") - hot_ids.count("hot#1")) <= 2
+    assert all("#" not in key for key in routed if key.startswith("cold"))
+
+    single = HotKeys(replicas=1)
+    assert {single.route("hot") for _ in range(50)} == {"hot"}  # one replica: nothing to spread over
+
+    cooled = HotKeys(replicas=3, window=40)
+    for _ in range(40):
+        cooled.route("burst")
+    assert {cooled.route("burst") for _ in range(6)} == {"burst", "burst#1", "burst#2"}
+    for i in range(40):  # the window forgets the burst
+        cooled.route(f"other-{i}")
+    assert cooled.route("burst") == "burst"
