@@ -60,6 +60,7 @@ def run_scaleout_bench(model: str | None, config: ScaleoutBenchConfig, workdir: 
     from ray import serve
     from transformers import AutoTokenizer
 
+    from loraquilt.bench.server_side import free_port
     from loraquilt.bench.workload import ModelShapes, build_tiny_model, make_prompts, write_adapter, zipf_choices
     from loraquilt.scaleout.app import start_scaleout
     from loraquilt.scaleout.config import ReplicaConfig, ScaleoutConfig
@@ -87,7 +88,7 @@ def run_scaleout_bench(model: str | None, config: ScaleoutBenchConfig, workdir: 
                              max_adapters_per_replica=config.max_adapters_per_replica,
                              max_batch_size=config.max_batch_size, max_active_adapters=config.max_active_adapters,
                              max_seq_len=256)
-        running, port = None, _free_port()  # Serve's gRPC proxy keeps its first port
+        running, port = None, free_port()  # Serve's gRPC proxy keeps its first port
         try:
             for phase, (several, affinity, spread) in PHASES.items():
                 replicas = config.replicas if several else 1
@@ -148,11 +149,11 @@ def _phase(running, traffic: list[tuple[str, str]], config: ScaleoutBenchConfig)
         with ThreadPoolExecutor(config.clients) as pool:
             warm = list(pool.map(ask, traffic[:config.warmup_requests]))
             time.sleep(6.0)  # every replica has reported its metrics endpoint (health checks)
-            before = _scrape(running)
+            before = routing_counts(running)
             begin = time.perf_counter()
             timed = list(pool.map(ask, traffic[config.warmup_requests:]))
             seconds = time.perf_counter() - begin
-            after = _scrape(running)
+            after = routing_counts(running)
     finally:
         client.close()
     hits = sum(after[r]["hit"] - before.get(r, {}).get("hit", 0) for r in after)
@@ -171,7 +172,7 @@ def _phase(running, traffic: list[tuple[str, str]], config: ScaleoutBenchConfig)
     }
 
 
-def _scrape(running) -> dict[str, dict[str, float]]:
+def routing_counts(running) -> dict[str, dict[str, float]]:
     """Per replica: routing hits, misses and key loads, from its Prometheus endpoint."""
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -190,12 +191,6 @@ def _scrape(running) -> dict[str, dict[str, float]]:
                     values["loads"] += sample.value
         counts[replica] = values
     return counts
-
-
-def _free_port() -> int:
-    from loraquilt.scaleout.app import free_port
-
-    return free_port()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -57,14 +57,10 @@ def _serve_ray(args: argparse.Namespace) -> int:
     from loraquilt.client.client import LoraQuiltClient
     from loraquilt.scaleout.app import HEALTH_CHECK_PERIOD_S, metrics_urls, start_scaleout, write_scrape_targets
     from loraquilt.scaleout.config import ReplicaConfig, ScaleoutConfig
+    from loraquilt.server.app import parse_preload
     from loraquilt.server.auth import AdminCheck, AuthConfigError, read_token_file
 
-    preload = []
-    for entry in args.preload:
-        name, sep, path = entry.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"--preload entries look like NAME=PATH, got {entry!r}")
-        preload.append((name, path))
+    preload = parse_preload(args.preload)
     try:
         token = read_token_file(args.admin_token_file) if args.admin_token_file else None
     except AuthConfigError as error:

@@ -173,9 +173,8 @@ class LoraQuiltReplica:
         names = key_members(key)
         await self.adapters.acquire(await self._registrations(names))
         self.key_loads.inc()
-        resident = _TrackedKey(self, key, names)
         self._resident_keys.add(key)
-        return resident
+        return ResidentKey(self.adapters, key, names, on_release=self._resident_keys.discard)
 
     # -- adapters -------------------------------------------------------------------------
 
@@ -243,15 +242,3 @@ class LoraQuiltReplica:
         server = getattr(self, "_metrics_server", None)
         if server is not None:
             server.shutdown()
-
-
-class _TrackedKey(ResidentKey):
-    """A ResidentKey that also leaves the replica's set of resident keys when evicted."""
-
-    def __init__(self, replica: LoraQuiltReplica, key: str, names: tuple[str, ...]):
-        super().__init__(replica.adapters, key, names)
-        self._keys = replica._resident_keys
-
-    def __del__(self) -> None:
-        self._keys.discard(self.key)
-        super().__del__()

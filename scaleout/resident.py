@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import Counter
+from collections.abc import Callable
 
 from loraquilt.scaleout.directory import Registration
 from loraquilt.server.adapters.registry import AdapterChanged
@@ -86,8 +87,9 @@ class ResidentKey:
     """The object Ray Serve's multiplexer keeps for one routing key: holds its adapters
     until the LRU evicts it (Ray calls __del__ then; the garbage collector may call it again)."""
 
-    def __init__(self, adapters: ResidentAdapters, key: str, names: tuple[str, ...]):
-        self.adapters, self.key, self.names = adapters, key, names
+    def __init__(self, adapters: ResidentAdapters, key: str, names: tuple[str, ...],
+                 on_release: Callable[[str], None] = lambda key: None):
+        self.adapters, self.key, self.names, self.on_release = adapters, key, names, on_release
         self._released = False
         self._once = threading.Lock()
 
@@ -96,4 +98,5 @@ class ResidentKey:
             if self._released:
                 return
             self._released = True
+        self.on_release(self.key)
         self.adapters.release(self.names)

@@ -158,13 +158,19 @@ def add_serve_parser(commands, name: str = "serve", help_text: str = "start the 
     parser.set_defaults(run=_serve)
 
 
-def _serve(args: argparse.Namespace) -> int:
+def parse_preload(entries: list[str]) -> list[tuple[str, str]]:
+    """--preload NAME=PATH entries as (name, path) pairs; SystemExit names a malformed one."""
     preload = []
-    for entry in args.preload:
+    for entry in entries:
         name, sep, path = entry.partition("=")
         if not sep or not name or not path:
             raise SystemExit(f"--preload entries look like NAME=PATH, got {entry!r}")
         preload.append((name, path))
+    return preload
+
+
+def _serve(args: argparse.Namespace) -> int:
+    preload = parse_preload(args.preload)
     engine_config = EngineConfig(
         model=args.model, device=DeviceConfig(args.device, args.dtype), max_batch_size=args.max_batch_size,
         max_seq_len=args.max_seq_len, max_prefill_tokens=args.max_prefill_tokens, max_waiting=args.max_queue,

@@ -15,6 +15,7 @@ from fixtures_models import build_tiny_model, make_adapter_zoo
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
 
+from loraquilt.bench.scaleout import routing_counts  # noqa: E402
 from loraquilt.client import LoraQuiltClient, build_request  # noqa: E402
 from loraquilt.client.retry import RetryPolicy  # noqa: E402
 from loraquilt.scaleout.app import free_port, metrics_urls, start_scaleout  # noqa: E402
@@ -59,26 +60,6 @@ def expected(reference: Engine, prompt: str, adapter: str = "", mix=()) -> tuple
                       sampling=SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
     with _reference_lock:
         return reference.generate([request])[0].token_ids
-
-
-def routing_counts(running) -> dict[str, dict[str, float]]:
-    """Per replica: hits, misses and key loads from its own Prometheus endpoint."""
-    counts = {}
-    for replica, report in running.replica_reports().items():
-        try:
-            text = urllib.request.urlopen(report["metrics"], timeout=10).read().decode()
-        except OSError:
-            continue
-        values = {"hit": 0.0, "miss": 0.0, "loads": 0.0}
-        for line in text.splitlines():
-            if line.startswith('loraquilt_routing_total{result="hit"}'):
-                values["hit"] = float(line.split()[-1])
-            elif line.startswith('loraquilt_routing_total{result="miss"}'):
-                values["miss"] = float(line.split()[-1])
-            elif line.startswith("loraquilt_routing_key_loads_total "):
-                values["loads"] = float(line.split()[-1])
-        counts[replica] = values
-    return counts
 
 
 def test_mixed_traffic_through_the_ingress_equals_the_single_engine(cluster):
