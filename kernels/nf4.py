@@ -48,6 +48,33 @@ class NF4Weight:
     def numel(self) -> int:
         return self.shape[0] * self.shape[1]
 
+    @classmethod
+    def concat_rows(cls, parts: list[NF4Weight]) -> NF4Weight:
+        """One weight whose rows are the parts' rows in order (q/k/v, gate/up: same `in`).
+
+        Semantics: dequantize(concat_rows(parts)) == cat([dequantize(p) for p in parts], 0),
+        bit for bit: each part's 64-value blocks and float32 block scales are kept as they
+        are, which needs every part's size to be a multiple of the block (`can_concat`).
+        The result's state holds the float32 scales (no double quantization)."""
+        if not can_concat(parts):
+            raise ValueError("NF4 weights concatenate only with equal in_features and "
+                             f"out*in a multiple of {NF4_BLOCKSIZE}: {[p.shape for p in parts]}")
+        from bitsandbytes.functional import QuantState
+
+        packed = torch.cat([p.packed for p in parts])  # [sum(out)*in/2]
+        absmax = torch.cat([p.absmax for p in parts]).contiguous()  # [sum(out)*in/64]
+        shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
+        first = parts[0].state
+        state = QuantState(absmax=absmax, shape=torch.Size(shape), code=first.code,
+                           blocksize=NF4_BLOCKSIZE, quant_type="nf4", dtype=first.dtype)
+        return cls(packed, absmax, shape, state)
+
+
+def can_concat(parts: list[NF4Weight]) -> bool:
+    """Whether `NF4Weight.concat_rows(parts)` keeps every block inside one part."""
+    return bool(parts) and all(p.shape[1] == parts[0].shape[1] and p.numel % NF4_BLOCKSIZE == 0
+                               for p in parts)
+
 
 class DequantScratch:
     """One reusable buffer per (device, dtype) for dequantized weights. Not thread-safe:

@@ -13,6 +13,8 @@ import threading
 import time
 from pathlib import Path
 
+from loraquilt.server.model.dtype import add_dtype_argument
+
 
 def add_serve_ray_parser(commands, name: str = "serve-ray", help_text: str = "serve replicas on Ray Serve") -> None:
     parser = commands.add_parser(name, help=help_text, description=(
@@ -36,7 +38,7 @@ def add_serve_ray_parser(commands, name: str = "serve-ray", help_text: str = "se
     parser.add_argument("--max-seq-len", type=int, default=1024)
     parser.add_argument("--max-queue", type=int, default=1024, help="requests waiting per replica")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
+    add_dtype_argument(parser)
     parser.add_argument("--preload", metavar="NAME=PATH", nargs="+", action="extend", default=[],
                         help="adapters registered at start (paths under --adapter-root)")
     parser.add_argument("--admin-token-file", type=Path,

@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from loraquilt.server.model.dtype import add_dtype_argument
+
 
 def add_run_parser(commands, name: str = "run", help_text: str = "generate once, locally") -> None:
     parser = commands.add_parser(name, help=help_text)
@@ -26,6 +28,7 @@ def add_run_parser(commands, name: str = "run", help_text: str = "generate once,
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    add_dtype_argument(parser)
     parser.set_defaults(run=_run)
 
 
@@ -34,6 +37,7 @@ def add_info_parser(commands, name: str = "info", help_text: str = "NF4 model fi
     parser.add_argument("--model", help="HF folder, .gguf file or hub id (default: embedded SmolLM2)")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--device", default="auto")
+    add_dtype_argument(parser)
     parser.set_defaults(run=_info)
 
 
@@ -65,7 +69,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     engine = Engine(EngineConfig(
-        model=args.model, device=DeviceConfig(args.device), max_batch_size=1,
+        model=args.model, device=DeviceConfig(args.device, args.dtype), max_batch_size=1,
         max_active_adapters=max(1, len(mix)), max_cpu_adapters=max(1, len(mix)),
         max_lora_rank=max([16, *ranks]),
     ))
@@ -104,6 +108,7 @@ def model_info(model, name: str) -> dict:
         "total_bytes": quantized + model.dense_bytes(),
         "device": str(model.device),
         "dtype": str(model.dtype).removeprefix("torch."),
+        "dtype_reason": model.dtype_reason,
     }
 
 
@@ -112,7 +117,7 @@ def _info(args: argparse.Namespace) -> int:
     from loraquilt.server.model.weights import DeviceConfig, load_causal_lm
 
     source = resolve_model(args.model)
-    model = load_causal_lm(source.folder, DeviceConfig(args.device))
+    model = load_causal_lm(source.folder, DeviceConfig(args.device, args.dtype))
     info = model_info(model, source.name)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -123,4 +128,5 @@ def _info(args: argparse.Namespace) -> int:
               f"{info['quantized_bytes_per_param']:.3f} bytes/param")
         print(f"dense          {info['dense_bytes'] / 2**20:.1f} MiB ({info['dtype']}: embeddings, norms, lm_head)")
         print(f"device         {info['device']}")
+        print(f"compute dtype  {info['dtype']} ({info['dtype_reason']})")
     return 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from loraquilt.server.adapters.slots import LoraSlots
+from loraquilt.server.adapters.slots import LoraSlots, LoraSpan
 from loraquilt.server.model.batch import build_forward_batch
 from loraquilt.server.model.kv_cache import KVCache
 from loraquilt.server.model.llama import CausalLM
@@ -24,8 +24,9 @@ class ModelRunner:
         or None for a sequence whose logits are not finite (rows never mix, so one
         request's overflow leaves the others' tokens intact)."""
         sequences = decodes + prefills
+        prefill_tokens = [seq.next_input() for seq in prefills]
         batch = build_forward_batch(
-            prefill_tokens=[seq.next_input() for seq in prefills],
+            prefill_tokens=prefill_tokens,
             prefill_slots=[seq.cache_slot for seq in prefills],
             prefill_starts=[seq.next_position() for seq in prefills],
             decode_tokens=[seq.output_ids[-1] for seq in decodes],
@@ -35,7 +36,7 @@ class ModelRunner:
             dtype=self.model.dtype,
             device=self.model.device,
         )
-        lora = self._begin_lora(decodes, prefills)
+        lora = self._begin_lora(decodes, prefills, prefill_tokens)
         try:
             logits = self.model(batch, self.cache, lora)  # [N, vocab]
         finally:
@@ -50,20 +51,11 @@ class ModelRunner:
         )
         return [token if ok else None for token, ok in zip(tokens, finite)]
 
-    def _begin_lora(self, decodes, prefills) -> LoraSlots | None:
-        """Row tables for the step's tokens: each token carries its sequence's (slot, weight) pairs."""
-        pairs_per_row = max((len(seq.adapter_slots) for seq in decodes + prefills), default=0)
-        if pairs_per_row == 0:
+    def _begin_lora(self, decodes, prefills, prefill_tokens: list[list[int]]) -> LoraSlots | None:
+        """The step's LoRA tables, one span per sequence (decodes: 1 row, prefills: their chunk)."""
+        if not any(seq.adapter_slots for seq in decodes + prefills):
             return None
-        row_slots: list[list[int]] = []
-        row_weights: list[list[float]] = []
-        for seq, count in [(seq, 1) for seq in decodes] + [(seq, len(seq.next_input())) for seq in prefills]:
-            padding = pairs_per_row - len(seq.adapter_slots)
-            slots = [slot for slot, _ in seq.adapter_slots] + [-1] * padding
-            weights = [weight for _, weight in seq.adapter_slots] + [0.0] * padding
-            row_slots.extend([slots] * count)
-            row_weights.extend([weights] * count)
-        self.slots.begin_step(
-            torch.tensor(row_slots, dtype=torch.int64), torch.tensor(row_weights, dtype=torch.float32)
-        )
+        spans = [LoraSpan(1, tuple(seq.adapter_slots)) for seq in decodes]
+        spans += [LoraSpan(len(tokens), tuple(seq.adapter_slots)) for seq, tokens in zip(prefills, prefill_tokens)]
+        self.slots.begin_step(spans)
         return self.slots

@@ -24,9 +24,11 @@ def open_engine(model_folder: Path | str, *, max_lora_rank: int = 16, max_adapte
                 max_batch_size: int = 32, max_seq_len: int = 512):
     """An engine for evaluation: the served NF4 model, room for a few adapters, quiet."""
     from loraquilt.server.engine import Engine, EngineConfig
+    from loraquilt.server.model.weights import DeviceConfig
 
+    # float32: the exact path, which the training report checks against PEFT token for token
     return Engine(EngineConfig(
-        model=str(model_folder), max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+        model=str(model_folder), device=DeviceConfig(dtype="float32"), max_batch_size=max_batch_size, max_seq_len=max_seq_len,
         max_active_adapters=max_adapters, max_cpu_adapters=max_adapters,
         max_lora_rank=max(16, max_lora_rank), progress=False,
     ))

@@ -3,11 +3,13 @@ and the per-step LoRA hook the model calls after every projection."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from loraquilt.kernels import LoraBatchMeta, build_lora_meta, lora_add_
+from loraquilt.kernels.segments import NO_ADAPTER
 from loraquilt.server.adapters.peft_folder import LoadedAdapter
 from loraquilt.server.model.config import PROJECTIONS, ModelConfig
 
@@ -28,6 +30,15 @@ class SlotConfig:
     def padded_rank(self) -> int:
         """Buffer rank, rounded up to 8 so every row of every buffer is 16-byte aligned."""
         return -(-self.max_rank // 8) * 8
+
+
+@dataclass(frozen=True)
+class LoraSpan:
+    """`rows` consecutive token rows of a step (one sequence) that all apply the same
+    (slot, weight) pairs: the unit the step's LoRA tables are built from."""
+
+    rows: int
+    pairs: tuple[tuple[int, float], ...]
 
 
 class LoraSlots:
@@ -51,7 +62,10 @@ class LoraSlots:
             self.a.append(a_layer)
             self.b.append(b_layer)
         self.targets: list[frozenset[str]] = [frozenset()] * config.num_slots
+        self._generation = 0  # bumped whenever a slot's contents change (tables depend on targets)
         self._step_meta: dict[str, LoraBatchMeta | None] = {}
+        self._last_key: tuple | None = None  # the previous step's spans, and its tables
+        self._last_meta: dict[str, LoraBatchMeta | None] = {}
 
     @property
     def num_bytes(self) -> int:
@@ -68,6 +82,7 @@ class LoraSlots:
             self.a[layer][proj][slot, :rank].copy_(module.a)
             self.b[layer][proj][slot, :, :rank].copy_(module.b)
         self.targets[slot] = frozenset(adapter.target_modules)
+        self._generation += 1
 
     def clear(self, slot: int) -> None:
         self._check_slot(slot)
@@ -76,6 +91,7 @@ class LoraSlots:
                 self.a[layer][proj][slot].zero_()
                 self.b[layer][proj][slot].zero_()
         self.targets[slot] = frozenset()
+        self._generation += 1
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.config.num_slots:
@@ -83,23 +99,40 @@ class LoraSlots:
 
     # -- per step ---------------------------------------------------------------------
 
-    def begin_step(self, row_slots: torch.Tensor, row_weights: torch.Tensor) -> None:
-        """row_slots, row_weights: [T, K] for the step's token rows (-1 = no adapter)."""
-        self._step_meta = {}
+    def begin_step(self, spans: Sequence[LoraSpan]) -> None:
+        """The step's LoRA tables, from its row spans (one per sequence, in row order).
+
+        Built once per step per distinct target mask, shared by every layer; a step with
+        the same spans as the previous one (steady decoding) reuses its tables as they are."""
+        key = (tuple(spans), self._generation)
+        if key != self._last_key:
+            self._last_key, self._last_meta = key, self._build_meta(spans)
+        self._step_meta = self._last_meta
+
+    def _build_meta(self, spans: Sequence[LoraSpan]) -> dict[str, LoraBatchMeta | None]:
+        counts = torch.tensor([span.rows for span in spans], dtype=torch.int64)  # [S]
         by_mask: dict[tuple, LoraBatchMeta | None] = {}
-        slots_list = row_slots.tolist()
+        metas: dict[str, LoraBatchMeta | None] = {}
         for proj in PROJECTIONS:
-            masked = [[s if s >= 0 and proj in self.targets[s] else -1 for s in row] for row in slots_list]
-            key = tuple(map(tuple, masked))
-            if key not in by_mask:
-                if all(s < 0 for row in masked for s in row):
-                    by_mask[key] = None
-                else:
-                    by_mask[key] = build_lora_meta(
-                        torch.tensor(masked, dtype=torch.int64).view(row_slots.shape), row_weights,
-                        num_slots=self.config.num_slots, device=self.device,
-                    )
-            self._step_meta[proj] = by_mask[key]
+            # each span's pairs whose slot holds this projection (others skip it entirely)
+            masked = tuple(tuple(pair for pair in span.pairs if proj in self.targets[pair[0]])
+                           for span in spans)
+            if masked not in by_mask:
+                by_mask[masked] = self._span_meta(masked, counts)
+            metas[proj] = by_mask[masked]
+        return metas
+
+    def _span_meta(self, span_pairs: tuple[tuple[tuple[int, float], ...], ...],
+                   counts: torch.Tensor) -> LoraBatchMeta | None:
+        """span_pairs: per span its (slot, weight) pairs; counts: [S] rows per span."""
+        width = max(map(len, span_pairs), default=0)
+        if width == 0:
+            return None
+        padded = [list(pairs) + [(NO_ADAPTER, 0.0)] * (width - len(pairs)) for pairs in span_pairs]
+        span_slots = torch.tensor([[slot for slot, _ in row] for row in padded], dtype=torch.int64)  # [S, K]
+        span_weights = torch.tensor([[w for _, w in row] for row in padded], dtype=torch.float32)  # [S, K]
+        return build_lora_meta(span_slots.repeat_interleave(counts, 0), span_weights.repeat_interleave(counts, 0),
+                               num_slots=self.config.num_slots, device=self.device)  # rows [T, K]
 
     def end_step(self) -> None:
         self._step_meta = {}

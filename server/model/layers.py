@@ -1,7 +1,8 @@
 """Decoder building blocks: RMSNorm, rotary embedding, attention over the slot KV cache, MLP.
 
 Every projection is an NF4Linear followed by the step's LoRA hook:
-`y = proj(x); lora.add_(y, x, layer, name)`.
+`y = proj(x); lora.add_(y, x, layer, name)`; projections that read the same input (q/k/v,
+gate/up) run as one fused NF4 GEMM, each output still getting its own LoRA delta.
 """
 
 from __future__ import annotations
@@ -61,22 +62,51 @@ def _project(proj: NF4Linear, x: torch.Tensor, lora: LoraHook | None, layer: int
     return y
 
 
+class ProjectionGroup(nn.Module):
+    """Projections that read the same input (q/k/v, gate/up): one fused NF4 GEMM when their
+    blocks align (bit-identical values), else one GEMM each. Each output then gets its own
+    LoRA delta, on its columns of the fused output."""
+
+    def __init__(self, layer: int, linears: list[NF4Linear], fuse: bool = True):
+        super().__init__()
+        self.layer = layer
+        self.names = tuple(name for linear in linears for name, _ in linear.parts)
+        fused = NF4Linear.fuse(linears) if fuse and len(linears) > 1 else None
+        self.linears = nn.ModuleList([fused] if fused is not None else linears)
+
+    def forward(self, x: torch.Tensor, lora: LoraHook | None) -> list[torch.Tensor]:
+        """x: [T, in] -> one [T, out_i] output per projection, in `names` order (column
+        views of one [T, sum(out_i)] tensor when fused)."""
+        outputs = []
+        for linear in self.linears:
+            y = linear(x)  # [T, sum of its parts' out]
+            start = 0
+            for name, size in linear.parts:
+                part = y[:, start : start + size] if len(linear.parts) > 1 else y
+                if lora is not None:
+                    lora.add_(part, x, self.layer, name)
+                outputs.append(part)
+                start += size
+        return outputs
+
+
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, projections: dict[str, NF4Linear]):
+    def __init__(self, config: ModelConfig, layer: int, projections: dict[str, NF4Linear], fuse: bool = True):
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
         self.sliding_window = config.sliding_window
-        self.q_proj, self.k_proj = projections["q_proj"], projections["k_proj"]
-        self.v_proj, self.o_proj = projections["v_proj"], projections["o_proj"]
+        self.qkv = ProjectionGroup(layer, [projections[n] for n in ("q_proj", "k_proj", "v_proj")], fuse)
+        self.o_proj = projections["o_proj"]
 
     def forward(self, x, cos, sin, batch: ForwardBatch, cache: KVCache, lora: LoraHook | None):
         """x: [T, hidden] -> [T, hidden]"""
         tokens = x.shape[0]
-        q = _project(self.q_proj, x, lora, self.layer, "q_proj").view(tokens, self.num_heads, self.head_dim)
-        k = _project(self.k_proj, x, lora, self.layer, "k_proj").view(tokens, self.num_kv_heads, self.head_dim)
-        v = _project(self.v_proj, x, lora, self.layer, "v_proj").view(tokens, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv(x, lora)  # [T, H*D], [T, KVH*D], [T, KVH*D]
+        q = q.view(tokens, self.num_heads, self.head_dim)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         cache.write(self.layer, batch.token_cache_slots, batch.positions, k, v)
 
@@ -129,27 +159,32 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, layer: int, projections: dict[str, NF4Linear]):
+    def __init__(self, layer: int, projections: dict[str, NF4Linear], fuse: bool = True):
         super().__init__()
         self.layer = layer
-        self.gate_proj, self.up_proj = projections["gate_proj"], projections["up_proj"]
+        self.gate_up = ProjectionGroup(layer, [projections["gate_proj"], projections["up_proj"]], fuse)
         self.down_proj = projections["down_proj"]
 
     def forward(self, x: torch.Tensor, lora: LoraHook | None) -> torch.Tensor:
         """x: [T, hidden] -> [T, hidden]"""
-        gate = _project(self.gate_proj, x, lora, self.layer, "gate_proj")  # [T, inter]
-        up = _project(self.up_proj, x, lora, self.layer, "up_proj")  # [T, inter]
+        gate, up = self.gate_up(x, lora)  # [T, inter] each
         return _project(self.down_proj, F.silu(gate) * up, lora, self.layer, "down_proj")
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer: int, projections: dict[str, NF4Linear],
-                 input_norm: torch.Tensor, post_attention_norm: torch.Tensor):
+                 input_norm: torch.Tensor, post_attention_norm: torch.Tensor, fuse: bool = True):
+        """fuse: q/k/v and gate/up as one NF4 GEMM each (bit-identical values)"""
         super().__init__()
         self.input_layernorm = RMSNorm(input_norm, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer, projections)
+        self.self_attn = Attention(config, layer, projections, fuse)
         self.post_attention_layernorm = RMSNorm(post_attention_norm, config.rms_norm_eps)
-        self.mlp = MLP(layer, projections)
+        self.mlp = MLP(layer, projections, fuse)
+
+    def quantized_linears(self) -> list[NF4Linear]:
+        """Every NF4 module of the layer (a fused one counts once)."""
+        return [*self.self_attn.qkv.linears, self.self_attn.o_proj, *self.mlp.gate_up.linears,
+                self.mlp.down_proj]
 
     def forward(self, hidden, cos, sin, batch, cache, lora):
         """hidden: [T, hidden] -> [T, hidden]"""

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from loraquilt.server.model.batch import ForwardBatch, LoraHook
-from loraquilt.server.model.config import PROJECTIONS, ModelConfig
+from loraquilt.server.model.config import ModelConfig
 from loraquilt.server.model.kv_cache import KVCache
 from loraquilt.server.model.layers import DecoderLayer, RMSNorm, RotaryEmbedding
 from loraquilt.kernels.nf4 import DequantScratch
@@ -26,6 +26,7 @@ class CausalLM(nn.Module):
         # tied embeddings share the tensor, so memory is counted once
         self.lm_head = self.embed_tokens if lm_head is None else nn.Parameter(lm_head, requires_grad=False)
         self.rotary = RotaryEmbedding(config).to(embed_tokens.device)
+        self.dtype_reason = ""  # why this compute dtype was chosen (set by the loader)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -35,12 +36,10 @@ class CausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.embed_tokens.device
 
-    def projections(self):
-        """(layer, name, NF4Linear) for every quantized projection."""
-        for index, layer in enumerate(self.layers):
-            for name in PROJECTIONS:
-                owner = layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
-                yield index, name, getattr(owner, name)
+    def quantized_linears(self):
+        """Every NF4 module (a fused q/k/v or gate/up module counts once)."""
+        for layer in self.layers:
+            yield from layer.quantized_linears()
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: KVCache, lora: LoraHook | None = None) -> torch.Tensor:
@@ -55,10 +54,10 @@ class CausalLM(nn.Module):
         return torch.mm(self.lm_head, last.t()).t().float()  # [N, vocab]
 
     def quantized_bytes(self) -> int:
-        return sum(proj.quantized_bytes() for _, _, proj in self.projections())
+        return sum(linear.quantized_bytes() for linear in self.quantized_linears())
 
     def quantized_params(self) -> int:
-        return sum(proj.num_params for _, _, proj in self.projections())
+        return sum(linear.num_params for linear in self.quantized_linears())
 
     def dense_bytes(self) -> int:
         """Bytes of everything kept in the compute dtype (embeddings, norms, lm_head, biases)."""
@@ -81,4 +80,4 @@ def build_projection(config: ModelConfig, name: str, weight: torch.Tensor, bias:
         raise ValueError(f"{name} weight has shape {tuple(weight.shape)}, config says {expected}")
     if config.projection_bias(name) and bias is None:
         raise ValueError(f"{name} needs a bias for model_type {config.model_type!r}, none in checkpoint")
-    return NF4Linear(weight.to(device), None if bias is None else bias.to(device), dtype, scratch)
+    return NF4Linear(weight.to(device), None if bias is None else bias.to(device), dtype, scratch, name=name)

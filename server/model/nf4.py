@@ -11,29 +11,56 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loraquilt.kernels.nf4 import DequantScratch, NF4Weight, nf4_linear
+from loraquilt.kernels.nf4 import DequantScratch, NF4Weight, can_concat, nf4_linear
 
 
 class NF4Linear(nn.Module):
-    """y = x @ W.T + b with W held as NF4 (blocksize 64, double quantization)."""
+    """y = x @ W.T + b with W held as NF4 (blocksize 64, double quantization).
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype,
-                 scratch: DequantScratch | None = None):
-        """weight: [out, in] (any float dtype, any device; quantized on its device)
+    One module may hold several projections that read the same input, fused row-wise
+    (q/k/v, gate/up): `parts` names them with their output sizes, in row order, and the
+    forward returns their outputs side by side ([T, sum(out)])."""
+
+    def __init__(self, weight: torch.Tensor | NF4Weight, bias: torch.Tensor | None, compute_dtype: torch.dtype,
+                 scratch: DequantScratch | None = None, name: str = "proj",
+                 parts: tuple[tuple[str, int], ...] | None = None):
+        """weight: [out, in] (any float dtype, any device; quantized on its device), or an
+                 NF4Weight already quantized (then `parts` says what its rows are)
         bias:   [out] or None, kept in compute_dtype
         scratch: dequantization buffer shared by every projection of one model"""
         super().__init__()
-        if weight.dim() != 2:
-            raise ValueError(f"NF4Linear weight must be 2-D, got {tuple(weight.shape)}")
-        self.out_features, self.in_features = weight.shape
-        self.weight = NF4Weight.quantize(weight.to(compute_dtype))
-        self.on_cpu = weight.device.type == "cpu"
-        if self.on_cpu:  # keep the float32 absmax only: the state becomes a plain (non-nested) one
+        if isinstance(weight, NF4Weight):
+            self.weight = weight
+            device = weight.packed.device
+        else:
+            if weight.dim() != 2:
+                raise ValueError(f"NF4Linear weight must be 2-D, got {tuple(weight.shape)}")
+            self.weight = NF4Weight.quantize(weight.to(compute_dtype))
+            device = weight.device
+        self.out_features, self.in_features = self.weight.shape
+        self.parts = parts or ((name, self.out_features),)
+        if sum(size for _, size in self.parts) != self.out_features:
+            raise ValueError(f"parts {self.parts} do not add up to {self.out_features} rows")
+        self.on_cpu = device.type == "cpu"
+        if self.on_cpu and self.weight.state.nested:
+            # keep the float32 absmax only: the state becomes a plain (non-nested) one
             state = self.weight.state
             state.absmax, state.nested, state.state2, state.offset = self.weight.absmax, False, None, None
         self.bias = None if bias is None else nn.Parameter(bias.to(compute_dtype), requires_grad=False)
         self.compute_dtype = compute_dtype
         self.scratch = scratch or DequantScratch()
+
+    @classmethod
+    def fuse(cls, linears: list[NF4Linear]) -> NF4Linear | None:
+        """One module computing every linear's output side by side, with the same values
+        bit for bit; None when their NF4 blocks do not align (see `can_concat`)."""
+        weights = [linear.weight for linear in linears]
+        if not can_concat(weights) or len({linear.bias is None for linear in linears}) != 1:
+            return None
+        bias = None if linears[0].bias is None else torch.cat([linear.bias for linear in linears])
+        parts = tuple(part for linear in linears for part in linear.parts)
+        return cls(NF4Weight.concat_rows(weights), bias, linears[0].compute_dtype, linears[0].scratch,
+                   parts=parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, in] -> [T, out]"""
@@ -61,4 +88,5 @@ class NF4Linear(nn.Module):
         return self.out_features * self.in_features
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, nf4, bias={self.bias is not None}"
+        names = "+".join(name for name, _ in self.parts)
+        return f"{names}: in={self.in_features}, out={self.out_features}, nf4, bias={self.bias is not None}"

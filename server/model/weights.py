@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from loraquilt.kernels.nf4 import DequantScratch
+from loraquilt.server.model.dtype import DTYPE_CHOICES, resolve_compute_dtype
 from loraquilt.server.model.config import PROJECTIONS, ModelConfig, load_model_config
 from loraquilt.server.model.layers import DecoderLayer
 from loraquilt.server.model.llama import CausalLM, build_projection
@@ -19,29 +20,32 @@ from loraquilt.server.model.llama import CausalLM, build_projection
 
 @dataclass(frozen=True)
 class DeviceConfig:
-    """device "auto": CUDA when present (bf16), else CPU (fp32)."""
+    """device "auto": CUDA when present, else CPU. dtype: see `server.model.dtype`
+    (auto = bf16 on CUDA and on CPUs with native bf16 dot products, fp32 elsewhere)."""
 
     device: str = "auto"
     dtype: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
 
     def resolve(self) -> tuple[torch.device, torch.dtype]:
+        device, dtype, _ = self.resolve_with_reason()
+        return device, dtype
+
+    def resolve_with_reason(self) -> tuple[torch.device, torch.dtype, str]:
+        """(device, compute dtype, why that dtype)."""
         if self.device == "auto":
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
             device = torch.device(self.device)
             if device.type == "cuda" and not torch.cuda.is_available():
                 raise ValueError("device cuda requested but CUDA is not available")
-        if self.dtype == "auto":
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        else:
-            dtype = getattr(torch, self.dtype)
-        return device, dtype
+        dtype, reason = resolve_compute_dtype(self.dtype, device)
+        return device, dtype, reason
 
 
 class CheckpointReader:
@@ -78,10 +82,11 @@ class CheckpointReader:
 
 
 def load_causal_lm(folder: Path, device_config: DeviceConfig = DeviceConfig(),
-                   progress: bool = True) -> CausalLM:
+                   progress: bool = True, fuse_projections: bool = True) -> CausalLM:
+    """fuse_projections: q/k/v and gate/up as one NF4 GEMM each (same values, fewer calls)."""
     folder = Path(folder)
     config: ModelConfig = load_model_config(folder)
-    device, dtype = device_config.resolve()
+    device, dtype, dtype_reason = device_config.resolve_with_reason()
     reader = CheckpointReader(folder)
 
     def dense(key: str) -> torch.Tensor:
@@ -100,13 +105,16 @@ def load_causal_lm(folder: Path, device_config: DeviceConfig = DeviceConfig(),
         layers.append(DecoderLayer(
             config, index, projections,
             dense(f"{prefix}input_layernorm.weight"), dense(f"{prefix}post_attention_layernorm.weight"),
+            fuse=fuse_projections,
         ))
     embed = dense("model.embed_tokens.weight")
     lm_head = None
     if not config.tie_word_embeddings:
         head = reader.find("lm_head.weight")
         lm_head = None if head is None else head.to(device=device, dtype=dtype)
-    return CausalLM(config, embed, layers, dense("model.norm.weight"), lm_head)
+    model = CausalLM(config, embed, layers, dense("model.norm.weight"), lm_head)
+    model.dtype_reason = dtype_reason  # why this compute dtype (logged, shown by `info`)
+    return model
 
 
 def _progress(items, enabled: bool, label: str):

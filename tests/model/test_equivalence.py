@@ -13,9 +13,13 @@ import torch
 from fixtures_models import build_tiny_model, load_nf4_reference, make_adapter_zoo
 from peft import PeftModel
 
+from loraquilt.server.adapters.slots import LoraSpan
 from loraquilt.server.engine import Engine, EngineConfig
 from loraquilt.server.model.batch import build_forward_batch
 from loraquilt.server.request import Request, SamplingParams
+from loraquilt.server.model.weights import DeviceConfig
+
+EXACT = DeviceConfig(dtype="float32")  # the exact path: tests compare tokens
 
 PROMPTS = (
     "The quick brown fox",
@@ -39,7 +43,7 @@ def setup(request, tmp_path_factory):
     base = build_tiny_model(root / "base", request.param, seed=1)
     adapters = make_adapter_zoo(base, root / "adapters", count=8, seed=10)
     engine = Engine(EngineConfig(
-        model=str(base), max_batch_size=16, max_active_adapters=8, max_lora_rank=16,
+        device=EXACT, model=str(base), max_batch_size=16, max_active_adapters=8, max_lora_rank=16,
         lora_backend="torch", progress=False,
     ))
     for index, folder in enumerate(adapters):
@@ -132,14 +136,9 @@ def test_prefill_logits_match_within_1e3(setup, reference):
             prefill_starts=[0] * len(prompts), decode_tokens=[], decode_slots=[], decode_positions=[],
             sliding_window=None, dtype=engine.model.dtype, device=engine.model.device,
         )
-        row_slots, row_weights = [], []
-        for request, slots, ids in zip(requests, slots_per_request, prompts):
-            weights = [w for _, w in request.adapter_weights]
-            padded_slots = (slots + [-1, -1])[:2]
-            padded_weights = (weights + [0.0, 0.0])[:2]
-            row_slots += [padded_slots] * len(ids)
-            row_weights += [padded_weights] * len(ids)
-        engine.slots.begin_step(torch.tensor(row_slots), torch.tensor(row_weights))
+        spans = [LoraSpan(len(ids), tuple(zip(slots, (w for _, w in request.adapter_weights))))
+                 for request, slots, ids in zip(requests, slots_per_request, prompts)]
+        engine.slots.begin_step(spans)
         logits = engine.model(batch, engine.cache, engine.slots)  # [10, vocab]
         engine.slots.end_step()
     finally:
@@ -158,7 +157,7 @@ def test_mistral_sliding_window_and_sharded_checkpoint(tmp_path):
     base = build_tiny_model(tmp_path / "mistral", "mistral", seed=5, max_shard_size="60KB",
                             config_overrides={"sliding_window": 6})
     assert (base / "model.safetensors.index.json").exists()
-    engine = Engine(EngineConfig(model=str(base), max_batch_size=4, lora_backend="torch", progress=False))
+    engine = Engine(EngineConfig(device=EXACT, model=str(base), max_batch_size=4, lora_backend="torch", progress=False))
     model = load_nf4_reference(base)
     greedy = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
     requests = [Request(prompt=p, sampling=greedy) for p in (PROMPTS[1], PROMPTS[4], PROMPTS[0])]

@@ -10,6 +10,9 @@ from peft import PeftModel
 from loraquilt.server.engine import Engine, EngineConfig
 from loraquilt.server.model.sources import resolve_model
 from loraquilt.server.request import Request, SamplingParams
+from loraquilt.server.model.weights import DeviceConfig
+
+EXACT = DeviceConfig(dtype="float32")  # the exact path: tests compare tokens
 
 pytestmark = pytest.mark.slow
 RECIPES = (
@@ -25,7 +28,7 @@ PROMPTS = ("What is the capital of France?", "Name three colors.", "Write a haik
 @pytest.fixture(scope="module")
 def smollm2():
     folder = resolve_model(None).folder
-    engine = Engine(EngineConfig(max_batch_size=8, max_active_adapters=4, max_lora_rank=16,
+    engine = Engine(EngineConfig(device=EXACT, max_batch_size=8, max_active_adapters=4, max_lora_rank=16,
                                  max_seq_len=256, progress=False))
     return engine, folder
 

@@ -23,6 +23,9 @@ from loraquilt.scaleout.config import ReplicaConfig, ScaleoutConfig  # noqa: E40
 from loraquilt.server.engine import Engine, EngineConfig  # noqa: E402
 from loraquilt.server.request import Request, SamplingParams  # noqa: E402
 from loraquilt.v1 import loraquilt_pb2_grpc as pb_grpc  # noqa: E402
+from loraquilt.server.model.weights import DeviceConfig
+
+EXACT = DeviceConfig(dtype="float32")  # the exact path: tests compare tokens
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +40,7 @@ def cluster(tmp_path_factory):
     base = build_tiny_model(root / "base", "llama", seed=7)
     adapter_root = root / "adapters"
     folders = make_adapter_zoo(base, adapter_root, count=ADAPTERS, seed=70)
-    reference = Engine(EngineConfig(model=str(base), max_batch_size=16, max_active_adapters=ADAPTERS,
+    reference = Engine(EngineConfig(device=EXACT, model=str(base), max_batch_size=16, max_active_adapters=ADAPTERS,
                                     max_seq_len=128, lora_backend="torch", progress=False))
     for index, folder in enumerate(folders):
         reference.register_adapter(f"a{index}", folder)

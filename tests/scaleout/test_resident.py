@@ -14,6 +14,9 @@ from loraquilt.scaleout.resident import ResidentAdapters, ResidentKey
 from loraquilt.server.adapters.registry import AdapterChanged, file_fingerprint
 from loraquilt.server.engine import Engine, EngineConfig
 from loraquilt.server.request import Request, SamplingParams
+from loraquilt.server.model.weights import DeviceConfig
+
+EXACT = DeviceConfig(dtype="float32")  # the exact path: tests compare tokens
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +24,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("resident")
     base = build_tiny_model(root / "base", "llama", seed=3)
     folders = make_adapter_zoo(base, root / "adapters", count=4, seed=30)
-    engine = Engine(EngineConfig(model=str(base), max_batch_size=4, max_active_adapters=4, max_seq_len=64,
+    engine = Engine(EngineConfig(device=EXACT, model=str(base), max_batch_size=4, max_active_adapters=4, max_seq_len=64,
                                  lora_backend="torch", progress=False))
     return engine, folders
 

@@ -31,6 +31,9 @@ from loraquilt.server.request import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from loraquilt.server.service import MAX_MIX, MAX_PATH_CHARS, ServiceConfig
 from loraquilt.v1 import loraquilt_pb2 as pb
 from loraquilt.v1 import loraquilt_pb2_grpc as pb_grpc
+from loraquilt.server.model.weights import DeviceConfig
+
+EXACT = DeviceConfig(dtype="float32")  # the exact path: tests compare tokens
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
@@ -76,7 +79,7 @@ def live(tmp_path_factory):
     root = tmp / "adapters"
     good, other = make_adapter_zoo(base, root, count=2, seed=70)
     outside = shutil.copytree(good, tmp / "outside" / "adapter")
-    engine_config = EngineConfig(model=str(base), max_batch_size=4, max_active_adapters=4,
+    engine_config = EngineConfig(device=EXACT, model=str(base), max_batch_size=4, max_active_adapters=4,
                                  max_lora_rank=MAX_LORA_RANK, max_seq_len=MAX_SEQ_LEN,
                                  lora_backend="torch", progress=False)
     server = RunningServer(Engine(engine_config), ServerConfig(

@@ -15,6 +15,7 @@ from fixtures_models import build_peft_adapter, build_tiny_model, make_adapter_z
 
 from loraquilt.client import LoraQuiltClient
 from loraquilt.server.app import RunningServer, ServerConfig
+from loraquilt.server.model.weights import DeviceConfig
 from loraquilt.server.engine import Engine, EngineConfig
 from loraquilt.server.metrics import process_rss_bytes
 from loraquilt.server.request import Request, SamplingParams
@@ -25,7 +26,7 @@ PROMPTS = ("The river", "Birds fly over the", "Numbers", "A long time ago in a q
 
 
 def engine_config(base, **overrides) -> EngineConfig:
-    settings = dict(model=str(base), max_batch_size=4, max_active_adapters=3, max_cpu_adapters=8,
+    settings = dict(device=DeviceConfig(dtype="float32"), model=str(base), max_batch_size=4, max_active_adapters=3, max_cpu_adapters=8,
                     max_lora_rank=16, max_seq_len=160, lora_backend="torch", progress=False)
     return EngineConfig(**{**settings, **overrides})
 

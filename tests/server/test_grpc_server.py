@@ -18,6 +18,9 @@ from loraquilt.server.app import RunningServer, ServerConfig
 from loraquilt.server.engine import Engine, EngineConfig
 from loraquilt.server.request import Request, SamplingParams
 from loraquilt.server.service import ServiceConfig
+from loraquilt.server.model.weights import DeviceConfig
+
+EXACT = DeviceConfig(dtype="float32")  # the exact path: tests compare tokens
 
 METRIC_NAMES = (
     "loraquilt_requests_total", "loraquilt_time_to_first_token_seconds",
@@ -38,7 +41,7 @@ def world(tmp_path_factory):
     base = build_tiny_model(root / "base", "llama", seed=7)
     adapter_root = root / "adapters"
     folders = make_adapter_zoo(base, adapter_root, count=10, seed=70)
-    engine_config = EngineConfig(model=str(base), max_batch_size=16, max_active_adapters=6,
+    engine_config = EngineConfig(device=EXACT, model=str(base), max_batch_size=16, max_active_adapters=6,
                                  max_lora_rank=16, max_seq_len=128, lora_backend="torch", progress=False)
     server = RunningServer(Engine(engine_config), ServerConfig(
         port=0, metrics_port=0, grace_seconds=10,

@@ -15,6 +15,9 @@ from loraquilt.server.app import RunningServer, ServerConfig
 from loraquilt.server.auth import AdminCheck, AuthConfigError, TLSFiles, read_token_file
 from loraquilt.server.engine import Engine, EngineConfig
 from loraquilt.server.service import ServiceConfig
+from loraquilt.server.model.weights import DeviceConfig
+
+EXACT = DeviceConfig(dtype="float32")  # the exact path: tests compare tokens
 
 TOKEN = "s3cret-admin-token-0123456789"
 
@@ -38,7 +41,7 @@ def world(tmp_path_factory):
     adapter_root = root / "adapters"
     folders = make_adapter_zoo(base, adapter_root, count=4, seed=30)
     cert, key = self_signed(root)
-    engine = Engine(EngineConfig(model=str(base), max_batch_size=4, max_active_adapters=2, max_adapters=3,
+    engine = Engine(EngineConfig(device=EXACT, model=str(base), max_batch_size=4, max_active_adapters=2, max_adapters=3,
                                  max_seq_len=64, lora_backend="torch", progress=False))
     server = RunningServer(engine, ServerConfig(
         port=0, metrics_port=None, admin_token=TOKEN, tls=TLSFiles(cert, key),

@@ -12,6 +12,9 @@ from loraquilt.train.data import (
     IGNORE_INDEX, DataError, Example, collate, completion_ids, eos_token_id, parse_row, prompt_ids,
     read_examples, split_held_out, tokenize, write_examples,
 )
+from loraquilt.server.model.weights import DeviceConfig
+
+EXACT = DeviceConfig(dtype="float32")  # the exact path: tests compare tokens
 
 CHAT = {"messages": [{"role": "user", "content": "What color is the sky?"},
                      {"role": "assistant", "content": "Blue."}]}
@@ -83,7 +86,7 @@ def test_prompts_tokenize_exactly_like_the_engine(tmp_path):
     from loraquilt.train.evaluate import request_for
 
     base = build_tiny_model(tmp_path / "base", seed=2)
-    engine = Engine(EngineConfig(model=str(base), max_batch_size=2, progress=False))
+    engine = Engine(EngineConfig(device=EXACT, model=str(base), max_batch_size=2, progress=False))
     for row in (CHAT, PLAIN, {"messages": [{"role": "system", "content": "Be brief."}, *CHAT["messages"]]}):
         example = parse_row(row, "x")
         assert engine.encode(request_for(example, max_new_tokens=4)) == prompt_ids(engine.tokenizer, example)

@@ -15,6 +15,9 @@ from loraquilt.server.engine import Engine, EngineConfig
 from loraquilt.server.request import Request, SamplingParams
 from loraquilt.train.data import write_examples
 from loraquilt.train.peft_check import peft_greedy
+from loraquilt.server.model.weights import DeviceConfig
+
+EXACT = DeviceConfig(dtype="float32")  # the exact path: tests compare tokens
 
 WORDS = ("river", "bread", "morning", "market", "teacher", "farmer", "weather", "program", "number",
          "city", "train", "soup", "road", "bridge", "mill", "school")
@@ -72,7 +75,7 @@ def test_writes_a_peft_folder_and_a_report(trained):
 
 def test_loads_in_loraquilt_and_peft_with_equal_greedy_outputs(trained):
     base, out, _ = trained
-    engine = Engine(EngineConfig(model=str(base), max_batch_size=8, max_active_adapters=2, progress=False))
+    engine = Engine(EngineConfig(device=EXACT, model=str(base), max_batch_size=8, max_active_adapters=2, progress=False))
     engine.register_adapter("trained", out)
     greedy = SamplingParams(max_new_tokens=12, ignore_eos=True)
     requests = [Request(prompt=p, chat=True, adapter="trained", sampling=greedy) for p in PROMPTS]

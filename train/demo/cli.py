@@ -12,6 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from loraquilt.server.model.dtype import add_dtype_argument
 from loraquilt.train.demo.tasks import DEMO_TASKS, MIX, SHOWCASE_PROMPTS
 
 SHOWCASE_NEW_TOKENS = 48
@@ -33,6 +34,7 @@ def add_demo_parser(commands, name: str = "demo", help_text: str = "train and se
     parser.add_argument("--max-steps", type=int, help="override every task's training steps (quick trials)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default one per core)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_dtype_argument(parser)
     parser.set_defaults(run=_demo)
 
 
@@ -57,7 +59,7 @@ def _demo(args: argparse.Namespace) -> int:
         _stderr(f"{task.name}: {state}, {adapter.folder}")
         adapters.append(adapter)
     prompts = list(SHOWCASE_PROMPTS) + list(args.prompt)
-    served = serve_and_ask(args.model, adapters, prompts)
+    served = serve_and_ask(args.model, adapters, prompts, dtype=args.dtype)
     results = demo_results(source.name, adapters, served)
     print(format_results(results))
     if args.json:
@@ -66,13 +68,14 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def serve_and_ask(model: str | None, adapters, prompts: list[str]) -> dict:
+def serve_and_ask(model: str | None, adapters, prompts: list[str], dtype: str = "auto") -> dict:
     """Start the server with every adapter registered, ask it, stop it. The engine steps on
     this (main) thread; the gRPC client works from a second one."""
     from loraquilt.server.app import RunningServer, ServerConfig
     from loraquilt.server.engine import Engine, EngineConfig
+    from loraquilt.server.model.weights import DeviceConfig
 
-    engine = Engine(EngineConfig(model=model, max_batch_size=32, max_seq_len=512, max_active_adapters=4,
+    engine = Engine(EngineConfig(model=model, device=DeviceConfig(dtype=dtype), max_batch_size=32, max_seq_len=512, max_active_adapters=4,
                                  max_cpu_adapters=4, max_lora_rank=max(16, *(a.report["settings"]["rank"]
                                                                             for a in adapters)),
                                  progress=False))
