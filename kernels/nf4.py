@@ -114,10 +114,28 @@ def _c_dequantizer(dtype: torch.dtype):
     return getattr(lib, name, None) if name else None
 
 
-def dequantize_nf4_into(weight: NF4Weight, out: torch.Tensor) -> torch.Tensor:
-    """Semantics: out[o, i] = NF4_CODE[code(o, i)] * absmax[(o*in + i) // 64].
+DEQUANTIZERS = ("auto", "native", "bnb")
 
-    out: [out, in] contiguous CPU tensor (float32, bfloat16 or float16), overwritten."""
+
+def dequantize_nf4_into(weight: NF4Weight, out: torch.Tensor, dequantizer: str = "auto") -> torch.Tensor:
+    """Semantics: out[o, i] = NF4_CODE[code(o, i)] * absmax[(o*in + i) // 64], rounded to
+    out's dtype (round to nearest even) — bitsandbytes' values, bit for bit.
+
+    out: [out, in] contiguous CPU tensor (float32, bfloat16 or float16), overwritten.
+    dequantizer: `native` = the project's AVX2/OpenMP kernel (`kernels/csrc`), `bnb` =
+    bitsandbytes' C kernel, `auto` = native where it is built and the dtype is f32/bf16."""
+    if dequantizer not in DEQUANTIZERS:
+        raise ValueError(f"unknown dequantizer {dequantizer!r}; choose one of {DEQUANTIZERS}")
+    if out.device.type == "cpu" and dequantizer != "bnb" and out.dtype in (torch.float32, torch.bfloat16):
+        from loraquilt.kernels.nf4_native import native_kernel
+
+        native = native_kernel()
+        if native is not None:
+            run = native.dequantize_f32 if out.dtype == torch.float32 else native.dequantize_bf16
+            run(weight.packed.data_ptr(), weight.absmax.data_ptr(), out.data_ptr(), weight.numel)
+            return out
+        if dequantizer == "native":
+            raise RuntimeError("the native NF4 kernel is not available (see the warning above)")
     kernel = _c_dequantizer(out.dtype)
     if kernel is None or out.device.type != "cpu":
         out.copy_(bnbf.dequantize_4bit(weight.packed.view(-1, 1), weight.state).to(out.dtype))
@@ -130,11 +148,11 @@ def dequantize_nf4_into(weight: NF4Weight, out: torch.Tensor) -> torch.Tensor:
 
 
 def nf4_linear_cpu(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None,
-                   scratch: DequantScratch) -> torch.Tensor:
-    """Semantics: as `nf4_linear_reference`, bit for bit.
+                   scratch: DequantScratch, dequantizer: str = "auto") -> torch.Tensor:
+    """Semantics: as `nf4_linear_reference`, bit for bit (dequantize, then one GEMM).
 
     x: [T, in] -> [T, out]"""
-    dense = dequantize_nf4_into(weight, scratch.view(weight.shape, x.dtype, x.device))  # [out, in]
+    dense = dequantize_nf4_into(weight, scratch.view(weight.shape, x.dtype, x.device), dequantizer)  # [out, in]
     if bias is None:
         return torch.mm(x, dense.t())
     return torch.addmm(bias, x, dense.t())

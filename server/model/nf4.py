@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from loraquilt.kernels.nf4 import DequantScratch, NF4Weight, can_concat, nf4_linear
+from loraquilt.kernels.nf4_plan import BnbFusedWeight, NF4PathChoice, repack_for_bnb_fused, run_path
 
 
 class NF4Linear(nn.Module):
@@ -49,6 +50,8 @@ class NF4Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.to(compute_dtype), requires_grad=False)
         self.compute_dtype = compute_dtype
         self.scratch = scratch or DequantScratch()
+        self.path_choice: NF4PathChoice | None = None  # CPU: measured path per row count
+        self.fused_bnb: BnbFusedWeight | None = None  # repacked copy, only for the bnb_fused path
 
     @classmethod
     def fuse(cls, linears: list[NF4Linear]) -> NF4Linear | None:
@@ -62,8 +65,20 @@ class NF4Linear(nn.Module):
         return cls(NF4Weight.concat_rows(weights), bias, linears[0].compute_dtype, linears[0].scratch,
                    parts=parts)
 
+    def use_paths(self, choice: NF4PathChoice) -> None:
+        """Take the measured CPU path per row count (repacking the weight for bitsandbytes'
+        fused kernel only where that path was chosen)."""
+        self.path_choice = choice
+        self.fused_bnb = repack_for_bnb_fused(self.weight) if "bnb_fused" in choice.paths else None
+        if "bnb_fused" in choice.paths and self.fused_bnb is None:
+            self.path_choice = NF4PathChoice(*(p if p != "bnb_fused" else "dequant_native"
+                                               for p in (choice.decode, choice.prefill)), choice.timings_us)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, in] -> [T, out]"""
+        if self.on_cpu and self.path_choice is not None:
+            path = self.path_choice.path_for(x.shape[0])
+            return run_path(path, x, self.weight, self.bias, self.scratch, self.fused_bnb)
         return nf4_linear(x, self.weight, self.bias, self.scratch)
 
     def dequantized(self) -> torch.Tensor:
@@ -81,6 +96,8 @@ class NF4Linear(nn.Module):
         if state.nested:
             total += state.state2.absmax.numel() * state.state2.absmax.element_size()
             total += state.state2.code.numel() * state.state2.code.element_size()
+        if self.fused_bnb is not None:  # the repacked copy for bitsandbytes' fused kernel
+            total += self.fused_bnb.packed.numel() + self.fused_bnb.state.absmax.numel() * 2
         return total + state.code.numel() * state.code.element_size()
 
     @property

@@ -33,6 +33,16 @@ def smollm2():
     return engine, folder
 
 
+def test_chat_answer_names_paris_in_bfloat16():
+    """The bf16 path (NF4 dequantized straight to bf16, bf16 KV cache, slots and activations)."""
+    engine = Engine(EngineConfig(device=DeviceConfig("cpu", "bfloat16"), max_batch_size=2, max_seq_len=128,
+                                 progress=False))
+    assert engine.model.dtype == torch.bfloat16 and engine.cache.keys.dtype == torch.bfloat16
+    (result,) = engine.generate([Request(prompt="What is the capital of France?", chat=True,
+                                         sampling=SamplingParams(max_new_tokens=24))])
+    assert "Paris" in result.text
+
+
 def test_chat_answer_names_paris(smollm2):
     engine, _ = smollm2
     (result,) = engine.generate([Request(prompt="What is the capital of France?", chat=True,

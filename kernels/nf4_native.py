@@ -1,0 +1,147 @@
+"""The project's own compiled CPU kernel: NF4 dequantization with AVX2 over OpenMP threads
+(`kernels/csrc/nf4_dequant.c`).
+
+Built at first use with the system C compiler into the cache (`$LORAQUILT_CACHE` or
+`~/.cache/loraquilt`, under `kernels/`, keyed by the source, the flags and the compiler),
+then loaded with ctypes. It links the OpenMP runtime by the soname torch has already
+loaded (libgomp.so.1), so the process never maps a second one; where torch uses another
+runtime the kernel is built without OpenMP (one thread).
+
+Falls back (`native_kernel()` returns None, one warning line on stderr) when the CPU lacks
+AVX2/FMA, no compiler is found, the build fails, or `LORAQUILT_NATIVE_KERNELS=0`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("csrc") / "nf4_dequant.c"
+NATIVE_ENV = "LORAQUILT_NATIVE_KERNELS"
+REQUIRED_FLAGS = ("avx2", "fma")
+BASE_FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-std=c11")
+
+
+@dataclass(frozen=True)
+class NativeKernel:
+    library: ctypes.CDLL
+    path: Path
+    openmp: bool  # built against the process's OpenMP runtime (else one thread)
+
+    def dequantize_f32(self, packed_ptr: int, absmax_ptr: int, out_ptr: int, numel: int) -> None:
+        self.library.nf4_dequantize_f32(packed_ptr, absmax_ptr, out_ptr, numel)
+
+    def dequantize_bf16(self, packed_ptr: int, absmax_ptr: int, out_ptr: int, numel: int) -> None:
+        self.library.nf4_dequantize_bf16(packed_ptr, absmax_ptr, out_ptr, numel)
+
+
+def _warn(message: str) -> None:
+    print(f"loraquilt: warning: {message}; using bitsandbytes' NF4 dequantize kernel instead",
+          file=sys.stderr, flush=True)
+
+
+def _cache_root() -> Path:
+    env = os.environ.get("LORAQUILT_CACHE")
+    return (Path(env).expanduser() if env else Path.home() / ".cache" / "loraquilt") / "kernels"
+
+
+def _cpu_flags() -> frozenset[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags") and ":" in line:
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def loaded_openmp_runtimes() -> list[str]:
+    """Paths of the OpenMP runtimes mapped into this process (from /proc/self/maps)."""
+    names = ("libgomp", "libiomp", "libomp")
+    found: list[str] = []
+    try:
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            path = line.split()[-1] if line.split() else ""
+            if any(Path(path).name.startswith(name) for name in names) and path not in found:
+                found.append(path)
+    except OSError:
+        pass
+    return found
+
+
+def _torch_uses_gomp() -> bool:
+    import torch  # noqa: F401  (loads torch's OpenMP runtime first)
+
+    runtimes = loaded_openmp_runtimes()
+    return bool(runtimes) and all(Path(path).name.startswith("libgomp") for path in runtimes)
+
+
+def _compiler() -> str | None:
+    for candidate in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if candidate and shutil.which(candidate):
+            return candidate
+    return None
+
+
+@functools.cache
+def native_kernel() -> NativeKernel | None:
+    """The compiled kernel, built on first call; None (after one warning line) if it cannot be."""
+    if os.environ.get(NATIVE_ENV, "1") == "0":
+        return None
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        _warn(f"no native NF4 kernel for {platform.system()} {platform.machine()}")
+        return None
+    missing = [flag for flag in REQUIRED_FLAGS if flag not in _cpu_flags()]
+    if missing:
+        _warn(f"the CPU lacks {', '.join(missing)}")
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        _warn("no C compiler (cc, gcc or clang) on PATH")
+        return None
+    openmp = _torch_uses_gomp()
+    flags = [*BASE_FLAGS, *(("-fopenmp",) if openmp else ())]
+    try:
+        path = _build(compiler, flags)
+        library = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as error:
+        _warn(f"building {SOURCE.name} failed ({str(error).strip().splitlines()[-1][:200]})")
+        return None
+    for name, out_type in (("nf4_dequantize_f32", ctypes.c_void_p), ("nf4_dequantize_bf16", ctypes.c_void_p)):
+        function = getattr(library, name)
+        function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, out_type, ctypes.c_int64]
+        function.restype = None
+    return NativeKernel(library, path, openmp)
+
+
+def _build(compiler: str, flags: list[str]) -> Path:
+    """Compile into the cache once (a lock serializes processes building at the same time)."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
+    folder = _cache_root() / f"nf4-{key}"
+    target = folder / "libloraquilt_nf4.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.exists():
+            return target
+        with tempfile.TemporaryDirectory(dir=folder) as scratch:
+            built = Path(scratch) / target.name
+            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)],
+                                    capture_output=True, text=True, timeout=300)
+            if result.returncode != 0:
+                raise subprocess.SubprocessError(result.stderr or f"{compiler} exited {result.returncode}")
+            os.replace(built, target)
+    return target
