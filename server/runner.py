@@ -41,7 +41,10 @@ class ModelRunner:
             logits = self.model(batch, self.cache, lora)  # [N, vocab]
         finally:
             self.slots.end_step()
-        finite = torch.isfinite(logits).all(dim=-1).tolist()  # [N]
+        # a row is finite iff its min and max are (NaN propagates through both): one pass,
+        # no [N, vocab] temporaries as isfinite(...).all() makes
+        low, high = torch.aminmax(logits, dim=-1)  # [N] each
+        finite = (torch.isfinite(low) & torch.isfinite(high)).tolist()  # [N]
         for seq in sequences:
             if seq.generator is None and not seq.request.sampling.greedy:
                 seq.generator = new_generator(seq.request.sampling.seed)
