@@ -1,8 +1,8 @@
 """A few seconds of micro-benchmarks describing the machine a benchmark ran on.
 
-Memory bandwidth bounds batch-1 decoding (every step streams the weights); fp32 matmul
-throughput bounds prefill and large batches. Reporting both next to tokens/s lets results
-from different machines be compared.
+Memory bandwidth bounds batch-1 decoding (every step streams the weights); matmul
+throughput (fp32 and bf16, the two compute dtypes of `--dtype`) bounds prefill and large
+batches. Reporting them next to tokens/s lets results from different machines be compared.
 """
 
 from __future__ import annotations
@@ -21,15 +21,21 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _median_seconds(run: Callable[[], None], repeats: int = 5, inner: int = 1) -> float:
-    """Median wall time of ``inner`` calls of ``run`` divided by ``inner``, after one warm-up."""
+def _median_seconds(run: Callable[[], None], repeats: int = 5, inner: int = 1,
+                    budget_s: float = 3.0) -> float:
+    """Median wall time of ``inner`` calls of ``run`` divided by ``inner``, after one warm-up;
+    stops after ``budget_s`` seconds of samples (at least one), so a slow case (bf16 on a CPU
+    without native bf16 can be 20x slower than fp32) stays a few seconds."""
     run()
-    samples = []
-    for _ in range(repeats):
+    samples: list[float] = []
+    spent = 0.0
+    while len(samples) < repeats and (not samples or spent < budget_s):
         started = time.perf_counter()
         for _ in range(inner):
             run()
-        samples.append((time.perf_counter() - started) / inner)
+        elapsed = time.perf_counter() - started
+        spent += elapsed
+        samples.append(elapsed / inner)
     return statistics.median(samples)
 
 
@@ -44,43 +50,54 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def copy_bandwidth_gb_s(megabytes: int = 512) -> float:
+def copy_bandwidth_gb_s(megabytes: int = 512, budget_s: float = 3.0) -> float:
     """GB/s of copying one large fp32 tensor into another, counting bytes read + written."""
     source = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
     target = torch.empty_like(source)
-    seconds = _median_seconds(lambda: target.copy_(source))
+    seconds = _median_seconds(lambda: target.copy_(source), budget_s=budget_s)
     return 2 * source.numel() * 4 / seconds / 1e9
 
 
-def matmul_gflops(m: int, k: int, n: int, inner: int = 1) -> float:
-    """GFLOP/s of an fp32 [m, k] x [k, n] matmul (2 m k n flops)."""
+def matmul_gflops(m: int, k: int, n: int, inner: int = 1, dtype: torch.dtype = torch.float32,
+                  budget_s: float = 3.0) -> float:
+    """GFLOP/s of ``x[m, k] @ w[n, k].T`` (2 m k n flops) in ``dtype``: the layout of a
+    Linear layer's weight, which is what every projection and the lm_head multiply by (in
+    bf16 on a CPU without native bf16, the [k, n]-contiguous layout runs ~20x slower)."""
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(m, k, generator=generator)
-    b = torch.randn(k, n, generator=generator)
-    out = torch.empty(m, n)
-    seconds = _median_seconds(lambda: torch.matmul(a, b, out=out), inner=inner)
+    x = torch.randn(m, k, generator=generator).to(dtype)
+    w = torch.randn(n, k, generator=generator).to(dtype)
+    out = torch.empty(m, n, dtype=dtype)
+    seconds = _median_seconds(lambda: torch.mm(x, w.t(), out=out), inner=inner, budget_s=budget_s)
     return 2 * m * k * n / seconds / 1e9
 
 
-def measure_machine(log: Callable[[str], None] = _stderr) -> dict:
-    """Memory bandwidth, fp32 matmul throughput and the software/hardware identity.
+def measure_machine(log: Callable[[str], None] = _stderr, quick: bool = False) -> dict:
+    """Memory bandwidth, fp32 and bf16 matmul throughput (at 2048^3 and at the decode shape
+    32 x 576 -> 1536) and the software/hardware identity.
 
-    Takes about 1-2 s. The copy briefly holds 1 GiB, which raises the process's peak RSS:
+    Takes about 2-10 s; quick (a smoke run): a 128 MiB copy and at most ~0.5 s of samples
+    per case. The copy briefly holds 1 GiB, which raises the process's peak RSS:
     measure peak memory of anything else before calling this, or call it in a child process.
     """
     started = time.perf_counter()
+    budget = 0.5 if quick else 3.0
+    bf16 = torch.bfloat16
     with torch.inference_mode():
         result = {
-            "memory_bandwidth_gb_s": round(copy_bandwidth_gb_s(), 2),
-            "fp32_matmul_gflops": round(matmul_gflops(2048, 2048, 2048), 1),
-            "fp32_matmul_gflops_decode": round(matmul_gflops(32, 576, 1536, inner=50), 1),
+            "memory_bandwidth_gb_s": round(copy_bandwidth_gb_s(128 if quick else 512, budget), 2),
+            "fp32_matmul_gflops": round(matmul_gflops(2048, 2048, 2048, budget_s=budget), 1),
+            "fp32_matmul_gflops_decode": round(matmul_gflops(32, 576, 1536, inner=50, budget_s=budget), 1),
+            "bf16_matmul_gflops": round(matmul_gflops(2048, 2048, 2048, dtype=bf16, budget_s=budget), 1),
+            "bf16_matmul_gflops_decode": round(matmul_gflops(32, 576, 1536, inner=50, dtype=bf16, budget_s=budget), 1),
+            "matmul_layout": "x[m, k] @ w[n, k].T (a Linear weight)",
             "threads": torch.get_num_threads(),
             "cpu": cpu_model(),
             "torch": torch.__version__,
         }
     log(
         f"machine: {result['memory_bandwidth_gb_s']} GB/s copy, {result['fp32_matmul_gflops']} GFLOP/s "
-        f"fp32 matmul ({result['fp32_matmul_gflops_decode']} at decode shape), {result['threads']} threads "
+        f"fp32 matmul ({result['fp32_matmul_gflops_decode']} at decode shape), {result['bf16_matmul_gflops']} "
+        f"bf16 ({result['bf16_matmul_gflops_decode']}), {result['threads']} threads "
         f"[{time.perf_counter() - started:.1f} s]"
     )
     return result

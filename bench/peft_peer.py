@@ -1,8 +1,9 @@
 """The peer that `loraquilt bench serve` compares against: transformers + PEFT on the same base.
 
 The base model is loaded by transformers with bitsandbytes NF4 (blocksize 64, double
-quantization, float32 compute), exactly the quantization loraquilt serves; LoRA adapters are
-attached with PEFT. Three ways of serving many adapters are measured:
+quantization), exactly the quantization loraquilt serves, either exact in float32 or with
+the user's defaults (see ``load_nf4_model``); LoRA adapters are attached with PEFT. Three
+ways of serving many adapters are measured:
 
 * ``throughput`` - one batched ``generate`` over all requests, using PEFT's mixed-batch
   inference (``adapter_names=[...]``, one adapter per row) when the rows differ;
@@ -52,17 +53,30 @@ class PeerResult:
 def load_nf4_model(model_folder: Path, *, exact_fp32: bool = True) -> torch.nn.Module:
     """The transformers + bitsandbytes NF4 model of ``model_folder`` on CPU, in eval mode.
 
-    exact_fp32: on CPUs with AVX512-BF16, bitsandbytes' ``Linear4bit.forward`` in eval mode
-    repacks the weight for a fused kernel that computes in bfloat16 whatever the compute
-    dtype. True turns that path off so every projection dequantizes to float32 and runs an
-    fp32 matmul (the compute dtype asked for); False keeps bitsandbytes' default. On that
-    default path every ``state_dict()`` call (PEFT makes one per ``load_adapter``) unpacks
-    the weights by re-quantizing their bf16 absmax, and the next forward packs them again:
-    the base weights drift a little with each adapter load.
+    exact_fp32 True (the exact peer): float32 compute dtype and model dtype (embeddings,
+    norms, lm_head in fp32), and bitsandbytes' fused AVX512-BF16 path turned off. On CPUs
+    with AVX512-BF16, ``Linear4bit.forward`` in eval mode otherwise repacks the weight for a
+    fused kernel that computes in bfloat16 whatever the compute dtype; turned off, every
+    projection dequantizes to float32 and runs an fp32 matmul.
+
+    exact_fp32 False (what users get): exactly ``from_pretrained(folder,
+    quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    bnb_4bit_use_double_quant=True))``. With transformers 5.23 and bitsandbytes 0.50.2 that is
+    model dtype ``"auto"`` (the checkpoint's ``config.json`` dtype: bfloat16 for the embedded
+    SmolLM2 folder, so embeddings, norms and lm_head run in bf16), compute dtype float32 (the
+    config's default: a projection casts its input to fp32, multiplies by the fp32
+    dequantized weight and casts back), and on AVX512-BF16 CPUs the fused bf16 kernel. On that
+    fused path every ``state_dict()`` call (PEFT makes one per ``load_adapter``) unpacks the
+    weights by re-quantizing their bf16 absmax, and the next forward packs them again: the
+    base weights drift a little with each adapter load. ``describe_nf4_model`` says which.
     """
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    if not exact_fp32:
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_use_double_quant=True)
+        return AutoModelForCausalLM.from_pretrained(model_folder, quantization_config=quantization).eval()
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -72,11 +86,27 @@ def load_nf4_model(model_folder: Path, *, exact_fp32: bool = True) -> torch.nn.M
     model = AutoModelForCausalLM.from_pretrained(
         model_folder, quantization_config=quantization, device_map="cpu", dtype=torch.float32
     )
-    if exact_fp32:
-        for module in model.modules():
-            if isinstance(module, bnb.nn.Linear4bit):
-                module.support_avx512bf16_for_cpu = False
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
     return model.eval()
+
+
+def describe_nf4_model(model: torch.nn.Module) -> dict:
+    """The dtypes a loaded NF4 model computes in, and whether bitsandbytes' fused
+    AVX512-BF16 kernel serves its projections."""
+    import bitsandbytes as bnb
+
+    linears = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    fused = bool(linears) and all(bool(m.support_avx512bf16_for_cpu) for m in linears)
+    compute = {str(m.compute_dtype).removeprefix("torch.") for m in linears}
+    return {
+        "model_dtype": str(model.dtype).removeprefix("torch."),  # embeddings, norms, lm_head
+        "bnb_4bit_compute_dtype": ",".join(sorted(compute)),
+        "fused_avx512bf16_kernel": fused,
+        "projections": "bf16 fused NF4 kernel (gemv_4bit)" if fused
+        else "dequantize to the compute dtype + matmul",
+    }
 
 
 class PeftPeer:
@@ -98,8 +128,11 @@ class PeftPeer:
         self.adapters: list[str] = []
         # The first forward pass does one-time work (bitsandbytes may repack weights).
         self._generate(["Hello"], [None], 2)
-        path = "fp32 dequantize + matmul" if exact_fp32 else "bitsandbytes default CPU path"
-        log(f"peft peer: NF4 base loaded in {time.perf_counter() - started:.1f} s ({path})")
+        self.description = describe_nf4_model(self.model)
+        path = "exact fp32" if exact_fp32 else "user defaults"
+        log(f"peft peer: NF4 base loaded in {time.perf_counter() - started:.1f} s ({path}: model "
+            f"{self.description['model_dtype']}, projections {self.description['projections']} in "
+            f"{self.description['bnb_4bit_compute_dtype']})")
 
     @property
     def _is_peft(self) -> bool:

@@ -1,9 +1,11 @@
 """`loraquilt bench serve`: throughput, latency and hot-load, loraquilt against
 transformers + PEFT on the same NF4 base, in one run on this machine.
 
-loraquilt runs as a real `loraquilt serve` process driven over gRPC; the peer runs in
-this process. Both get the same prompts, adapters (seeded PEFT folders), greedy
-decoding and exactly T new tokens per request.
+Two pairs of systems (see `serve_systems`): the exact pair, `loraquilt serve --dtype
+float32` against PEFT in exact fp32, and the pair as users get them, `--dtype auto` against
+PEFT with the user's defaults. loraquilt runs as real `loraquilt serve` processes driven
+over gRPC; the peers run in this process. All get the same prompts, adapters (seeded PEFT
+folders), greedy decoding and exactly T new tokens per request.
 """
 
 from __future__ import annotations
@@ -11,16 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import socket
+import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from loraquilt.bench.serve_report import draw_plot, print_table
+from loraquilt.bench.serve_scenarios import SCENARIOS, THROUGHPUT
 from loraquilt.bench.workload import build_adapters, build_tiny_model, make_prompts, zipf_choices
-
-THROUGHPUT = ("distinct", "same", "base", "recipe_distinct", "recipe_same")
 
 
 @dataclass(frozen=True)
@@ -35,42 +36,58 @@ class BenchConfig:
     sequential_timed: int = 4  # PEFT sequential: requests timed, rest extrapolated
     latency_seconds: float = 20.0
     plot_points: tuple[int, ...] = (1, 4, 16, 32)
-    repeats: int = 3  # throughput scenarios: median of this many runs, per system
+    repeats: int = 2  # throughput scenarios: runs per system, interleaved; the median (upper) one is reported
+    accuracy_prompts: int = 32  # bench prompts whose bf16 and fp32 logits are compared
     seed: int = 0
 
     @classmethod
     def quick(cls) -> BenchConfig:
         return cls(batch=8, new_tokens=8, many_adapters=40, many_pool=8, many_requests_per_batch=2,
                    max_active_adapters=8, hotload_repeats=3, sequential_timed=2, latency_seconds=3.0,
-                   plot_points=(1, 4, 8), repeats=1)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+                   plot_points=(1, 8), repeats=1, accuracy_prompts=8)
 
 
 def _progress(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def _same_tokens(a: list[list[int]], b: list[list[int]]) -> float:
-    pairs = list(zip(a, b))
-    return sum(x == y for x, y in pairs) / len(pairs) if pairs else 0.0
+def parse_scenarios(text: str) -> tuple[str, ...]:
+    """`--scenarios a,b,...`: known names, in the bench's own order; argparse error otherwise."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SCENARIOS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown scenario(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(SCENARIOS)}")
+    return tuple(name for name in SCENARIOS if name in names)
 
 
-def run_bench(model: str | None, config: BenchConfig, workdir: Path, quick: bool) -> dict:
+def measure_machine_apart(quick: bool) -> dict:
+    """`measure_machine` in a child process, so its 1 GiB copy does not raise the peak RSS
+    the in-process peers report."""
+    code = ("import json; from loraquilt.bench.machine import measure_machine; "
+            "from loraquilt.bench.serve import _progress; "
+            f"print(json.dumps(measure_machine(log=_progress, quick={quick})))")
+    done = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_bench(model: str | None, config: BenchConfig, workdir: Path, quick: bool,
+              scenarios_wanted: tuple[str, ...] = SCENARIOS, separate_auto: bool = False) -> dict:
     from transformers import AutoTokenizer
 
-    from loraquilt.bench.machine import measure_machine
-    from loraquilt.bench.peft_peer import PeftPeer
-    from loraquilt.bench.server_side import ServedLoraQuilt
+    from loraquilt.bench import serve_scenarios as run
+    from loraquilt.bench.flops import FlopModel
+    from loraquilt.bench.serve_report import add_compute_bound, identical_fractions, ratios, versions
+    from loraquilt.bench.serve_systems import (LQ, LQ_AUTO, ORDER, PEFT, PEFT_DEFAULT, resolve_auto_dtype,
+                                                start_systems)
     from loraquilt.server.model.sources import resolve_model
 
     started = time.perf_counter()
-    _progress("measuring the machine (memory bandwidth, fp32 GEMM)")
-    machine = measure_machine(log=_progress)
+    wanted = set(scenarios_wanted)
+    auto_dtype, auto_reason = resolve_auto_dtype()
+    _progress(f"--dtype auto resolves to {auto_dtype} here ({auto_reason})")
+    _progress("measuring the machine (memory bandwidth, fp32 and bf16 GEMM)")
+    machine = measure_machine_apart(quick)
     source = resolve_model(model)
     model_folder = source.folder
     if quick:
@@ -82,121 +99,93 @@ def run_bench(model: str | None, config: BenchConfig, workdir: Path, quick: bool
     _progress(f"writing seeded adapters under {root}")
     heavy = build_adapters(model_folder, root, "heavy", B, seed=config.seed + 1)
     recipe = build_adapters(model_folder, root, "recipe", B, seed=config.seed + 2)
-    hot = build_adapters(model_folder, root / "hot", "heavy", config.hotload_repeats, seed=config.seed + 3)
-    pool = build_adapters(model_folder, root / "pool", "heavy", config.many_pool, seed=config.seed + 4)
-    many = _link_many(root / "many", pool, config.many_adapters)
+    hot = (build_adapters(model_folder, root / "hot", "heavy", config.hotload_repeats, seed=config.seed + 3)
+           if "hotload" in wanted else [])
+    pool = build_adapters(model_folder, root / "pool", "heavy", config.many_pool, seed=config.seed + 4) \
+        if "many" in wanted else []
+    many = _link_many(root / "many", pool, config.many_adapters) if pool else []
 
-    scenarios: dict[str, dict] = {name: {} for name in (*THROUGHPUT, "sequential", "many", "hotload", "latency")}
-    plot: dict[str, dict[int, float]] = {"loraquilt": {}, "peft": {}}
-    tokens: dict[str, dict[str, list[list[int]]]] = {"loraquilt": {}, "peft": {}}
-
-    # -- loraquilt ----------------------------------------------------------------------------
-    _progress("starting loraquilt serve")
-    server = ServedLoraQuilt(model_folder, root, port=_free_port(), max_batch_size=B,
-                             max_active_adapters=config.max_active_adapters,
-                             max_cpu_adapters=max(256, 2 * B), max_seq_len=256, log=_progress)
+    throughput = [name for name in THROUGHPUT if name in wanted]
+    scenarios: dict[str, dict] = {name: {} for name in SCENARIOS if name != "accuracy"}
+    tokens: dict[str, dict[str, list[list[int]]]] = {}
+    plot: dict = {}
+    memory: dict[str, dict] = {}
+    many_requests = 0
+    need_servers = bool(wanted & {*THROUGHPUT, "many", "hotload", "latency"})
+    need_peers = bool(wanted & {*THROUGHPUT, "sequential", "hotload"})
+    systems = start_systems(model_folder, root, want_servers=need_servers, want_peers=need_peers,
+                            auto_dtype=auto_dtype, separate_auto=separate_auto, max_batch_size=B,
+                            max_active_adapters=config.max_active_adapters, log=_progress)
     try:
-        for index, folder in enumerate(heavy):
-            server.register(f"heavy-{index}", str(folder.relative_to(root)))
-        for index, folder in enumerate(recipe):
-            server.register(f"recipe-{index}", str(folder.relative_to(root)))
-        plans = _plans(B)
-        server.throughput(prompts[:2], [None, "heavy-0"], 2)  # warm-up: first forward, allocator
-        for name, (kind, assignment) in plans.items():
-            adapters = [None if a is None else f"{kind}-{a}" for a in assignment]
-            server.throughput(prompts, adapters, 2)  # warm-up: adapters onto the device
-            _progress(f"loraquilt {name}")
-            result, runs = _median_run(lambda: server.throughput(prompts, adapters, T), config.repeats)
-            scenarios[name]["loraquilt"] = {**_summary(result), "runs_tokens_per_s": runs}
-            tokens["loraquilt"][name] = result.token_ids
-        for n in config.plot_points:
-            adapters = [f"heavy-{i % n}" for i in range(B)]
-            server.throughput(prompts, adapters, 2)
-            plot["loraquilt"][n] = server.throughput(prompts, adapters, T).tokens_per_s
-        capacity = scenarios["distinct"]["loraquilt"]["tokens_per_s"]
-
-        _progress(f"loraquilt many: registering {len(many)} adapters")
-        for index, folder in enumerate(many):
-            server.register(f"many-{index}", str(folder.relative_to(root)))
-        picks = zipf_choices(config.many_requests_per_batch * B, len(many), 1.1, config.seed + 5)
-        _progress(f"loraquilt many: {len(picks)} requests, zipf(1.1) over {len(many)} adapters")
-        many_prompts = [prompts[i % B] for i in range(len(picks))]
-        result = server.throughput(many_prompts, [f"many-{p}" for p in picks], T)
-        scenarios["many"]["loraquilt"] = {**_summary(result), "adapters": len(many),
-                                          "distinct_weight_files": len(pool),
-                                          "distinct_adapters_requested": len(set(picks))}
-
-        _progress("loraquilt hotload")
-        scenarios["hotload"]["loraquilt"] = server.hotload([str(f.relative_to(root)) for f in hot], prompts[0])
-        for fraction in (0.5, 0.8):
-            rate = capacity * fraction / T
-            _progress(f"loraquilt latency at {int(fraction * 100)}% of capacity ({rate:.2f} req/s)")
-            scenarios["latency"].setdefault("loraquilt", {})[f"{int(fraction * 100)}pct"] = server.open_loop(
-                prompts, [f"heavy-{i}" for i in range(B)], T, rate, config.latency_seconds, config.seed + 6)
-        rss, peak = server.memory_mb()
-        server_memory = {"rss_mb": rss, "peak_rss_mb": peak}
+        peer_descriptions = {system: peer.description for system, peer in systems.peers.items()}
+        served_dtypes = {system: server.served_dtype() for system, server in systems.servers.items()}
+        for system in systems.distinct_servers():
+            server = systems.servers[system]
+            for index, folder in enumerate(heavy):
+                server.register(f"heavy-{index}", str(folder.relative_to(root)))
+            for index, folder in enumerate(recipe):
+                server.register(f"recipe-{index}", str(folder.relative_to(root)))
+            server.throughput(prompts[:2], [None, "heavy-0"], 2)  # warm-up: first forward, allocator
+        if "base" in throughput:  # before the peers hold adapters: their plain base model
+            run.run_throughput(systems, ["base"], prompts, T, config.repeats, scenarios, tokens, _progress)
+        if systems.peers and wanted & {*THROUGHPUT, "sequential"} - {"base"}:
+            names = [f"heavy-{i}" for i in range(B)] + [f"recipe-{i}" for i in range(B)]
+            for peer in systems.peers.values():
+                peer.load_adapters(heavy + recipe, names)
+        run.run_throughput(systems, [n for n in throughput if n != "base"], prompts, T, config.repeats,
+                           scenarios, tokens, _progress)
+        if "distinct" in wanted:
+            plot = run.run_plot(systems, config.plot_points, prompts, T, scenarios, _progress)
+        if "sequential" in wanted:
+            run.run_sequential(systems, prompts, T, config.sequential_timed, scenarios, _progress)
+        if "many" in wanted:
+            picks = zipf_choices(config.many_requests_per_batch * B, len(many), 1.1, config.seed + 5)
+            many_requests = len(picks)
+            run.run_many(systems, root, many, picks, prompts, T, len(pool), scenarios, tokens, _progress)
+        if "hotload" in wanted:
+            run.run_hotload(systems, root, hot, prompts[0], config.hotload_repeats, scenarios, _progress)
+        if "latency" in wanted:
+            run.run_latency(systems, prompts, T, config.latency_seconds, config.seed + 6, scenarios, _progress)
+        for system in systems.distinct_servers():
+            rss, peak = systems.servers[system].memory_mb()
+            memory[system] = {"rss_mb": rss, "peak_rss_mb": peak}
     finally:
-        server.stop()
+        systems.stop()
 
-    # -- transformers + PEFT ------------------------------------------------------------------
-    _progress("loading transformers + PEFT peer")
-    peer = PeftPeer(model_folder, log=_progress)
-    _progress("peft base")
-    peer.throughput(prompts, [None] * B, 2)  # warm-up, as for loraquilt
-    result, runs = _median_run(lambda: peer.throughput(prompts, [None] * B, T), config.repeats)
-    scenarios["base"]["peft"] = {**_summary(result), "runs_tokens_per_s": runs}
-    tokens["peft"]["base"] = result.token_ids
-    peer.load_adapters(heavy + recipe, [f"heavy-{i}" for i in range(B)] + [f"recipe-{i}" for i in range(B)])
-    for name, (kind, assignment) in _plans(B).items():
-        if name == "base":
-            continue
-        _progress(f"peft {name}")
-        names = [f"{kind}-{a}" for a in assignment]
-        peer.throughput(prompts, names, 2)  # warm-up
-        result, runs = _median_run(lambda: peer.throughput(prompts, names, T), config.repeats)
-        scenarios[name]["peft"] = {**_summary(result), "runs_tokens_per_s": runs}
-        tokens["peft"][name] = result.token_ids
-    for n in config.plot_points:
-        plot["peft"][n] = (scenarios["same"]["peft"]["tokens_per_s"] if n == 1 else
-                           peer.throughput(prompts, [f"heavy-{i % n}" for i in range(B)], T).tokens_per_s)
-    _progress("peft sequential (set_adapter per request)")
-    result = peer.sequential(prompts, [f"heavy-{i}" for i in range(B)], T, max_requests=config.sequential_timed)
-    scenarios["sequential"]["peft"] = {**_summary(result), "notes": result.notes}
-    _progress("peft hotload (load_adapter + first token)")
-    scenarios["hotload"]["peft"] = peer.hotload(hot, prompts[0], config.hotload_repeats)
+    accuracy = {}
+    if "accuracy" in wanted:
+        from loraquilt.bench.accuracy import bf16_vs_fp32
 
-    identical = {name: _same_tokens(tokens["loraquilt"][name], tokens["peft"][name])
-                 for name in tokens["peft"] if name in tokens["loraquilt"]}
+        _progress(f"accuracy: bf16 vs fp32 prefill logits over {min(B, config.accuracy_prompts)} prompts")
+        accuracy["bf16_vs_fp32"] = bf16_vs_fp32(model_folder, prompts[:config.accuracy_prompts], _progress)
+
+    prompt_tokens = [len(tokenizer(prompt)["input_ids"]) for prompt in prompts]
+    add_compute_bound(scenarios, FlopModel.from_folder(model_folder), prompt_tokens, T, machine, auto_dtype,
+                      many_requests)
     return {
-        "scenarios": scenarios,
-        "ratios": _ratios(scenarios),
-        "identical_greedy_fraction": identical,
+        "scenarios": {name: entry for name, entry in scenarios.items() if entry or name in wanted},
+        "ratios": ratios(scenarios),
+        "identical_greedy_fraction": identical_fractions(tokens, LQ, PEFT),
+        "identical_greedy_fraction_auto": identical_fractions(tokens, LQ_AUTO, PEFT_DEFAULT),
+        "accuracy": accuracy,
         "plot": {system: {str(n): v for n, v in points.items()} for system, points in plot.items()},
-        "server_memory": server_memory,
+        "server_memory": memory.get(LQ, {}),
+        "server_memory_auto": memory.get(LQ_AUTO, memory.get(LQ, {})),
         "machine": machine,
         "settings": {**asdict(config), "model": source.name if not quick else "tiny random Llama (quick)",
                      "model_folder": str(model_folder), "compute_dtype": "float32", "greedy": True,
+                     "scenarios": list(scenarios_wanted),
                      "peer": "transformers + PEFT + bitsandbytes NF4 (double quant), fp32 compute",
-                     "peer_exact_fp32": True},
-        "versions": _versions(),
+                     "peer_exact_fp32": True,
+                     "peer_default": "transformers + PEFT + bitsandbytes NF4 (double quant), the user's defaults: "
+                                     "from_pretrained(folder, quantization_config=BitsAndBytesConfig(load_in_4bit="
+                                     "True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True))",
+                     "peer_dtypes": peer_descriptions, "served_dtypes": served_dtypes,
+                     "auto_dtype": auto_dtype, "auto_dtype_reason": auto_reason,
+                     "auto_same_as_float32": systems.auto_shared,
+                     "order_within_repeat": list(ORDER), "prompt_tokens": prompt_tokens},
+        "versions": versions(),
         "wall_seconds": time.perf_counter() - started,
-    }
-
-
-def _median_run(run, repeats: int):
-    """Run `repeats` times; the run with the median tokens/s, and every run's tokens/s."""
-    results = sorted((run() for _ in range(max(1, repeats))), key=lambda r: r.tokens_per_s)
-    return results[len(results) // 2], [r.tokens_per_s for r in results]
-
-
-def _plans(batch: int) -> dict[str, tuple[str, list]]:
-    """scenario -> (adapter kind, adapter index per request or None for the base model)."""
-    return {
-        "distinct": ("heavy", list(range(batch))),
-        "same": ("heavy", [0] * batch),
-        "base": ("heavy", [None] * batch),
-        "recipe_distinct": ("recipe", list(range(batch))),
-        "recipe_same": ("recipe", [0] * batch),
     }
 
 
@@ -217,110 +206,37 @@ def _link_many(folder: Path, pool: list[Path], count: int) -> list[Path]:
     return folders
 
 
-def _summary(result) -> dict:
-    summary = {"tokens_per_s": result.tokens_per_s, "wall_s": result.wall_s,
-               "generated_tokens": result.generated_tokens}
-    for key in ("latency_p50_ms", "latency_p99_ms", "server_rss_mb", "step_ms", "peak_rss_mb"):
-        value = getattr(result, key, None)
-        if value is not None:
-            summary[key] = value
-    return summary
-
-
-def _ratios(scenarios: dict) -> dict:
-    def tps(name: str, system: str) -> float | None:
-        return scenarios.get(name, {}).get(system, {}).get("tokens_per_s")
-
-    def ratio(a, b):
-        return None if a is None or not b else a / b
-
-    lq = lambda name: tps(name, "loraquilt")  # noqa: E731
-    peft = lambda name: tps(name, "peft")  # noqa: E731
-    return {
-        "distinct_vs_peft_distinct": ratio(lq("distinct"), peft("distinct")),
-        "distinct_vs_peft_sequential": ratio(lq("distinct"), peft("sequential")),
-        "distinct_vs_peft_base": ratio(lq("distinct"), peft("base")),
-        "base_vs_peft_base": ratio(lq("base"), peft("base")),
-        "same_over_base": ratio(lq("same"), lq("base")),
-        "recipe_same_over_base": ratio(lq("recipe_same"), lq("base")),
-        "recipe_distinct_over_recipe_same": ratio(lq("recipe_distinct"), lq("recipe_same")),
-        "distinct_over_same": ratio(lq("distinct"), lq("same")),
-        "many_over_distinct": ratio(lq("many"), lq("distinct")),
-    }
-
-
-def _versions() -> dict:
-    import bitsandbytes
-    import peft
-    import torch
-    import transformers
-
-    from loraquilt import __version__
-
-    return {"loraquilt": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__,
-            "python": platform.python_version(), "threads": torch.get_num_threads()}
-
-
-def print_table(results: dict) -> None:
-    rows = [("scenario", "loraquilt tok/s", "peft tok/s", "ratio")]
-    for name in (*THROUGHPUT, "sequential", "many"):
-        lq = results["scenarios"][name].get("loraquilt", {}).get("tokens_per_s")
-        peft = results["scenarios"][name].get("peft", {}).get("tokens_per_s")
-        ratio = f"{lq / peft:.2f}x" if lq and peft else "-"
-        rows.append((name, f"{lq:.1f}" if lq else "-", f"{peft:.1f}" if peft else "-", ratio))
-    hot = results["scenarios"]["hotload"]
-    rows.append(("hotload p50 ms", f"{hot['loraquilt']['p50_ms']:.1f}", f"{hot['peft']['p50_ms']:.1f}", "-"))
-    for label, stats in results["scenarios"]["latency"].get("loraquilt", {}).items():
-        rows.append((f"latency {label} ttft p50/p99 ms",
-                     f"{stats['ttft_p50_ms']:.0f}/{stats['ttft_p99_ms']:.0f}", "-", "-"))
-        rows.append((f"latency {label} itl p50/p99 ms",
-                     f"{stats['itl_p50_ms']:.0f}/{stats['itl_p99_ms']:.0f}", "-", "-"))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
-    print("ratios: " + ", ".join(f"{k}={v:.2f}" for k, v in results["ratios"].items() if v is not None))
-
-
-def draw_plot(results: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("--plot needs matplotlib: pip install 'loraquilt[bench]'") from None
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for system, points in results["plot"].items():
-        xs = sorted(int(n) for n in points)
-        axis.plot(xs, [points[str(n)] for n in xs], marker="o", label=system)
-    axis.set_xlabel("distinct adapters in the batch")
-    axis.set_ylabel("generated tokens/s")
-    axis.set_xscale("log", base=2)
-    axis.set_title(f"B={results['settings']['batch']}, T={results['settings']['new_tokens']}, "
-                   f"{results['settings']['model']}")
-    axis.grid(True, alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="PATH", required=True, help="write the results here")
     parser.add_argument("--plot", metavar="PATH.png", help="tokens/s against distinct adapters")
     parser.add_argument("--model", help="HF folder, .gguf or hub id (default: embedded SmolLM2)")
     parser.add_argument("--quick", action="store_true", help="tiny model, small N (a smoke run)")
     parser.add_argument("--workdir", type=Path, help="where adapters are written (default: a cache folder)")
+    parser.add_argument("--scenarios", type=parse_scenarios, default=SCENARIOS, metavar="A,B,...",
+                        help=f"run only these (default: all): {', '.join(SCENARIOS)}")
+    parser.add_argument("--repeats", type=_positive_int, metavar="N",
+                        help="throughput runs per system and scenario, interleaved (default 2; --quick 1)")
+    parser.add_argument("--separate-auto-server", action="store_true",
+                        help="start a --dtype auto server even where auto resolves to float32")
     parser.set_defaults(run=_run_command)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _run_command(args: argparse.Namespace) -> int:
     from loraquilt.server.model.sources import default_cache_dir
 
     config = BenchConfig.quick() if args.quick else BenchConfig()
+    if args.repeats:
+        config = replace(config, repeats=args.repeats)
     workdir = args.workdir or default_cache_dir() / ("bench-quick" if args.quick else "bench")
     workdir.mkdir(parents=True, exist_ok=True)
-    results = run_bench(args.model, config, workdir, args.quick)
+    results = run_bench(args.model, config, workdir, args.quick, args.scenarios, args.separate_auto_server)
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
     if args.plot:

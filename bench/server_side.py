@@ -4,6 +4,7 @@ loopback, driven by the gRPC client from the bench process."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -72,19 +73,35 @@ class ServedLoraQuilt:
                    "--max-queue", "4096", "--grace-seconds", "5", *extra_args]
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self._terminated = False
         self.stderr_tail: deque[str] = deque(maxlen=40)  # the server's last words, for failure reports
-        deadline = time.monotonic() + 600
-        for line in self.process.stderr:
-            self.stderr_tail.append(line.rstrip())
-            if "loraquilt serving" in line:
-                break
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"loraquilt serve did not start: {line.strip()}")
-        else:
-            raise RuntimeError("loraquilt serve exited before serving:\n" + "\n".join(self.stderr_tail))
+        try:
+            self._wait_until_serving(deadline=time.monotonic() + 600)
+        except BaseException:
+            self.process.kill()  # a server that did not come up is not left behind
+            self.process.wait()
+            raise
+        self.startup_log = list(self.stderr_tail)
         threading.Thread(target=self._drain_stderr, daemon=True).start()
         self.target = f"127.0.0.1:{port}"
         self.client = LoraQuiltClient(self.target, timeout=3600)
+
+    def _wait_until_serving(self, deadline: float) -> None:
+        for line in self.process.stderr:
+            self.stderr_tail.append(line.rstrip())
+            if "loraquilt serving" in line:
+                return
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"loraquilt serve did not start: {line.strip()}")
+        raise RuntimeError("loraquilt serve exited before serving:\n" + "\n".join(self.stderr_tail))
+
+    def served_dtype(self) -> str | None:
+        """The compute dtype the server's startup log names ("... on cpu (float32; why): ...")."""
+        for line in self.startup_log:
+            found = re.search(r" ready in .* on \S+ \((\w+)[;)]", line)
+            if found:
+                return found.group(1)
+        return None
 
     def _drain_stderr(self) -> None:
         for line in self.process.stderr:
@@ -136,9 +153,15 @@ class ServedLoraQuilt:
             break
         return (time.perf_counter() - start) * 1e3
 
-    def hotload(self, folders: list[str], prompt: str) -> dict:
-        """RegisterAdapter -> first token of a never-seen adapter, once per folder."""
-        samples = []
+    def hotload(self, folders: list[str], prompt: str, warm_adapter: str | None = None) -> dict:
+        """RegisterAdapter -> first token of a never-seen adapter, once per folder.
+
+        warm_adapter: a registered adapter; after each hot-load sample, the first-token
+        latency of the same prompt on it (already on the device: one untimed request
+        first puts it there) is measured too, as `warm_ttft_*`."""
+        samples, warm = [], []
+        if warm_adapter is not None:
+            self.first_token_ms(prompt, warm_adapter)
         for index, folder in enumerate(folders):
             name = f"hot-{index}"
             start = time.perf_counter()
@@ -147,7 +170,13 @@ class ServedLoraQuilt:
                 break
             samples.append((time.perf_counter() - start) * 1e3)
             self.unregister(name)
-        return {"p50_ms": percentile(samples, 50), "p99_ms": percentile(samples, 99), "samples_ms": samples}
+            if warm_adapter is not None:
+                warm.append(self.first_token_ms(prompt, warm_adapter))
+        result = {"p50_ms": percentile(samples, 50), "p99_ms": percentile(samples, 99), "samples_ms": samples}
+        if warm:
+            result.update(warm_ttft_p50_ms=percentile(warm, 50), warm_ttft_p99_ms=percentile(warm, 99),
+                          warm_samples_ms=warm, warm_adapter=warm_adapter)
+        return result
 
     def open_loop(self, prompts: list[str], adapters: list[str], new_tokens: int, rate: float,
                   duration_s: float, seed: int) -> dict:
@@ -192,10 +221,16 @@ class ServedLoraQuilt:
                 "ttft_p50_ms": percentile(ttft, 50) * 1e3, "ttft_p99_ms": percentile(ttft, 99) * 1e3,
                 "itl_p50_ms": percentile(itl, 50) * 1e3, "itl_p99_ms": percentile(itl, 99) * 1e3}
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
+        """Close the client and end the process (SIGTERM: a graceful drain, then SIGKILL
+        after 30 s). wait False only signals it; call stop() again to reap it."""
         self.client.close()
-        if self.process.poll() is None:
+        if self.process.poll() is not None:
+            return
+        if not self._terminated:
             self.process.terminate()
+            self._terminated = True
+        if wait:
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:

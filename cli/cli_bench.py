@@ -11,7 +11,8 @@ def add_bench_parser(commands, name: str, help_text: str) -> None:
     kernel_bench.add_arguments(kinds.add_parser("kernels", help="LoRA kernel backends against a base Linear"))
     from loraquilt.bench import serve as serve_bench
 
-    serve_bench.add_arguments(kinds.add_parser("serve", help="loraquilt vs transformers + PEFT, one run"))
+    serve_bench.add_arguments(kinds.add_parser(
+        "serve", help="loraquilt vs transformers + PEFT, exact (fp32) and as users get them (--dtype auto), one run"))
     from loraquilt.bench import scaleout as scaleout_bench
 
     scaleout_bench.add_arguments(kinds.add_parser(

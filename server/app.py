@@ -20,6 +20,7 @@ from loraquilt.server.auth import AdminAuthInterceptor, AdminCheck, AuthConfigEr
 from loraquilt.server.engine import Engine, EngineConfig
 from loraquilt.server.engine_loop import EngineLoop
 from loraquilt.server.metrics import Metrics
+from loraquilt.server.model.dtype import add_dtype_argument
 from loraquilt.server.model.weights import DeviceConfig
 from loraquilt.server.service import LoraQuiltService, ServiceConfig
 from loraquilt.v1 import loraquilt_pb2 as pb
@@ -144,10 +145,11 @@ def add_serve_parser(commands, name: str = "serve", help_text: str = "start the 
     parser.add_argument("--max-lora-rank", type=int, default=16)
     parser.add_argument("--max-queue", type=int, default=1024, help="waiting requests before RESOURCE_EXHAUSTED")
     parser.add_argument("--max-seq-len", type=int, default=1024, help="prompt + generated tokens per request")
-    parser.add_argument("--max-prefill-tokens", type=int, default=4096)
+    parser.add_argument("--max-prefill-tokens", type=int, default=128,
+                        help="prompt tokens fed per step over all requests; longer prompts are prefilled in chunks")
     parser.add_argument("--default-max-new-tokens", type=int, default=128)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16")
+    add_dtype_argument(parser)
     parser.add_argument("--lora-backend", default="auto", choices=["auto", "torch", "triton", "reference"])
     parser.add_argument("--grace-seconds", type=float, default=30.0)
     security = parser.add_argument_group("security")

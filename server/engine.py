@@ -3,6 +3,12 @@
 A step is: schedule -> run the model once over every scheduled sequence -> append tokens
 -> finish what is done. `generate` drives steps until a list of requests is answered;
 the gRPC server drives the same `step` from a background thread.
+
+A step reads no file: admission pins only adapters in memory, and one that is only on
+disk is read by the registry's loader thread while its request waits (running rows keep
+stepping; requests behind it whose adapters are in memory may go first). A long prompt
+is prefilled in chunks of at most `max_prefill_tokens` per step beside the decodes; only
+the step that completes it samples a token.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loraquilt.server.adapters.registry import AdapterRecord, AdapterRegistry, RegistryEvents
+from loraquilt.server.adapters.registry import AdapterRecord, AdapterRegistry, HostHold, RegistryEvents
 from loraquilt.server.adapters.slots import LoraSlots, SlotConfig
 from loraquilt.server.detokenizer import render
 from loraquilt.server.model.kv_cache import KVCache, KVCacheConfig
@@ -50,7 +56,7 @@ class EngineConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     max_batch_size: int = 32
     max_seq_len: int = 1024  # prompt + generated tokens per sequence (KV cache row)
-    max_prefill_tokens: int = 4096
+    max_prefill_tokens: int = 128  # prompt tokens per step over all sequences; longer prompts are chunked
     max_waiting: int = 1024
     max_active_adapters: int = 8  # device slots
     max_cpu_adapters: int = 64  # host-memory LRU
@@ -65,6 +71,8 @@ class EngineConfig:
 
 
 class Engine:
+    IDLE_WAIT_SECONDS = 0.5  # longest a step with nothing to run waits for progress
+
     def __init__(self, config: EngineConfig = EngineConfig(), *, events: RegistryEvents | None = None):
         self.config = config
         log = (lambda line: print(line, file=sys.stderr)) if config.progress else (lambda line: None)
@@ -85,9 +93,12 @@ class Engine:
             model_config, SlotConfig(config.max_active_adapters, config.max_lora_rank, config.lora_backend),
             self.model.dtype, self.model.device,
         )
+        # Set when a step may find something new to admit (a request, an abort, a read from
+        # disk done); a step with nothing to run waits on it outside the lock.
+        self._progress = threading.Event()
         self.adapters = AdapterRegistry(model_config, self.slots, max_cpu_adapters=config.max_cpu_adapters,
                                         max_adapters=config.max_adapters,
-                                        events=events)
+                                        events=events, on_loaded=self._progress.set)
         self.scheduler = Scheduler(SchedulerConfig(config.max_batch_size, config.max_prefill_tokens,
                                                    config.max_waiting))
         self.runner = ModelRunner(self.model, self.cache, self.slots)
@@ -96,9 +107,11 @@ class Engine:
         self._aborted: set[str] = set()
         self.last_batch_size = 0
         log(f"model {self.model_name} ready in {time.perf_counter() - started:.1f}s on "
-            f"{self.model.device} ({str(self.model.dtype).removeprefix('torch.')}): "
+            f"{self.model.device} ({str(self.model.dtype).removeprefix('torch.')}; {self.model.dtype_reason}): "
             f"{self.model.quantized_bytes() / 2**20:.1f} MiB NF4 weights, KV cache "
             f"{self.cache.num_bytes / 2**20:.1f} MiB, adapter slots {self.slots.num_bytes / 2**20:.1f} MiB")
+        if self.model.nf4_paths:
+            log(f"NF4 paths measured per weight shape: {self.model.nf4_paths}")
 
     # -- adapters -------------------------------------------------------------------------
 
@@ -107,6 +120,7 @@ class Engine:
 
     def unregister_adapter(self, name: str) -> None:
         self.adapters.unregister(name)
+        self._progress.set()  # requests waiting on it fail at the next step
 
     # -- requests -------------------------------------------------------------------------
 
@@ -139,11 +153,13 @@ class Engine:
         sequence = Sequence(request=request, prompt_ids=prompt_ids)
         with self._lock:
             self.scheduler.add(sequence)
+        self._progress.set()
         return sequence
 
     def abort(self, request_id: str) -> None:
         with self._lock:
             self._aborted.add(request_id)
+        self._progress.set()
 
     def has_work(self) -> bool:
         with self._lock:
@@ -155,10 +171,14 @@ class Engine:
         """One scheduling round and one forward. New requests and aborts may arrive from
         other threads meanwhile; the forward itself runs outside the lock."""
         with self._lock:
+            self._progress.clear()  # whatever happens from here on is seen by the next step
             outputs = self._apply_aborts()
             plan = self.scheduler.schedule(self._try_admit)
             outputs += [StepOutput(seq.request_id, "", (), error=seq.error) for seq in plan.rejected]
+            waiting = bool(self.scheduler.waiting)
         if not plan:
+            if waiting and not outputs:  # only requests whose adapters are being read: no busy loop
+                self._progress.wait(self.IDLE_WAIT_SECONDS)
             return outputs
         self.last_batch_size = len(plan.sequences)
         try:
@@ -179,6 +199,11 @@ class Engine:
                     seq.scrub_cache = True
                     if not seq.finished:
                         outputs.append(self._fail_non_finite(seq))
+                    continue
+                if not seq.prefilled and not seq.finish_chunk():
+                    # a partial prompt chunk: its token is discarded, and so is the random
+                    # stream the runner made for it (the first real draw starts the seeded one)
+                    seq.generator = None
                     continue
                 seq.prefilled = True
                 seq.output_ids.append(token)
@@ -214,13 +239,16 @@ class Engine:
         names = [name for name, _ in seq.request.adapter_weights]
         if names:
             try:
-                lease = self.adapters.acquire(names)
+                lease = self.adapters.acquire(names, seq.adapter_hold)
             except Exception as error:  # unregistered meanwhile, or its files are gone or broken
-                seq.error = error
+                seq.error, seq.adapter_hold = error, None
                 return Admission.REJECT
+            if isinstance(lease, HostHold):  # an adapter is being read from disk
+                seq.adapter_hold = lease
+                return Admission.DEFER
             if lease is None:
                 return Admission.WAIT
-            seq.adapter_lease = lease
+            seq.adapter_lease, seq.adapter_hold = lease, None
             seq.adapter_slots = [(slot, w) for slot, (_, w) in zip(lease.slots, seq.request.adapter_weights)]
         seq.cache_slot = self._free_cache_slots.pop()
         seq.admitted_time = time.monotonic()
@@ -265,6 +293,9 @@ class Engine:
         outputs = []
         for request_id in self._aborted:
             seq = self.scheduler.remove_waiting(request_id) or self.scheduler.find_running(request_id)
+            if seq is not None and seq.adapter_hold is not None:  # it waited for a read from disk
+                self.adapters.release_hold(seq.adapter_hold)
+                seq.adapter_hold = None
             if seq is not None and not seq.finished:
                 seq.finish_reason = FINISH_CANCELLED
                 outputs.append(StepOutput(request_id, "", (), self._result(seq)))

@@ -3,6 +3,17 @@
 A running request pins the device slots it uses; a pinned slot is never evicted or
 reused. Unregistering an adapter that is pinned hides it from new requests at once and
 frees its slot when the last request on it finishes.
+
+No file is read by `acquire` (the engine calls it inside a step, under its lock): it pins
+only adapters already in host memory or on the device. For an adapter that is only on
+disk it returns a HostHold and queues a read on the loader thread (`loader.Loader`), which
+validates the files into the host tier; the caller asks again, with the same hold, after
+`on_loaded` fired. Until the hold is released (the request is admitted, fails or goes
+away) its adapters stay in host memory, so a request on more adapters than the host tier
+holds still gets all of them in at once. Holds are granted to at most `max_held` adapters
+together (half the host tier; any number when no other hold exists, so the first request
+in line always makes progress), which bounds the host memory they keep and the reads
+queued ahead.
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loraquilt.server.adapters.loader import HostHold, Loader, PendingRead
 from loraquilt.server.adapters.peft_folder import (
     CONFIG_FILE, WEIGHTS_FILE, AdapterError, LoadedAdapter, load_peft_adapter,
 )
@@ -51,6 +63,8 @@ class AdapterRecord:
     host: LoadedAdapter | None = field(default=None, repr=False)
     slot: int | None = None
     pins: int = 0
+    holds: int = 0  # waiting requests' HostHolds on it: its host copy is not evicted
+    loading: PendingRead | None = field(default=None, repr=False)  # the read in flight on the loader thread
     retired: bool = False  # unregistered (while pinned: its slot frees at the last release)
 
     @property
@@ -78,18 +92,28 @@ class Lease:
 
 class AdapterRegistry:
     def __init__(self, model: ModelConfig, slots: LoraSlots, *, max_cpu_adapters: int,
-                 max_adapters: int = 10000, events: RegistryEvents | None = None):
+                 max_adapters: int = 10000, events: RegistryEvents | None = None,
+                 on_loaded: Callable[[], None] = lambda: None):
+        """on_loaded: called on the loader thread after each read from disk finished (or
+        failed), outside the registry lock: the engine wakes up to admit what waited."""
         if max_cpu_adapters < 1 or max_adapters < 1:
             raise ValueError(f"max_cpu_adapters and max_adapters must be >= 1, got "
                              f"{max_cpu_adapters} and {max_adapters}")
         self.model, self.slots = model, slots
         self.max_cpu_adapters, self.max_adapters = max_cpu_adapters, max_adapters
+        self.max_held = max(1, max_cpu_adapters // 2)  # adapters HostHolds keep on host together
         self.events = events or RegistryEvents()
+        self.on_loaded = on_loaded
+        # One lock over all the state below (records, both LRUs, slot owners, pins, holds,
+        # reads in flight); reentrant. Files are read without it: register() and the
+        # loader thread read first, then install under it.
+        self._lock = threading.RLock()
         self._records: dict[str, AdapterRecord] = {}  # registered names only
         self._host_lru: OrderedDict[str, None] = OrderedDict()
         self._slot_owner: list[AdapterRecord | None] = [None] * slots.config.num_slots
         self._device_lru: OrderedDict[int, None] = OrderedDict()  # unpinned resident slots
-        self._lock = threading.RLock()
+        self._held = 0  # records with holds > 0
+        self._loader = Loader()
 
     # -- registration -------------------------------------------------------------------
 
@@ -156,34 +180,66 @@ class AdapterRegistry:
 
     # -- residency ----------------------------------------------------------------------
 
-    def acquire(self, names: list[str]) -> Lease | None:
-        """Pin device slots for every named adapter, loading them if needed.
+    def acquire(self, names: list[str], hold: HostHold | None = None) -> Lease | HostHold | None:
+        """Pin device slots for every named adapter, from host memory or the device only.
 
-        Returns a Lease, or None when not enough slots can be freed now (the rest are
-        pinned by running requests; nothing is pinned then). Raises UnknownAdapter for a
-        name not registered, AdapterError when an adapter's files cannot be read back
-        (nothing stays pinned either way)."""
+        Returns a Lease; None when not enough slots can be freed now (the rest are pinned
+        by running requests; nothing is pinned, a hold passed in stays held); or a HostHold
+        when an adapter is only on disk: its read is queued on the loader thread, nothing
+        is read here, and the caller tries again with that hold after on_loaded fired.
+        Raises UnknownAdapter for a name not registered (also one unregistered while its
+        read was in flight), AdapterError / AdapterChanged when a read started for this
+        hold failed (its files are gone, rewritten or broken). On a Lease or an error the
+        hold passed in is released; nothing stays pinned after an error."""
         with self._lock:
-            records = [self._get(name) for name in names]
-            if len({id(r) for r in records}) != len(records):
-                raise ValueError(f"adapter named twice in {names}")
-            pinned = [r for r in records if r.slot is not None]
-            for record in pinned:  # residents first, so loading the others cannot evict them
-                self._device_lru.pop(record.slot, None)
-                record.pins += 1
-            missing = [r for r in records if r.slot is None]
-            if len(missing) > self._slot_owner.count(None) + len(self._device_lru):
-                self._unpin(pinned)
-                return None
             try:
-                for record in missing:
-                    self._bring_to_device(record)
-                    record.pins += 1
-                    pinned.append(record)
+                records = [self._get(name) for name in names]
+                if len({id(r) for r in records}) != len(records):
+                    raise ValueError(f"adapter named twice in {names}")
+                for load in hold.loads if hold is not None else ():
+                    if load.error is not None and any(load.record is r for r in records):
+                        raise load.error
+                missing = [r for r in records if r.slot is None and r.host is None]
+                if missing:
+                    hold = hold or HostHold()
+                    self._hold(hold, records)
+                    if hold.records:  # granted: read what is missing (once per adapter)
+                        for record in missing:
+                            if not any(load.record is record and not load.done.is_set() for load in hold.loads):
+                                hold.loads.append(self._start_load(record))
+                    return hold
+                lease = self._pin(records)
             except BaseException:
-                self._unpin(pinned)
+                self._release_hold(hold)
                 raise
-            return Lease(slots=tuple(r.slot for r in records), records=tuple(records))
+            if lease is not None:
+                self._release_hold(hold)
+            return lease
+
+    def release_hold(self, hold: HostHold | None) -> None:
+        """Give up a HostHold (its request went away before admission); a read in flight
+        still lands in the host tier."""
+        with self._lock:
+            self._release_hold(hold)
+
+    def _pin(self, records: list[AdapterRecord]) -> Lease | None:
+        pinned = [r for r in records if r.slot is not None]
+        for record in pinned:  # residents first, so loading the others cannot evict them
+            self._device_lru.pop(record.slot, None)
+            record.pins += 1
+        missing = [r for r in records if r.slot is None]
+        if len(missing) > self._slot_owner.count(None) + len(self._device_lru):
+            self._unpin(pinned)
+            return None
+        try:
+            for record in missing:
+                self._bring_to_device(record)
+                record.pins += 1
+                pinned.append(record)
+        except BaseException:
+            self._unpin(pinned)
+            raise
+        return Lease(slots=tuple(r.slot for r in records), records=tuple(records))
 
     def release(self, lease: Lease) -> None:
         with self._lock:
@@ -199,17 +255,10 @@ class AdapterRegistry:
                     self._device_lru[record.slot] = None
 
     def _bring_to_device(self, record: AdapterRecord) -> None:
-        adapter = record.host
-        if adapter is None:
-            if file_fingerprint(record.path) != record.fingerprint:
-                raise AdapterChanged(f"the files of adapter {record.name!r} were deleted or rewritten since it "
-                                     "was registered; unregister and register it again")
-            adapter = self._read(record.path)  # before evicting anyone: a failed read costs nothing
-            self._keep_on_host(record, adapter)
-        else:
-            self._host_lru.move_to_end(record.name)
+        """Copy a host-resident adapter into a slot (a free one, else the LRU unpinned one)."""
+        self._host_lru.move_to_end(record.name)
         slot = self._slot_owner.index(None) if None in self._slot_owner else self._evict_device()
-        self.slots.load(slot, adapter)
+        self.slots.load(slot, record.host)
         self._slot_owner[slot] = record
         record.slot = slot
 
@@ -239,15 +288,79 @@ class AdapterRegistry:
         record.host = adapter
         self._host_lru[record.name] = None
         self._host_lru.move_to_end(record.name)
-        while len(self._host_lru) > self.max_cpu_adapters:
-            victim, _ = self._host_lru.popitem(last=False)
-            if victim in self._records:
-                self._records[victim].host = None
+        self._trim_host()
+
+    def _trim_host(self) -> None:
+        """Evict least recently used host copies down to max_cpu_adapters, skipping held
+        ones (a tier full of held adapters stays over its bound until their holds go)."""
+        excess = len(self._host_lru) - self.max_cpu_adapters
+        if excess <= 0:
+            return
+        victims = [name for name in self._host_lru if not self._records[name].holds][:excess]
+        for victim in victims:  # names in the host LRU are registered (unregister drops them)
+            del self._host_lru[victim]
+            self._records[victim].host = None
             self.events.on_evict(TIER_HOST)
 
     def _drop_host(self, record: AdapterRecord) -> None:
         self._host_lru.pop(record.name, None)
         record.host = None
+
+    # -- holds and the loader thread ----------------------------------------------------
+
+    def _hold(self, hold: HostHold, records: list[AdapterRecord]) -> None:
+        """Hold these records for the request, if there is room (else hold nothing yet)."""
+        if len(hold.records) == len(records) and all(a is b for a, b in zip(hold.records, records)):
+            return
+        self._release_hold(hold)
+        new = sum(1 for r in records if not r.holds)
+        if self._held and self._held + new > self.max_held:
+            return
+        for record in records:
+            record.holds += 1
+        self._held += new
+        hold.records = tuple(records)
+
+    def _release_hold(self, hold: HostHold | None) -> None:
+        if hold is None or not hold.records:
+            return
+        for record in hold.records:
+            record.holds -= 1
+            if record.holds == 0:
+                self._held -= 1
+        hold.records = ()
+        self._trim_host()
+
+    def _start_load(self, record: AdapterRecord) -> PendingRead:
+        if record.loading is None:
+            record.loading = PendingRead(record)
+            self._loader.submit(lambda load=record.loading: self._run_load(load))
+        return record.loading
+
+    def _run_load(self, load: PendingRead) -> None:
+        """On the loader thread: read and check the files, then install them on host."""
+        record, adapter = load.record, None
+        try:
+            changed = AdapterChanged(f"the files of adapter {record.name!r} were deleted or rewritten since "
+                                     "it was registered; unregister and register it again")
+            if file_fingerprint(record.path) != record.fingerprint:
+                raise changed
+            adapter = self._read(record.path)
+            if file_fingerprint(record.path) != record.fingerprint:
+                raise changed
+        except BaseException as error:  # noqa: BLE001 - delivered to the requests waiting on it
+            adapter, load.error = None, error
+        with self._lock:
+            record.loading = None
+            if adapter is not None and not record.retired and record.host is None:
+                self._keep_on_host(record, adapter)  # an unregistered one is dropped here
+            load.done.set()
+        self.on_loaded()
+
+    def loads_in_flight(self) -> int:
+        """Reads queued or running on the loader thread."""
+        with self._lock:
+            return sum(record.loading is not None for record in self._records.values())
 
     # -- accounting ---------------------------------------------------------------------
 

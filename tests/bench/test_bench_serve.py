@@ -1,5 +1,5 @@
-"""`loraquilt bench serve --quick`: runs end to end, writes the contracted JSON keys, and
-both systems produce the same greedy tokens."""
+"""`loraquilt bench serve --quick`: runs end to end, writes the contracted JSON keys (both
+pairs of systems), and the exact pair produces the same greedy tokens."""
 
 from __future__ import annotations
 
@@ -11,6 +11,12 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
+THROUGHPUT = ("distinct", "same", "base", "recipe_distinct", "recipe_same")
+
+
+def _fraction(value) -> bool:
+    return value is not None and 0.0 <= value <= 1.0
+
 
 def test_quick_bench_serve(tmp_path):
     out = tmp_path / "bench.json"
@@ -21,19 +27,61 @@ def test_quick_bench_serve(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[bench" in done.stderr  # progress lines
+    assert "loraquilt_auto" in done.stdout and "peft_default" in done.stdout  # the table's new columns
     results = json.loads(out.read_text())
-    scenarios = results["scenarios"]
-    for name in ("distinct", "same", "base", "recipe_distinct", "recipe_same"):
-        for system in ("loraquilt", "peft"):
-            assert scenarios[name][system]["tokens_per_s"] > 0, (name, system)
+    scenarios, settings = results["scenarios"], results["settings"]
+    for name in THROUGHPUT:
+        for system in ("loraquilt", "peft", "loraquilt_auto", "peft_default"):
+            entry = scenarios[name][system]
+            assert entry["tokens_per_s"] > 0, (name, system)
+            assert entry["runs_tokens_per_s"] and all(v > 0 for v in entry["runs_tokens_per_s"]), (name, system)
+        for system in ("loraquilt", "loraquilt_auto"):
+            assert _fraction(scenarios[name][system]["compute_bound_fraction"]), (name, system)
     assert scenarios["sequential"]["peft"]["tokens_per_s"] > 0
     assert scenarios["many"]["loraquilt"]["tokens_per_s"] > 0
-    for system in ("loraquilt", "peft"):
+    assert scenarios["many"]["loraquilt_auto"]["tokens_per_s"] > 0
+    for system in ("loraquilt", "peft", "loraquilt_auto"):
         assert scenarios["hotload"][system]["p50_ms"] > 0
-    for label in ("50pct", "80pct"):
-        stats = scenarios["latency"]["loraquilt"][label]
-        assert {"ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"} <= set(stats)
-    assert results["machine"]["memory_bandwidth_gb_s"] > 0 and results["machine"]["fp32_matmul_gflops"] > 0
-    for name in ("distinct", "same", "base"):
+    assert scenarios["hotload"]["loraquilt"]["warm_ttft_p50_ms"] > 0
+    for system in ("loraquilt", "loraquilt_auto"):
+        for label in ("50pct", "80pct"):
+            stats = scenarios["latency"][system][label]
+            assert {"ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"} <= set(stats)
+    machine = results["machine"]
+    for key in ("memory_bandwidth_gb_s", "fp32_matmul_gflops", "fp32_matmul_gflops_decode",
+                "bf16_matmul_gflops", "bf16_matmul_gflops_decode"):
+        assert machine[key] > 0, key
+    for name in THROUGHPUT:
         assert results["identical_greedy_fraction"][name] == 1.0, name
-    assert results["versions"]["torch"] and results["settings"]["batch"] > 0
+        assert _fraction(results["identical_greedy_fraction_auto"][name]), name
+    assert settings["auto_dtype"] in ("bfloat16", "float32") and settings["auto_dtype_reason"]
+    assert settings["auto_same_as_float32"] == (settings["auto_dtype"] == "float32")
+    assert settings["served_dtypes"]["loraquilt"] == "float32"
+    assert settings["peer_dtypes"]["peft"]["model_dtype"] == "float32"
+    accuracy = results["accuracy"]["bf16_vs_fp32"]
+    assert accuracy["prompts"] > 0 and _fraction(accuracy["top1_agreement"])
+    assert 0 <= accuracy["max_abs_logit_diff"] < float("inf")
+    ratios = results["ratios"]
+    for key in ("distinct_vs_peft_distinct", "base_vs_peft_base", "auto_base_vs_peft_default_base",
+                "auto_same_vs_peft_default_same", "auto_distinct_vs_peft_default_distinct",
+                "auto_distinct_vs_peft_default_base", "auto_same_over_base", "hotload_over_warm_ttft",
+                "latency_50pct_itl_p99_over_p50"):
+        assert ratios[key] is not None and ratios[key] > 0, key
+    assert results["versions"]["torch"] and settings["batch"] > 0
+
+
+def test_scenarios_subset_runs_only_those(tmp_path):
+    """`--scenarios base,accuracy`: both pairs on `base`, the logits check, nothing else."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "loraquilt", "bench", "serve", "--quick", "--scenarios", "base,accuracy",
+         "--json", str(out), "--workdir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=1800,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert set(results["scenarios"]) == {"base"}
+    assert results["scenarios"]["base"]["loraquilt"]["tokens_per_s"] > 0
+    assert results["scenarios"]["base"]["peft_default"]["tokens_per_s"] > 0
+    assert results["identical_greedy_fraction"] == {"base": 1.0}
+    assert results["accuracy"]["bf16_vs_fp32"]["prompts"] > 0

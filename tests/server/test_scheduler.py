@@ -1,5 +1,7 @@
 """Continuous-batching policy of the Scheduler, driven with plain Sequence objects."""
 
+import random
+
 import pytest
 
 from loraquilt.server.request import Request
@@ -33,9 +35,17 @@ def make_scheduler(max_batch_size=8, max_prefill_tokens=1000, max_waiting=100) -
 
 
 def finish_prefill(plan: StepPlan) -> None:
-    """What the engine does after a step: every scheduled sequence has now been prefilled."""
-    for seq in plan.sequences:
-        seq.prefilled = True
+    """What the engine does after a step: each scheduled chunk is in the cache, and a
+    sequence whose prompt that completed is prefilled (its first token sampled)."""
+    for seq in plan.prefills:
+        if seq.finish_chunk():
+            seq.prefilled = True
+            seq.output_ids.append(0)
+
+
+def chunks(plan: StepPlan, sequences: list[Sequence]) -> list[tuple[int, int]]:
+    """The plan's prefills as (index in `sequences`, chunk tokens)."""
+    return [(sequences.index(seq), seq.num_scheduled_tokens) for seq in plan.prefills]
 
 
 # -- config -----------------------------------------------------------------------------------
@@ -112,30 +122,46 @@ def test_try_admit_not_asked_when_batch_is_full():
     assert len(admitter.asked) == 1
 
 
-def test_prompt_larger_than_budget_runs_alone():
+def test_prompt_larger_than_budget_is_prefilled_in_chunks():
     scheduler = make_scheduler(max_prefill_tokens=10)
-    big, small = make_sequence(100), make_sequence(1)
+    big, small = make_sequence(25), make_sequence(1)
     scheduler.add(big)
     scheduler.add(small)
     admitter = RecordingAdmitter()
     first = scheduler.schedule(admitter)
-    assert first.prefills == (big,)
-    assert admitter.asked == [big]  # the small one is not even asked this step
+    assert chunks(first, [big, small]) == [(0, 10)]
+    assert big.next_input() == list(range(10)) and big.next_position() == 0
+    assert admitter.asked == [big]  # the budget is spent: the small one is not even asked
     finish_prefill(first)
-    second = scheduler.schedule(admit_all)
-    assert second.decodes == (big,)
-    assert second.prefills == (small,)
+    assert not big.prefilled and big.num_computed_tokens == 10
+
+    second = scheduler.schedule(admitter)
+    assert second.decodes == () and chunks(second, [big, small]) == [(0, 10)]
+    assert big.next_input() == list(range(10, 20)) and big.next_position() == 10
+    assert admitter.asked == [big]  # an admitted prompt continues without asking again
+    finish_prefill(second)
+
+    third = scheduler.schedule(admitter)  # the last 5 tokens leave room for the small one
+    assert chunks(third, [big, small]) == [(0, 5), (1, 1)]
+    assert big.next_input() == list(range(20, 25)) and big.next_position() == 20
+    finish_prefill(third)
+    assert big.prefilled and small.prefilled
+    fourth = scheduler.schedule(admit_all)
+    assert fourth.decodes == (big, small) and fourth.prefills == ()
+    assert big.next_input() == [0] and big.next_position() == 25
 
 
 @pytest.mark.parametrize(
     "lengths, budget, steps",
     [
-        ([6, 6], 10, [[0], [1]]),
-        ([5, 5], 10, [[0, 1]]),
-        ([3, 3, 3, 3], 10, [[0, 1, 2], [3]]),
-        ([9, 1, 1], 10, [[0, 1], [2]]),
+        ([6, 6], 10, [[(0, 6), (1, 4)], [(1, 2)]]),
+        ([5, 5], 10, [[(0, 5), (1, 5)]]),
+        ([3, 3, 3, 3], 10, [[(0, 3), (1, 3), (2, 3), (3, 1)], [(3, 2)]]),
+        ([9, 1, 1], 10, [[(0, 9), (1, 1)], [(2, 1)]]),
+        ([20, 2], 10, [[(0, 10)], [(0, 10)], [(1, 2)]]),
+        ([3, 2], 1, [[(0, 1)], [(0, 1)], [(0, 1)], [(1, 1)], [(1, 1)]]),
     ],
-    ids=["sum-over-budget", "exact-fit", "three-fit", "fill-then-stop"],
+    ids=["sum-over-budget", "exact-fit", "three-fit", "fill-then-stop", "multiple-of-budget", "budget-1"],
 )
 def test_prefill_token_budget(lengths, budget, steps):
     scheduler = make_scheduler(max_prefill_tokens=budget)
@@ -144,19 +170,72 @@ def test_prefill_token_budget(lengths, budget, steps):
         scheduler.add(seq)
     for expected in steps:
         plan = scheduler.schedule(admit_all)
-        assert plan.prefills == tuple(sequences[i] for i in expected)
+        assert chunks(plan, sequences) == expected
+        assert plan.prefill_tokens <= budget
         finish_prefill(plan)
     assert not scheduler.waiting
+    assert all(seq.prefilled for seq in sequences)
 
 
-def test_budget_blocks_later_sequences_rather_than_skipping_ahead():
-    """A short prompt behind a blocked long one does not overtake it (strict FIFO)."""
+@pytest.mark.parametrize("seed", range(20))
+def test_every_step_keeps_the_budget_and_covers_each_prompt_in_order(seed):
+    """Random prompts, arrivals and budgets: each step feeds at most the budget, chunks
+    of admitted prompts come before new admissions, every running prefilled sequence
+    decodes, and each prompt is fed exactly once, in order, in contiguous chunks."""
+    rng = random.Random(seed)
+    budget = rng.choice([1, 2, 3, 7, 16, 64])
+    scheduler = make_scheduler(max_batch_size=rng.choice([1, 3, 8]), max_prefill_tokens=budget)
+    pending = [make_sequence(rng.randint(1, 90)) for _ in range(12)]
+    everyone = list(pending)
+    fed: dict[int, list[int]] = {id(seq): [] for seq in pending}
+    for _ in range(2000):
+        if pending and rng.random() < 0.5:
+            scheduler.add(pending.pop(0))
+        plan = scheduler.schedule(admit_all)
+        assert plan.prefill_tokens <= budget
+        assert set(plan.decodes) == {seq for seq in scheduler.running if seq.prefilled}
+        admitted_before = [seq for seq in plan.prefills if seq.num_computed_tokens > 0]
+        assert list(plan.prefills[: len(admitted_before)]) == admitted_before  # continuing chunks first
+        for seq in plan.prefills:
+            assert seq.num_scheduled_tokens >= 1
+            assert seq.next_position() == len(fed[id(seq)])
+            fed[id(seq)].extend(seq.next_input())
+        finish_prefill(plan)
+        for seq in plan.decodes:
+            seq.output_ids.append(1)
+            if len(seq.output_ids) >= 3:
+                seq.finish_reason = "length"
+        scheduler.remove_finished()
+        if not pending and not scheduler.has_work():
+            break
+    assert not scheduler.has_work()
+    assert all(fed[id(seq)] == seq.prompt_ids for seq in everyone)
+
+
+def test_try_admit_not_asked_when_continuing_chunks_spend_the_budget():
+    scheduler = make_scheduler(max_prefill_tokens=8)
+    long_one = make_sequence(30)
+    scheduler.add(long_one)
+    finish_prefill(scheduler.schedule(admit_all))
+    scheduler.add(make_sequence(2))
+    admitter = RecordingAdmitter()
+    assert scheduler.schedule(admitter).prefills == (long_one,)
+    assert admitter.asked == []
+
+
+def test_a_later_short_prompt_does_not_overtake_a_chunked_one():
+    """The budget is handed out in arrival order: a short prompt behind a long one gets
+    only what the long one's chunk leaves, never a share ahead of it."""
     scheduler = make_scheduler(max_prefill_tokens=10)
     first, long_one, short = make_sequence(6), make_sequence(8), make_sequence(1)
-    for seq in (first, long_one, short):
+    sequences = [first, long_one, short]
+    for seq in sequences:
         scheduler.add(seq)
-    assert scheduler.schedule(admit_all).prefills == (first,)
-    assert list(scheduler.waiting) == [long_one, short]
+    plan = scheduler.schedule(admit_all)
+    assert chunks(plan, sequences) == [(0, 6), (1, 4)]
+    assert list(scheduler.waiting) == [short]
+    finish_prefill(plan)
+    assert chunks(scheduler.schedule(admit_all), sequences) == [(1, 4), (2, 1)]
 
 
 def test_wait_stops_admission_and_keeps_arrival_order():
@@ -171,6 +250,7 @@ def test_wait_stops_admission_and_keeps_arrival_order():
     assert admitter.asked == [a, b]  # c is not considered once b has to wait
     assert list(scheduler.waiting) == [b, c]
     assert scheduler.running == [a]
+    finish_prefill(plan)
 
     next_plan = scheduler.schedule(admit_all)
     assert next_plan.prefills == (b, c)
@@ -195,7 +275,51 @@ def test_rejected_sequences_use_neither_batch_room_nor_token_budget():
         scheduler.add(seq)
     plan = scheduler.schedule(RecordingAdmitter({id(rejected): Admission.REJECT}))
     assert plan.prefills == (a, b)
+    assert (a.num_scheduled_tokens, b.num_scheduled_tokens) == (4, 6)
     assert plan.rejected == (rejected,)
+
+
+# -- deferred admission (adapters being read from disk) -----------------------------------------
+
+
+def test_defer_keeps_the_place_and_lets_later_sequences_in():
+    scheduler = make_scheduler()
+    a, b, c, d = (make_sequence() for _ in range(4))
+    for seq in (a, b, c, d):
+        scheduler.add(seq)
+    admitter = RecordingAdmitter({id(a): Admission.DEFER, id(c): Admission.DEFER})
+    plan = scheduler.schedule(admitter)
+    assert plan.prefills == (b, d)
+    assert admitter.asked == [a, b, c, d]
+    assert list(scheduler.waiting) == [a, c]  # still first in line, in arrival order
+    assert scheduler.running == [b, d]
+    finish_prefill(plan)
+
+    again = RecordingAdmitter({id(c): Admission.DEFER})  # a's adapter is in memory now
+    assert scheduler.schedule(again).prefills == (a,)
+    assert list(scheduler.waiting) == [c]
+
+
+def test_wait_behind_a_deferred_sequence_keeps_everyone_in_order():
+    scheduler = make_scheduler()
+    a, b, c = make_sequence(), make_sequence(), make_sequence()
+    for seq in (a, b, c):
+        scheduler.add(seq)
+    admitter = RecordingAdmitter({id(a): Admission.DEFER, id(b): Admission.WAIT})
+    plan = scheduler.schedule(admitter)
+    assert not plan and admitter.asked == [a, b]  # WAIT still stops admission for the step
+    assert list(scheduler.waiting) == [a, b, c]
+
+
+def test_deferred_sequences_use_neither_batch_room_nor_token_budget():
+    scheduler = make_scheduler(max_batch_size=1, max_prefill_tokens=4)
+    deferred, admitted, late = make_sequence(4), make_sequence(4), make_sequence(4)
+    for seq in (deferred, admitted, late):
+        scheduler.add(seq)
+    plan = scheduler.schedule(RecordingAdmitter({id(deferred): Admission.DEFER}))
+    assert plan.prefills == (admitted,) and admitted.num_scheduled_tokens == 4
+    assert list(scheduler.waiting) == [deferred, late]
+    assert deferred.num_scheduled_tokens == 0
 
 
 def test_everything_rejected_gives_a_falsy_plan_with_rejections():

@@ -1,0 +1,178 @@
+"""What `loraquilt bench serve` derives from its measurements and how it shows them: ratios,
+compute-bound fractions, greedy agreement, the table and the plot."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+from loraquilt.bench.flops import FlopModel, RequestWork, compute_bound_fraction, workload_flops
+from loraquilt.bench.serve_scenarios import THROUGHPUT, plans
+from loraquilt.bench.serve_systems import LQ, LQ_AUTO, PEFT, PEFT_DEFAULT
+
+SYSTEM_DTYPE = {LQ: "float32", PEFT: "float32"}  # LQ_AUTO: settings.auto_dtype
+
+
+def same_tokens(a: list[list[int]], b: list[list[int]]) -> float:
+    pairs = list(zip(a, b))
+    return sum(x == y for x, y in pairs) / len(pairs) if pairs else 0.0
+
+
+def identical_fractions(tokens: dict, a: str, b: str) -> dict[str, float]:
+    """Share of requests whose greedy tokens are identical between systems a and b, per scenario."""
+    return {name: same_tokens(tokens[a][name], tokens[b][name])
+            for name in tokens.get(b, {}) if name in tokens.get(a, {})}
+
+
+def add_compute_bound(scenarios: dict, flop_model: FlopModel, prompt_tokens: list[int], new_tokens: int,
+                      machine: dict, auto_dtype: str, many_count: int | None) -> None:
+    """`workload_gflop` and `compute_bound_fraction` (vs the 2048^3 GEMM rate in the system's
+    dtype) and `compute_bound_fraction_decode_shape` (vs the 32 x 576 -> 1536 rate) for the
+    loraquilt systems and the exact peer, in every throughput scenario and `many`."""
+    batch = len(prompt_tokens)
+    works: dict[str, list[RequestWork]] = {}
+    for name, (kind, assignment) in plans(batch).items():
+        works[name] = [RequestWork(prompt_tokens[i], new_tokens, None if a is None else kind)
+                       for i, a in enumerate(assignment)]
+    if many_count:
+        works["many"] = [RequestWork(prompt_tokens[i % batch], new_tokens, "heavy") for i in range(many_count)]
+    dtypes = {**SYSTEM_DTYPE, LQ_AUTO: auto_dtype}
+    for name, work in works.items():
+        flops = workload_flops(flop_model, work)
+        for system, dtype in dtypes.items():
+            entry = scenarios.get(name, {}).get(system)
+            if not entry or not entry.get("wall_s"):
+                continue
+            prefix = "bf16" if dtype == "bfloat16" else "fp32"
+            entry["workload_gflop"] = flops / 1e9
+            entry["compute_bound_fraction"] = compute_bound_fraction(
+                flops, entry["wall_s"], machine.get(f"{prefix}_matmul_gflops"))
+            entry["compute_bound_fraction_decode_shape"] = compute_bound_fraction(
+                flops, entry["wall_s"], machine.get(f"{prefix}_matmul_gflops_decode"))
+
+
+def ratios(scenarios: dict) -> dict:
+    def tps(name: str, system: str) -> float | None:
+        return scenarios.get(name, {}).get(system, {}).get("tokens_per_s")
+
+    def ratio(a, b):
+        return None if a is None or not b else a / b
+
+    def pair(prefix: str, ours: str, theirs: str) -> dict:
+        lq = lambda name: tps(name, ours)  # noqa: E731
+        peer = lambda name: tps(name, theirs)  # noqa: E731
+        p = theirs
+        return {
+            f"{prefix}distinct_vs_{p}_distinct": ratio(lq("distinct"), peer("distinct")),
+            f"{prefix}distinct_vs_{p}_sequential": ratio(lq("distinct"), peer("sequential")),
+            f"{prefix}distinct_vs_{p}_base": ratio(lq("distinct"), peer("base")),
+            f"{prefix}base_vs_{p}_base": ratio(lq("base"), peer("base")),
+            f"{prefix}same_vs_{p}_same": ratio(lq("same"), peer("same")),
+            f"{prefix}recipe_distinct_vs_{p}_recipe_distinct": ratio(lq("recipe_distinct"), peer("recipe_distinct")),
+            f"{prefix}same_over_base": ratio(lq("same"), lq("base")),
+            f"{prefix}recipe_same_over_base": ratio(lq("recipe_same"), lq("base")),
+            f"{prefix}recipe_distinct_over_recipe_same": ratio(lq("recipe_distinct"), lq("recipe_same")),
+            f"{prefix}distinct_over_same": ratio(lq("distinct"), lq("same")),
+            f"{prefix}many_over_distinct": ratio(lq("many"), lq("distinct")),
+        }
+
+    hot = scenarios.get("hotload", {}).get(LQ, {})
+    half = scenarios.get("latency", {}).get(LQ, {}).get("50pct", {})
+    return {
+        **pair("", LQ, PEFT),
+        **pair("auto_", LQ_AUTO, PEFT_DEFAULT),
+        "auto_distinct_over_float32_distinct": ratio(tps("distinct", LQ_AUTO), tps("distinct", LQ)),
+        "auto_base_over_float32_base": ratio(tps("base", LQ_AUTO), tps("base", LQ)),
+        "peft_default_base_over_peft_base": ratio(tps("base", PEFT_DEFAULT), tps("base", PEFT)),
+        "peft_default_distinct_over_peft_distinct": ratio(tps("distinct", PEFT_DEFAULT), tps("distinct", PEFT)),
+        "hotload_over_warm_ttft": ratio(hot.get("p50_ms"), hot.get("warm_ttft_p50_ms")),
+        "latency_50pct_itl_p99_over_p50": ratio(half.get("itl_p99_ms"), half.get("itl_p50_ms")),
+    }
+
+
+def versions() -> dict:
+    import bitsandbytes
+    import peft
+    import torch
+    import transformers
+
+    from loraquilt import __version__
+
+    return {"loraquilt": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__,
+            "python": platform.python_version(), "threads": torch.get_num_threads()}
+
+
+def _fmt(value, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(results: dict) -> None:
+    scenarios = results["scenarios"]
+    systems = (LQ, PEFT, LQ_AUTO, PEFT_DEFAULT)
+    rows = [("scenario", "loraquilt", "peft", "ratio", "loraquilt_auto", "peft_default", "ratio", "auto cbf")]
+
+    def tps(name, system):
+        return scenarios.get(name, {}).get(system, {}).get("tokens_per_s")
+
+    def ratio(a, b):
+        return f"{a / b:.2f}x" if a and b else "-"
+
+    for name in (*THROUGHPUT, "sequential", "many"):
+        if not scenarios.get(name):
+            continue
+        lq, peft, auto, default = (tps(name, s) for s in systems)
+        cbf = scenarios[name].get(LQ_AUTO, {}).get("compute_bound_fraction")
+        rows.append((f"{name} tok/s", _fmt(lq), _fmt(peft), ratio(lq, peft), _fmt(auto), _fmt(default),
+                     ratio(auto, default), _fmt(cbf, ".3f")))
+    hot = scenarios.get("hotload", {})
+    if hot:
+        p50 = [_fmt(hot.get(s, {}).get("p50_ms")) for s in systems]
+        rows.append(("hotload p50 ms", p50[0], p50[1], "-", p50[2], p50[3], "-", "-"))
+        warm = [_fmt(hot.get(s, {}).get("warm_ttft_p50_ms")) for s in (LQ, LQ_AUTO)]
+        rows.append(("warm ttft p50 ms", warm[0], "-", "-", warm[1], "-", "-", "-"))
+    latency = scenarios.get("latency", {})
+    for label in ("50pct", "80pct"):
+        cells = {s: latency.get(s, {}).get(label) for s in (LQ, LQ_AUTO)}
+        if not any(cells.values()):
+            continue
+        for metric in ("ttft", "itl"):
+            text = {s: f"{st[f'{metric}_p50_ms']:.0f}/{st[f'{metric}_p99_ms']:.0f}" if st else "-"
+                    for s, st in cells.items()}
+            rows.append((f"latency {label} {metric} p50/p99 ms", text[LQ], "-", "-", text[LQ_AUTO], "-", "-", "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
+    accuracy = results.get("accuracy", {}).get("bf16_vs_fp32")
+    if accuracy:
+        print(f"bf16 vs fp32 logits over {accuracy['prompts']} prompts: max |diff| "
+              f"{accuracy['max_abs_logit_diff']:.4f}, top-1 agreement {accuracy['top1_agreement']:.3f}")
+    settings = results["settings"]
+    print(f"auto dtype: {settings['auto_dtype']} ({settings['auto_dtype_reason']})"
+          + ("; loraquilt_auto = loraquilt" if settings.get("auto_same_as_float32") else ""))
+    print("ratios: " + ", ".join(f"{k}={v:.2f}" for k, v in results["ratios"].items() if v is not None))
+
+
+def draw_plot(results: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install 'loraquilt[bench]'") from None
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for system, points in results["plot"].items():
+        if not points:
+            continue
+        xs = sorted(int(n) for n in points)
+        axis.plot(xs, [points[str(n)] for n in xs], marker="o", label=system)
+    axis.set_xlabel("distinct adapters in the batch")
+    axis.set_ylabel("generated tokens/s")
+    axis.set_xscale("log", base=2)
+    axis.set_title(f"B={results['settings']['batch']}, T={results['settings']['new_tokens']}, "
+                   f"{results['settings']['model']}")
+    axis.grid(True, alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
