@@ -7,14 +7,14 @@ batches. Reporting them next to tokens/s lets results from different machines be
 
 from __future__ import annotations
 
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
+
+from loraquilt.host import cpu_model
 
 
 def _stderr(message: str) -> None:
@@ -37,17 +37,6 @@ def _median_seconds(run: Callable[[], None], repeats: int = 5, inner: int = 1,
         spent += elapsed
         samples.append(elapsed / inner)
     return statistics.median(samples)
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo, else whatever ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def copy_bandwidth_gb_s(megabytes: int = 512, budget_s: float = 3.0) -> float:

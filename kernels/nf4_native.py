@@ -26,6 +26,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraquilt.host import cache_root, cpu_flags
+
 SOURCE = Path(__file__).with_name("csrc") / "nf4_dequant.c"
 NATIVE_ENV = "LORAQUILT_NATIVE_KERNELS"
 REQUIRED_FLAGS = ("avx2", "fma")
@@ -48,21 +50,6 @@ class NativeKernel:
 def _warn(message: str) -> None:
     print(f"loraquilt: warning: {message}; using bitsandbytes' NF4 dequantize kernel instead",
           file=sys.stderr, flush=True)
-
-
-def _cache_root() -> Path:
-    env = os.environ.get("LORAQUILT_CACHE")
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "loraquilt") / "kernels"
-
-
-def _cpu_flags() -> frozenset[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags") and ":" in line:
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 def loaded_openmp_runtimes() -> list[str]:
@@ -101,7 +88,7 @@ def native_kernel() -> NativeKernel | None:
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         _warn(f"no native NF4 kernel for {platform.system()} {platform.machine()}")
         return None
-    missing = [flag for flag in REQUIRED_FLAGS if flag not in _cpu_flags()]
+    missing = [flag for flag in REQUIRED_FLAGS if flag not in cpu_flags()]
     if missing:
         _warn(f"the CPU lacks {', '.join(missing)}")
         return None
@@ -128,7 +115,7 @@ def _build(compiler: str, flags: list[str]) -> Path:
     """Compile into the cache once (a lock serializes processes building at the same time)."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
-    folder = _cache_root() / f"nf4-{key}"
+    folder = cache_root() / "kernels" / f"nf4-{key}"
     target = folder / "libloraquilt_nf4.so"
     if target.exists():
         return target

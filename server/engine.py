@@ -195,15 +195,12 @@ class Engine:
         with self._lock:
             now = time.monotonic()
             for seq, token in zip(plan.sequences, tokens):
+                if not seq.prefilled and not seq.finish_chunk():
+                    continue  # a prompt chunk that does not end the prompt: no token yet
                 if token is None:
                     seq.scrub_cache = True
                     if not seq.finished:
                         outputs.append(self._fail_non_finite(seq))
-                    continue
-                if not seq.prefilled and not seq.finish_chunk():
-                    # a partial prompt chunk: its token is discarded, and so is the random
-                    # stream the runner made for it (the first real draw starts the seeded one)
-                    seq.generator = None
                     continue
                 seq.prefilled = True
                 seq.output_ids.append(token)

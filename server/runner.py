@@ -20,11 +20,14 @@ class ModelRunner:
         self.model, self.cache, self.slots = model, cache, slots
 
     def execute(self, decodes: tuple[Sequence, ...], prefills: tuple[Sequence, ...]) -> list[int | None]:
-        """One forward over every sequence; returns the next token of each, decodes first,
-        or None for a sequence whose logits are not finite (rows never mix, so one
-        request's overflow leaves the others' tokens intact)."""
+        """One forward over every sequence; returns the next token of each, decodes first.
+        None for a sequence that gets no token this step: a prompt chunk that does not end
+        its prompt (no logits are computed for it and its random stream is not touched), or
+        one whose logits are not finite (rows never mix, so one request's overflow leaves
+        the others' tokens intact)."""
         sequences = decodes + prefills
         prefill_tokens = [seq.next_input() for seq in prefills]
+        sampling = [seq.samples_this_step for seq in sequences]
         batch = build_forward_batch(
             prefill_tokens=prefill_tokens,
             prefill_slots=[seq.cache_slot for seq in prefills],
@@ -32,27 +35,37 @@ class ModelRunner:
             decode_tokens=[seq.output_ids[-1] for seq in decodes],
             decode_slots=[seq.cache_slot for seq in decodes],
             decode_positions=[seq.next_position() for seq in decodes],
+            prefill_logits=sampling[len(decodes):],
             sliding_window=self.model.config.sliding_window,
             dtype=self.model.dtype,
             device=self.model.device,
         )
         lora = self._begin_lora(decodes, prefills, prefill_tokens)
         try:
-            logits = self.model(batch, self.cache, lora)  # [N, vocab]
+            logits = self.model(batch, self.cache, lora)  # [N, vocab], N = sequences that sample
         finally:
             self.slots.end_step()
+        sampled = [seq for seq, wanted in zip(sequences, sampling) if wanted]
         # a row is finite iff its min and max are (NaN propagates through both): one pass,
         # no [N, vocab] temporaries as isfinite(...).all() makes
         low, high = torch.aminmax(logits, dim=-1)  # [N] each
         finite = (torch.isfinite(low) & torch.isfinite(high)).tolist()  # [N]
-        for seq in sequences:
+        for seq in sampled:
             if seq.generator is None and not seq.request.sampling.greedy:
                 seq.generator = new_generator(seq.request.sampling.seed)
-        tokens = sample_next_tokens(
-            logits, [seq.request.sampling for seq in sequences],
-            [seq.generator if ok else None for seq, ok in zip(sequences, finite)],
-        )
-        return [token if ok else None for token, ok in zip(tokens, finite)]
+        tokens = iter(sample_next_tokens(
+            logits, [seq.request.sampling for seq in sampled],
+            [seq.generator if ok else None for seq, ok in zip(sampled, finite)],
+        ))
+        ok_rows = iter(finite)
+        result: list[int | None] = []
+        for wanted in sampling:
+            if not wanted:
+                result.append(None)
+                continue
+            token, ok = next(tokens), next(ok_rows)
+            result.append(token if ok else None)
+        return result
 
     def _begin_lora(self, decodes, prefills, prefill_tokens: list[list[int]]) -> LoraSlots | None:
         """The step's LoRA tables, one span per sequence (decodes: 1 row, prefills: their chunk)."""

@@ -24,7 +24,8 @@ def sample_next_tokens(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[random.Random | None]
 ) -> list[int]:
     """logits: [N, vocab] float32 (any device) -> N token ids. A sampled row without a
-    generator gets the greedy token (the runner passes None for rows it will discard)."""
+    generator gets the greedy token (the runner passes None for rows whose logits are not
+    finite: their token is not used, and their stream is not advanced)."""
     chosen = torch.argmax(logits, dim=-1).tolist()  # greedy for everyone, replaced below
     for row, (param, generator) in enumerate(zip(params, generators)):
         if not param.greedy and generator is not None:  # None: the caller discards this row

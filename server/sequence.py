@@ -61,6 +61,12 @@ class Sequence:
         """Cache position of the first token next_input() feeds."""
         return self.num_tokens - 1 if self.prefilled else self.num_computed_tokens
 
+    @property
+    def samples_this_step(self) -> bool:
+        """Whether this step's forward yields a token for it: a decode, or the prompt chunk
+        that completes the prompt (an earlier chunk only fills the KV cache)."""
+        return self.prefilled or self.num_computed_tokens + len(self.next_input()) >= len(self.prompt_ids)
+
     def finish_chunk(self) -> bool:
         """Record that this step's prompt chunk is in the cache; True when that completed
         the prompt (the step's sampled token is then the first generated token; for an

@@ -58,41 +58,42 @@ static inline uint16_t scalar_bf16(float value) {
     return (uint16_t)(rounded >> 16);
 }
 
-/* n values; n need not be a multiple of 64 (the tail block is done value by value) */
-void nf4_dequantize_f32(const uint8_t *packed, const float *absmax, float *out, int64_t n) {
+/* n values into out (float32, or bf16 when `bf16`); n need not be a multiple of 64 (the
+ * tail block is done value by value). The `bf16` test is the same for every block, so the
+ * branch predictor never misses it. */
+static inline void dequantize(const uint8_t *packed, const float *absmax, void *out, int64_t n, int bf16) {
     const int64_t blocks = n / 64;
     const __m256 lut_lo = _mm256_loadu_ps(NF4_CODE), lut_hi = _mm256_loadu_ps(NF4_CODE + 8);
 #pragma omp parallel for schedule(static) if (blocks >= 256)
     for (int64_t b = 0; b < blocks; b++) {
         const __m256 scale = _mm256_set1_ps(absmax[b]);
         const uint8_t *src = packed + b * 32;
-        float *dst = out + b * 64;
         for (int j = 0; j < 4; j++) {
             __m256 first, second;
             decode16(src + 8 * j, lut_lo, lut_hi, scale, &first, &second);
-            _mm256_storeu_ps(dst + 16 * j, first);
-            _mm256_storeu_ps(dst + 16 * j + 8, second);
+            const int64_t at = b * 64 + 16 * j;
+            if (bf16) {
+                _mm_storeu_si128((__m128i *)((uint16_t *)out + at), to_bf16(first));
+                _mm_storeu_si128((__m128i *)((uint16_t *)out + at + 8), to_bf16(second));
+            } else {
+                _mm256_storeu_ps((float *)out + at, first);
+                _mm256_storeu_ps((float *)out + at + 8, second);
+            }
         }
     }
-    for (int64_t i = blocks * 64; i < n; i++) out[i] = scalar_code(packed, i) * absmax[i / 64];
+    for (int64_t i = blocks * 64; i < n; i++) {
+        const float value = scalar_code(packed, i) * absmax[i / 64];
+        if (bf16) ((uint16_t *)out)[i] = scalar_bf16(value);
+        else ((float *)out)[i] = value;
+    }
+}
+
+void nf4_dequantize_f32(const uint8_t *packed, const float *absmax, float *out, int64_t n) {
+    dequantize(packed, absmax, out, n, 0);
 }
 
 void nf4_dequantize_bf16(const uint8_t *packed, const float *absmax, uint16_t *out, int64_t n) {
-    const int64_t blocks = n / 64;
-    const __m256 lut_lo = _mm256_loadu_ps(NF4_CODE), lut_hi = _mm256_loadu_ps(NF4_CODE + 8);
-#pragma omp parallel for schedule(static) if (blocks >= 256)
-    for (int64_t b = 0; b < blocks; b++) {
-        const __m256 scale = _mm256_set1_ps(absmax[b]);
-        const uint8_t *src = packed + b * 32;
-        uint16_t *dst = out + b * 64;
-        for (int j = 0; j < 4; j++) {
-            __m256 first, second;
-            decode16(src + 8 * j, lut_lo, lut_hi, scale, &first, &second);
-            _mm_storeu_si128((__m128i *)(dst + 16 * j), to_bf16(first));
-            _mm_storeu_si128((__m128i *)(dst + 16 * j + 8), to_bf16(second));
-        }
-    }
-    for (int64_t i = blocks * 64; i < n; i++) out[i] = scalar_bf16(scalar_code(packed, i) * absmax[i / 64]);
+    dequantize(packed, absmax, out, n, 1);
 }
 
 int nf4_kernel_version(void) { return 1; }

@@ -202,7 +202,9 @@ def load_peft_adapter(folder: Path | str, model: ModelConfig, *, max_rank: int,
     if not halves:
         raise AdapterError(f"{WEIGHTS_FILE} holds no LoRA weights")
 
-    modules: dict[tuple[int, str], LoraModule] = {}
+    # shapes and ranks first, then every module's A and scaled B into one flat buffer of
+    # the slot dtype (one allocation per adapter, one finiteness pass over all of it)
+    checked: list[tuple[tuple[int, str], str, torch.Tensor, torch.Tensor, float, float, int]] = []
     for (layer, proj), pair in sorted(halves.items(), key=lambda item: (item[0][0], PROJECTIONS.index(item[0][1]))):
         group = "self_attn" if proj in ATTENTION_PROJECTIONS else "mlp"
         name = f"model.layers.{layer}.{group}.{proj}"
@@ -221,19 +223,23 @@ def load_peft_adapter(folder: Path | str, model: ModelConfig, *, max_rank: int,
         for half, tensor in (("lora_A", a), ("lora_B", b)):
             if not tensor.dtype.is_floating_point:
                 raise AdapterError(f"{name}.{half} has dtype {tensor.dtype}; a float dtype is required")
-            if not bool(torch.isfinite(tensor).all()):
-                raise AdapterError(f"{name}.{half} has NaN or infinite values")
         scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        module = LoraModule(
-            a=a.to(torch.float32).to(dtype).contiguous(),
-            b=(b.to(torch.float32) * scaling).to(dtype).contiguous(),
-        )
-        if not (bool(torch.isfinite(module.a).all()) and bool(torch.isfinite(module.b).all())):
-            raise AdapterError(
-                f"{name}: weights overflow once scaled by {scaling:g} (lora_alpha {alpha:g}, "
-                f"r {r}) and stored as {str(dtype).removeprefix('torch.')}"
-            )
-        modules[(layer, proj)] = module
+        checked.append(((layer, proj), name, a, b, scaling, alpha, r))
+
+    flat = torch.empty(sum(a.numel() + b.numel() for _, _, a, b, *_ in checked), dtype=dtype)
+    modules: dict[tuple[int, str], LoraModule] = {}
+    offset = 0
+    for key, _, a, b, scaling, _, _ in checked:
+        module_a = flat[offset : offset + a.numel()].view(a.shape)  # [r, in]
+        offset += a.numel()
+        module_b = flat[offset : offset + b.numel()].view(b.shape)  # [out, r]
+        offset += b.numel()
+        module_a.copy_(a.to(torch.float32))  # the value rounded once from float32, as B
+        module_b.copy_(b.to(torch.float32) * scaling)
+        modules[key] = LoraModule(a=module_a, b=module_b)
+    low, high = torch.aminmax(flat)  # NaN propagates through both: one pass, no mask
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise _non_finite_error(checked, dtype)
     targets = tuple(p for p in PROJECTIONS if any(proj == p for _, proj in modules))
     return LoadedAdapter(
         path=folder,
@@ -242,6 +248,22 @@ def load_peft_adapter(folder: Path | str, model: ModelConfig, *, max_rank: int,
         modules=modules,
         size_bytes=weights_path.stat().st_size,
     )
+
+
+def _non_finite_error(checked, dtype: torch.dtype) -> AdapterError:
+    """Which module made the adapter's weights non-finite, and how (the slow path of a
+    refused folder only)."""
+    for _, name, a, b, scaling, alpha, r in checked:
+        for half, tensor in (("lora_A", a), ("lora_B", b)):
+            if not bool(torch.isfinite(tensor).all()):
+                return AdapterError(f"{name}.{half} has NaN or infinite values")
+        scaled = ((a.to(torch.float32)).to(dtype), (b.to(torch.float32) * scaling).to(dtype))
+        if not all(bool(torch.isfinite(t).all()) for t in scaled):
+            return AdapterError(
+                f"{name}: weights overflow once scaled by {scaling:g} (lora_alpha {alpha:g}, "
+                f"r {r}) and stored as {str(dtype).removeprefix('torch.')}"
+            )
+    return AdapterError("the adapter's weights are not finite")  # unreachable: some module is
 
 
 def _check_file_size(path: Path, model: ModelConfig, max_rank: int) -> None:

@@ -70,21 +70,25 @@ def build_forward_batch(
     decode_tokens: list[int],
     decode_slots: list[int],
     decode_positions: list[int],
+    prefill_logits: list[bool] | None = None,
     sliding_window: int | None,
     dtype: torch.dtype,
     device: torch.device,
 ) -> ForwardBatch:
     """Lay out one step: decodes first (one token each), then each prefill's tokens.
 
-    Logits rows: one per sequence in the same order (decodes, then prefills' last token).
+    Logits rows: one per sequence in the same order (decodes, then prefills' last token),
+    leaving out the prefills whose `prefill_logits` is False (a chunk that does not end the
+    prompt needs no next token).
     """
+    wants_logits = prefill_logits if prefill_logits is not None else [True] * len(prefill_tokens)
     decode_count = len(decode_tokens)
     ids: list[int] = list(decode_tokens)
     positions: list[int] = list(decode_positions)
     slots: list[int] = list(decode_slots)
     spans: list[PrefillSpan] = []
     logits_rows = list(range(decode_count))
-    for tokens, slot, start in zip(prefill_tokens, prefill_slots, prefill_starts):
+    for tokens, slot, start, wanted in zip(prefill_tokens, prefill_slots, prefill_starts, wants_logits):
         if not tokens:
             raise ValueError("a prefill needs at least one token")
         first = len(ids)
@@ -92,7 +96,8 @@ def build_forward_batch(
         positions.extend(range(start, start + len(tokens)))
         slots.extend([slot] * len(tokens))
         spans.append(PrefillSpan(first, len(ids), slot, start))
-        logits_rows.append(len(ids) - 1)
+        if wanted:
+            logits_rows.append(len(ids) - 1)
 
     if decode_count:
         lo, hi = min(decode_slots), max(decode_slots) + 1

@@ -10,10 +10,10 @@ The commands take `--dtype` with the environment variable `LORAQUILT_DTYPE` as d
 
 from __future__ import annotations
 
-import functools
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING
+
+from loraquilt.host import cpu_flags
 
 if TYPE_CHECKING:  # torch is imported only when a dtype is resolved (CLI parsing stays light)
     import torch
@@ -38,19 +38,6 @@ def add_dtype_argument(parser) -> None:
         "--dtype", choices=DTYPE_CHOICES, default=default_dtype_spec(),
         help=f"compute dtype (default ${DTYPE_ENV} or auto: bfloat16 on CUDA and on CPUs with "
              "AVX512-BF16/AMX, float32 elsewhere; float32 is the exact path)")
-
-
-@functools.cache
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
-    """The CPU's feature flags (Linux); empty where they cannot be read."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags") and ":" in line:
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
 
 
 def native_bf16_flags(flags: frozenset[str] | None = None) -> list[str]:

