@@ -4,14 +4,19 @@ Paths (every one computes y = x @ dequantize_nf4(W).T + b):
 - `dequant_native`: the project's AVX2/OpenMP dequantize kernel into the shared scratch
   buffer, then one oneDNN GEMM in the compute dtype (bit-identical to bitsandbytes).
 - `dequant_bnb`: the same with bitsandbytes' C dequantize kernel (bit-identical too).
+- `dequant_native_wm` / `dequant_bnb_wm`: the same dequantized weight in a weight-major
+  GEMM, `(W @ x.T).T`: the same products summed in another order (equal within float32
+  rounding, not bit for bit); with MKL it is often much faster for a few rows.
 - `bnb_fused`: bitsandbytes' fused NF4 GEMM for AVX512-BF16 CPUs (what `Linear4bit`
   uses in eval mode there). bf16 only; it rounds the block scales to bf16, so it is a
   candidate only when the model computes in bf16 and the CPU has avx512_bf16. It needs
   its own repacked copy of the weight (+0.5 bytes per parameter where it is chosen).
 
-Each distinct (out, in) shape is timed for decode steps (DECODE_ROWS rows) and prefill
-steps (PREFILL_ROWS rows); a projection then takes the faster path for its row count.
-In float32 both candidates are bit-identical, so the choice never changes results.
+Each distinct (out, in) shape is timed at the row counts of ROW_KINDS (decode steps,
+chunked-prefill steps, long prefills); a projection then takes the fastest path for the
+row count of each step.
+In float32 the candidates agree to float32 rounding (the activation-major ones bit for bit
+with bitsandbytes); `exact_only` keeps to those bit-identical ones.
 """
 
 from __future__ import annotations
@@ -24,26 +29,36 @@ import torch
 
 from loraquilt.kernels.nf4 import DequantScratch, NF4Weight, nf4_linear_cpu
 
-DECODE_ROWS = 32  # steps with at most this many rows use the decode choice
-PREFILL_ROWS = 256
-PATHS = ("dequant_native", "dequant_bnb", "bnb_fused")
+# (kind, rows timed): a step with up to that many rows takes that kind's path (the last
+# kind's beyond). decode: a full decode batch; chunk: a default chunked-prefill step (128
+# prompt tokens beside 32 decodes); prefill: a long prompt in one step.
+ROW_KINDS = (("decode", 32), ("chunk", 160), ("prefill", 512))
+DECODE_ROWS = ROW_KINDS[0][1]
+PATHS = ("dequant_native", "dequant_native_wm", "dequant_bnb", "dequant_bnb_wm", "bnb_fused")
+WEIGHT_MAJOR = ("dequant_native_wm", "dequant_bnb_wm")
 
 
 @dataclass(frozen=True)
 class NF4PathChoice:
-    """decode / prefill: the path for steps with <= DECODE_ROWS rows / more rows.
-    timings_us: {"decode" | "prefill": {path: µs per call}} as measured."""
+    """by_kind: {kind of ROW_KINDS: path}, the path for steps of that many rows.
+    timings_us: {kind: {path: µs per call}} as measured."""
 
-    decode: str = "dequant_native"
-    prefill: str = "dequant_native"
+    by_kind: dict = field(default_factory=lambda: {kind: "dequant_native" for kind, _ in ROW_KINDS})
     timings_us: dict = field(default_factory=dict, compare=False)
 
     def path_for(self, rows: int) -> str:
-        return self.decode if rows <= DECODE_ROWS else self.prefill
+        for kind, limit in ROW_KINDS:
+            if rows <= limit:
+                return self.by_kind[kind]
+        return self.by_kind[ROW_KINDS[-1][0]]
+
+    def replacing(self, path: str, by: str) -> NF4PathChoice:
+        """The same choice with `path` swapped for `by` wherever it was picked."""
+        return NF4PathChoice({k: by if p == path else p for k, p in self.by_kind.items()}, self.timings_us)
 
     @property
     def paths(self) -> set[str]:
-        return {self.decode, self.prefill}
+        return set(self.by_kind.values())
 
 
 class BnbFusedWeight:
@@ -79,9 +94,9 @@ def bnb_fused_available(dtype: torch.dtype) -> bool:
 def candidate_paths(dtype: torch.dtype) -> list[str]:
     from loraquilt.kernels.nf4_native import native_kernel
 
-    paths = ["dequant_bnb"]
+    paths = ["dequant_bnb", "dequant_bnb_wm"]
     if dtype in (torch.float32, torch.bfloat16) and native_kernel() is not None:
-        paths.insert(0, "dequant_native")
+        paths[:0] = ["dequant_native", "dequant_native_wm"]
     if bnb_fused_available(dtype):
         paths.append("bnb_fused")
     return paths
@@ -94,10 +109,10 @@ def run_path(path: str, x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor |
         if fused is None:
             raise ValueError("bnb_fused needs the weight repacked (BnbFusedWeight)")
         return fused.linear(x, bias)
-    dequantizer = {"dequant_native": "native", "dequant_bnb": "bnb"}.get(path)
-    if dequantizer is None:
+    dequantizer = {"dequant_native": "native", "dequant_bnb": "bnb"}.get(path.removesuffix("_wm"))
+    if dequantizer is None or path not in PATHS:
         raise ValueError(f"unknown NF4 path {path!r}; choose one of {PATHS}")
-    return nf4_linear_cpu(x, weight, bias, scratch, dequantizer)
+    return nf4_linear_cpu(x, weight, bias, scratch, dequantizer, weight_major=path in WEIGHT_MAJOR)
 
 
 def _median_us(run: Callable[[], object], repeats: int) -> float:
@@ -111,19 +126,20 @@ def _median_us(run: Callable[[], object], repeats: int) -> float:
 
 
 def plan_nf4_paths(shapes: Iterable[tuple[int, int]], dtype: torch.dtype, *, repeats: int = 5,
-                   seed: int = 0) -> dict[tuple[int, int], NF4PathChoice]:
+                   seed: int = 0, exact_only: bool = False) -> dict[tuple[int, int], NF4PathChoice]:
     """Time every candidate path on a random NF4 weight of each (out, in) shape, for decode
     and prefill row counts, and keep the fastest of each. A candidate that fails, or whose
-    result is off by more than the dtype's rounding, is dropped."""
+    result is off by more than the dtype's rounding, is dropped. exact_only: only the paths
+    bit-identical to bitsandbytes (no weight-major GEMM)."""
     generator = torch.Generator().manual_seed(seed)
-    paths = candidate_paths(dtype)
+    paths = [p for p in candidate_paths(dtype) if not (exact_only and p in WEIGHT_MAJOR)]
     scratch = DequantScratch()
     plans: dict[tuple[int, int], NF4PathChoice] = {}
     for shape in dict.fromkeys(shapes):
         weight = NF4Weight.quantize((torch.randn(*shape, generator=generator) * 0.02).to(dtype))
         fused = repack_for_bnb_fused(weight) if "bnb_fused" in paths else None
         timings: dict[str, dict[str, float]] = {}
-        for kind, rows in (("decode", DECODE_ROWS), ("prefill", PREFILL_ROWS)):
+        for kind, rows in ROW_KINDS:
             x = torch.randn(rows, shape[1], generator=generator).to(dtype)
             expected = run_path(paths[0], x, weight, None, scratch).float()
             timings[kind] = {}
@@ -132,12 +148,12 @@ def plan_nf4_paths(shapes: Iterable[tuple[int, int]], dtype: torch.dtype, *, rep
                     got = run_path(path, x, weight, None, scratch, fused).float()
                 except Exception:  # noqa: BLE001 - e.g. a kernel this bitsandbytes lacks
                     continue
-                if not _close(got, expected, dtype):
+                if not _close(got, expected, dtype, exact=path not in WEIGHT_MAJOR):
                     continue
                 timings[kind][path] = _median_us(lambda: run_path(path, x, weight, None, scratch, fused),
                                                  repeats)
         pick = {kind: min(times, key=times.get) for kind, times in timings.items()}
-        plans[shape] = NF4PathChoice(pick["decode"], pick["prefill"], timings)
+        plans[shape] = NF4PathChoice(pick, timings)
     return plans
 
 
@@ -148,19 +164,21 @@ def repack_for_bnb_fused(weight: NF4Weight) -> BnbFusedWeight | None:
         return None
 
 
-def _close(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> bool:
-    if dtype == torch.float32:
+def _close(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, exact: bool) -> bool:
+    """Whether a candidate's result may stand for the first path's: bit for bit for an
+    exact float32 path, else within the dtype's rounding of the largest output."""
+    if dtype == torch.float32 and exact:
         return torch.equal(got, expected)
     scale = expected.abs().max().clamp_min(1e-6)
-    return bool(((got - expected).abs().max() / scale) < 0.05)
+    tolerance = 1e-5 if dtype == torch.float32 else 0.05
+    return bool(((got - expected).abs().max() / scale) < tolerance)
 
 
 def describe_plans(plans: dict[tuple[int, int], NF4PathChoice]) -> str:
-    """One line: shape -> decode/prefill paths with their µs."""
+    """One line: shape -> the path per row kind with its µs."""
     parts = []
     for (out_features, in_features), choice in plans.items():
-        decode = choice.timings_us.get("decode", {}).get(choice.decode, 0.0)
-        prefill = choice.timings_us.get("prefill", {}).get(choice.prefill, 0.0)
-        parts.append(f"{out_features}x{in_features}: decode {choice.decode} {decode:.0f}us, "
-                     f"prefill {choice.prefill} {prefill:.0f}us")
+        kinds = ", ".join(f"{kind} {path} {choice.timings_us.get(kind, {}).get(path, 0.0):.0f}us"
+                          for kind, path in choice.by_kind.items())
+        parts.append(f"{out_features}x{in_features}: {kinds}")
     return "; ".join(parts)

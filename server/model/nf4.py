@@ -71,8 +71,7 @@ class NF4Linear(nn.Module):
         self.path_choice = choice
         self.fused_bnb = repack_for_bnb_fused(self.weight) if "bnb_fused" in choice.paths else None
         if "bnb_fused" in choice.paths and self.fused_bnb is None:
-            self.path_choice = NF4PathChoice(*(p if p != "bnb_fused" else "dequant_native"
-                                               for p in (choice.decode, choice.prefill)), choice.timings_us)
+            self.path_choice = choice.replacing("bnb_fused", "dequant_native")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, in] -> [T, out]"""

@@ -14,7 +14,9 @@ from loraquilt.kernels.nf4 import (
     nf4_linear_reference,
 )
 from loraquilt.kernels.nf4_native import loaded_openmp_runtimes, native_kernel
-from loraquilt.kernels.nf4_plan import DECODE_ROWS, NF4PathChoice, candidate_paths, plan_nf4_paths, run_path
+from loraquilt.kernels.nf4_plan import (
+    DECODE_ROWS, PATHS, ROW_KINDS, WEIGHT_MAJOR, NF4PathChoice, candidate_paths, plan_nf4_paths, run_path,
+)
 
 needs_native = pytest.mark.skipif(native_kernel() is None, reason="native NF4 kernel not built on this CPU")
 
@@ -59,6 +61,26 @@ def test_native_path_linear_matches_bitsandbytes(dtype, rows, shape):
         assert torch.equal(got, nf4_linear_reference(x, weight, b))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows", [1, 7, 32, 133])
+@pytest.mark.parametrize("shape", [(192, 576), (1728, 576), (576, 1536), (130, 64)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_weight_major_paths_match_bitsandbytes_to_rounding(dtype, rows, shape):
+    """(W @ x.T).T: the same products in another summation order, so equal to the
+    reference within the dtype's rounding (not bit for bit), row-major, with the bias."""
+    gen = torch.Generator().manual_seed(rows * 3 + shape[0])
+    weight = NF4Weight.quantize(torch.randn(*shape, generator=gen).to(dtype))
+    x = torch.randn(rows, shape[1], generator=gen).to(dtype)
+    bias = torch.randn(shape[0], generator=gen).to(dtype)
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for path in (p for p in WEIGHT_MAJOR if p in candidate_paths(dtype)):
+        for b in (None, bias):
+            got = run_path(path, x, weight, b, DequantScratch())
+            expected = nf4_linear_reference(x, weight, b)
+            assert got.shape == (rows, shape[0]) and got.is_contiguous() and got.dtype == dtype
+            scale = expected.abs().max().float()
+            assert float((got.float() - expected.float()).abs().max()) <= tolerance * scale, (path, b is None)
+
+
 def test_concat_rows_is_bit_identical_to_the_parts():
     gen = torch.Generator().manual_seed(3)
     parts = [NF4Weight.quantize(torch.randn(out, 128, generator=gen)) for out in (64, 16, 16)]
@@ -88,18 +110,25 @@ def test_plan_picks_a_measured_candidate_per_shape_and_row_kind(dtype):
     assert set(plans) == {(192, 576), (576, 576)}
     for choice in plans.values():
         assert choice.paths <= set(candidate_paths(dtype))
-        for kind in ("decode", "prefill"):
-            assert getattr(choice, kind) in choice.timings_us[kind]
+        for kind, _ in ROW_KINDS:
+            assert choice.by_kind[kind] in choice.timings_us[kind]
             assert all(us > 0 for us in choice.timings_us[kind].values())
+    exact = plan_nf4_paths(shapes, dtype, repeats=1, exact_only=True)
+    assert all(not (choice.paths & set(WEIGHT_MAJOR)) for choice in exact.values())
 
 
 def test_path_choice_by_rows():
-    choice = NF4PathChoice(decode="dequant_native", prefill="dequant_bnb")
+    choice = NF4PathChoice({"decode": "dequant_native", "chunk": "dequant_native_wm", "prefill": "dequant_bnb"})
     assert choice.path_for(1) == choice.path_for(DECODE_ROWS) == "dequant_native"
-    assert choice.path_for(DECODE_ROWS + 1) == "dequant_bnb"
+    assert choice.path_for(DECODE_ROWS + 1) == choice.path_for(ROW_KINDS[1][1]) == "dequant_native_wm"
+    assert choice.path_for(ROW_KINDS[1][1] + 1) == choice.path_for(10**6) == "dequant_bnb"
+    assert choice.replacing("dequant_native_wm", "dequant_native").by_kind["chunk"] == "dequant_native"
+    assert set(WEIGHT_MAJOR) <= set(PATHS)
     weight = NF4Weight.quantize(torch.randn(64, 64))
     with pytest.raises(ValueError, match="unknown NF4 path"):
         run_path("fast", torch.randn(2, 64), weight, None, DequantScratch())
+    with pytest.raises(ValueError, match="unknown NF4 path"):
+        run_path("fast_wm", torch.randn(2, 64), weight, None, DequantScratch())
     with pytest.raises(ValueError, match="repacked"):
         run_path("bnb_fused", torch.randn(2, 64), weight, None, DequantScratch())
 
@@ -121,7 +150,7 @@ def test_fallback_when_the_native_kernel_is_off_warns_once_and_stays_exact(tmp_p
         "from loraquilt.kernels.nf4_plan import candidate_paths\n"
         "w = NF4Weight.quantize(torch.randn(192, 576)); x = torch.randn(7, 576)\n"
         "assert native_kernel() is None and native_kernel() is None\n"
-        "assert candidate_paths(torch.float32) == ['dequant_bnb']\n"
+        "assert candidate_paths(torch.float32) == ['dequant_bnb', 'dequant_bnb_wm']\n"
         "assert torch.equal(nf4_linear_cpu(x, w, None, DequantScratch()), nf4_linear_reference(x, w, None))\n"
         "print('ok')\n"
     )

@@ -34,8 +34,10 @@ def _logits(model, prompts):
 
 
 def test_fused_model_is_bit_identical_to_unfused(base):
-    fused = load_causal_lm(base, EXACT, progress=False)
-    plain = load_causal_lm(base, EXACT, progress=False, fuse_projections=False)
+    # one GEMM orientation for both (the measured plan may pick a weight-major GEMM for
+    # one shape and not for another, which changes the summation order, not the values)
+    fused = load_causal_lm(base, EXACT, progress=False, plan_nf4=False)
+    plain = load_causal_lm(base, EXACT, progress=False, fuse_projections=False, plan_nf4=False)
     assert len(list(fused.quantized_linears())) == 4 * fused.config.num_layers
     assert len(list(plain.quantized_linears())) == 7 * plain.config.num_layers
     assert fused.quantized_params() == plain.quantized_params()
