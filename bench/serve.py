@@ -30,7 +30,7 @@ class BenchConfig:
     new_tokens: int = 32  # T
     many_adapters: int = 1000
     many_pool: int = 64  # distinct weight files behind the many adapters (hard links)
-    many_requests_per_batch: int = 8  # 8·B requests
+    many_requests_per_batch: int = 4  # 4·B requests
     max_active_adapters: int = 32
     hotload_repeats: int = 20
     sequential_timed: int = 4  # PEFT sequential: requests timed, rest extrapolated

@@ -73,11 +73,18 @@ def lora_add_cpu_(
 
 
 def choose_strategy(meta: LoraBatchMeta, x, lora_a, lora_b) -> str:
-    if meta.num_segments <= LOOP_MAX_SEGMENTS:
-        return "loop"
-    if meta.slot_range_rows <= SLOT_RANGE_MAX_PADDING * meta.num_pairs:
-        return "slot_range"
+    if not needs_grouped(meta):
+        return "loop" if meta.num_segments <= LOOP_MAX_SEGMENTS else "slot_range"
     return "grouped" if grouped_mm_supports(x, lora_a, lora_b) else "loop"
+
+
+def needs_grouped(meta: LoraBatchMeta) -> bool:
+    """Whether neither `loop` (too many segments) nor `slot_range` (too uneven) suits the
+    step. grouped_mm's CPU path costs one GEMM per slot and a few µs each, so a caller that
+    knows where the uneven rows are (a prefill beside decodes) does better splitting the
+    rows into parts that each avoid it."""
+    return (meta.num_segments > LOOP_MAX_SEGMENTS
+            and meta.slot_range_rows > SLOT_RANGE_MAX_PADDING * meta.num_pairs)
 
 
 def grouped_mm_supports(*tensors: torch.Tensor) -> bool:

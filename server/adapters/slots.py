@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from loraquilt.kernels import LoraBatchMeta, build_lora_meta, lora_add_
+from loraquilt.kernels.cpu import needs_grouped
 from loraquilt.kernels.segments import NO_ADAPTER
 from loraquilt.server.adapters.peft_folder import LoadedAdapter
 from loraquilt.server.model.config import PROJECTIONS, ModelConfig
@@ -41,6 +42,11 @@ class LoraSpan:
     pairs: tuple[tuple[int, float], ...]
 
 
+# A step's LoRA tables for one projection: (row start, row end, table) parts covering the
+# rows that carry adapters; usually one part for all rows.
+RowParts = tuple[tuple[int, int, LoraBatchMeta], ...]
+
+
 class LoraSlots:
     """A[layer][proj]: [num_slots, R, in], B[layer][proj]: [num_slots, out, R].
 
@@ -63,9 +69,9 @@ class LoraSlots:
             self.b.append(b_layer)
         self.targets: list[frozenset[str]] = [frozenset()] * config.num_slots
         self._generation = 0  # bumped whenever a slot's contents change (tables depend on targets)
-        self._step_meta: dict[str, LoraBatchMeta | None] = {}
+        self._step_meta: dict[str, RowParts] = {}
         self._last_key: tuple | None = None  # the previous step's spans, and its tables
-        self._last_meta: dict[str, LoraBatchMeta | None] = {}
+        self._last_meta: dict[str, RowParts] = {}
 
     @property
     def num_bytes(self) -> int:
@@ -109,25 +115,44 @@ class LoraSlots:
             self._last_key, self._last_meta = key, self._build_meta(spans)
         self._step_meta = self._last_meta
 
-    def _build_meta(self, spans: Sequence[LoraSpan]) -> dict[str, LoraBatchMeta | None]:
-        counts = torch.tensor([span.rows for span in spans], dtype=torch.int64)  # [S]
-        by_mask: dict[tuple, LoraBatchMeta | None] = {}
-        metas: dict[str, LoraBatchMeta | None] = {}
+    def _build_meta(self, spans: Sequence[LoraSpan]) -> dict[str, RowParts]:
+        by_mask: dict[tuple, RowParts] = {}
+        metas: dict[str, RowParts] = {}
         for proj in PROJECTIONS:
             # each span's pairs whose slot holds this projection (others skip it entirely)
             masked = tuple(tuple(pair for pair in span.pairs if proj in self.targets[pair[0]])
                            for span in spans)
             if masked not in by_mask:
-                by_mask[masked] = self._span_meta(masked, counts)
+                by_mask[masked] = self._row_parts(masked, [span.rows for span in spans])
             metas[proj] = by_mask[masked]
         return metas
 
+    def _row_parts(self, span_pairs: tuple[tuple[tuple[int, float], ...], ...], rows: list[int]) -> RowParts:
+        """The tables for all rows; on CPU, when that step would need grouped_mm (a prefill
+        chunk beside many single-row decodes on distinct adapters), one table for the
+        leading decode rows and one for the rest instead: each then takes a cheap strategy
+        (one bmm over the decodes' slots, one GEMM pair per prefill span)."""
+        whole = self._span_meta(span_pairs, rows)
+        if whole is None:
+            return ()
+        decodes = next((i for i, n in enumerate(rows) if n != 1), len(rows))  # leading 1-row spans
+        if self.device.type != "cpu" or not needs_grouped(whole) or not 0 < decodes < len(rows) \
+                or any(n == 1 for n in rows[decodes:]):
+            return ((0, sum(rows), whole),)
+        parts = []
+        for first, last in ((0, decodes), (decodes, len(rows))):
+            meta = self._span_meta(span_pairs[first:last], rows[first:last])
+            if meta is not None:
+                parts.append((sum(rows[:first]), sum(rows[:last]), meta))
+        return tuple(parts)
+
     def _span_meta(self, span_pairs: tuple[tuple[tuple[int, float], ...], ...],
-                   counts: torch.Tensor) -> LoraBatchMeta | None:
-        """span_pairs: per span its (slot, weight) pairs; counts: [S] rows per span."""
+                   rows: list[int]) -> LoraBatchMeta | None:
+        """span_pairs: per span its (slot, weight) pairs; rows: per span its row count."""
         width = max(map(len, span_pairs), default=0)
         if width == 0:
             return None
+        counts = torch.tensor(rows, dtype=torch.int64)  # [S]
         padded = [list(pairs) + [(NO_ADAPTER, 0.0)] * (width - len(pairs)) for pairs in span_pairs]
         span_slots = torch.tensor([[slot for slot, _ in row] for row in padded], dtype=torch.int64)  # [S, K]
         span_weights = torch.tensor([[w for _, w in row] for row in padded], dtype=torch.float32)  # [S, K]
@@ -138,6 +163,11 @@ class LoraSlots:
         self._step_meta = {}
 
     def add_(self, y: torch.Tensor, x: torch.Tensor, layer: int, projection: str) -> None:
-        meta = self._step_meta.get(projection)
-        if meta is not None:
-            lora_add_(y, x, self.a[layer][projection], self.b[layer][projection], meta, self.config.backend)
+        """y: [T, out] += this step's LoRA deltas of x: [T, in] (nothing for rows without one)."""
+        parts = self._step_meta.get(projection, ())
+        a, b = self.a[layer][projection], self.b[layer][projection]
+        if len(parts) == 1 and parts[0][1] - parts[0][0] == y.shape[0]:
+            lora_add_(y, x, a, b, parts[0][2], self.config.backend)
+            return
+        for start, end, meta in parts:
+            lora_add_(y[start:end], x[start:end], a, b, meta, self.config.backend)
