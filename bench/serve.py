@@ -35,7 +35,7 @@ class BenchConfig:
     hotload_repeats: int = 20
     sequential_timed: int = 4  # PEFT sequential: requests timed, rest extrapolated
     latency_seconds: float = 20.0
-    plot_points: tuple[int, ...] = (1, 4, 16, 32)
+    plot_points: tuple[int, ...] = (1, 8, 32)  # 1 and B reuse `same` and `distinct`
     repeats: int = 2  # throughput scenarios: runs per system, interleaved; the median (upper) one is reported
     accuracy_prompts: int = 32  # bench prompts whose bf16 and fp32 logits are compared
     seed: int = 0
