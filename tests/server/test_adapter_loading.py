@@ -9,10 +9,10 @@ import threading
 import time
 
 import pytest
-from fixtures_models import build_tiny_model, make_adapter_zoo
+from fixtures_models import build_tiny_model, make_adapter_zoo, tiny_engine
 
 from loraquilt.server.adapters.registry import AdapterChanged, UnknownAdapter
-from loraquilt.server.engine import Engine, EngineConfig
+from loraquilt.server.engine import Engine
 from loraquilt.server.request import Request, SamplingParams
 
 GREEDY = SamplingParams(max_new_tokens=4, ignore_eos=True)
@@ -39,13 +39,8 @@ def make_engine(model_folder, folders=None, **overrides) -> Engine:
     """a0..a2 registered in order; with the default host tier of 1 only a2 stays in host
     memory, a0 and a1 are on disk."""
     base, adapters = model_folder
-    settings = dict(model=str(base), max_batch_size=4, max_active_adapters=2, max_cpu_adapters=1,
-                    max_lora_rank=16, max_seq_len=64, lora_backend="torch", progress=False)
-    settings.update(overrides)
-    engine = Engine(EngineConfig(**settings))
-    for index, folder in enumerate(folders or adapters):
-        engine.register_adapter(f"a{index}", folder)
-    return engine
+    settings = dict(max_batch_size=4, max_active_adapters=2, max_cpu_adapters=1, max_seq_len=64)
+    return tiny_engine(base, folders or adapters, **{**settings, **overrides})
 
 
 class GatedReads:

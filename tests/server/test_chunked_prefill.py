@@ -9,7 +9,7 @@ import random
 from dataclasses import replace
 
 import pytest
-from fixtures_models import build_tiny_model, make_adapter_zoo
+from fixtures_models import build_tiny_model, make_adapter_zoo, tiny_engine
 
 from loraquilt.server.engine import Engine, EngineConfig
 from loraquilt.server.request import Request, SamplingParams
@@ -26,13 +26,8 @@ def model_folder(tmp_path_factory):
 
 
 def make_engine(base, adapters=(), **overrides) -> Engine:
-    settings = dict(model=str(base), max_batch_size=6, max_active_adapters=4, max_lora_rank=16,
-                    max_seq_len=160, lora_backend="torch", progress=False)
-    settings.update(overrides)
-    engine = Engine(EngineConfig(**settings))
-    for index, folder in enumerate(adapters):
-        engine.register_adapter(f"a{index}", folder)
-    return engine
+    settings = dict(max_batch_size=6, max_active_adapters=4, max_seq_len=160)
+    return tiny_engine(base, adapters, **{**settings, **overrides})
 
 
 @pytest.fixture(scope="module")

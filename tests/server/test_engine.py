@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from fixtures_models import build_tiny_model, make_adapter_zoo
+from fixtures_models import build_tiny_model, make_adapter_zoo, tiny_engine
 
 from loraquilt.server.adapters.registry import UnknownAdapter
-from loraquilt.server.model.weights import DeviceConfig
-from loraquilt.server.engine import Engine, EngineConfig
+from loraquilt.server.engine import Engine
 from loraquilt.server.request import Request, RequestError, SamplingParams
 from loraquilt.server.scheduler import QueueFull
 
@@ -24,13 +23,8 @@ def model_folder(tmp_path_factory):
 
 def make_engine(model_folder, **overrides) -> Engine:
     base, adapters = model_folder
-    settings = dict(device=DeviceConfig(dtype="float32"), model=str(base), max_batch_size=8, max_active_adapters=4, max_lora_rank=16,
-                    max_seq_len=128, lora_backend="torch", progress=False)
-    settings.update(overrides)
-    engine = Engine(EngineConfig(**settings))
-    for index, folder in enumerate(adapters):
-        engine.register_adapter(f"a{index}", folder)
-    return engine
+    settings = dict(max_batch_size=8, max_active_adapters=4, max_seq_len=128)
+    return tiny_engine(base, adapters, **{**settings, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -405,3 +405,18 @@ def greedy_tokens(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_t
 def read_adapter_config(adapter_folder: Path) -> dict[str, Any]:
     """adapter_config.json of ``adapter_folder`` as a dict."""
     return json.loads((Path(adapter_folder) / "adapter_config.json").read_text())
+
+
+def tiny_engine(base_folder: Path, adapter_folders=(), **settings):
+    """A real Engine on a tiny model (float32, torch LoRA backend, quiet), with the
+    adapter folders registered as a0, a1, ... in order; `settings` override EngineConfig."""
+    from loraquilt.server.engine import Engine, EngineConfig
+    from loraquilt.server.model.weights import DeviceConfig
+
+    config = dict(device=DeviceConfig(dtype="float32"), model=str(base_folder), max_lora_rank=16,
+                  lora_backend="torch", progress=False)
+    config.update(settings)
+    engine = Engine(EngineConfig(**config))
+    for index, folder in enumerate(adapter_folders):
+        engine.register_adapter(f"a{index}", folder)
+    return engine
