@@ -37,6 +37,6 @@ RUN python3 -m venv /opt/venv \
 
 RUN mkdir -p /adapters
 VOLUME ["/adapters"]
-EXPOSE 50051 9464
+EXPOSE 50051 8000 9464
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["loraquilt", "serve", "--host", "0.0.0.0", "--adapter-root", "/adapters"]

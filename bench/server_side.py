@@ -68,6 +68,7 @@ class ServedLoraQuilt:
         model = [] if model_folder is None else ["--model", str(model_folder)]
         command = [sys.executable, "-m", "loraquilt", "serve", *model,
                    "--adapter-root", str(adapter_root), "--port", str(port), "--metrics-port", str(metrics_port),
+                   "--http-port", "-1",
                    "--max-batch-size", str(max_batch_size), "--max-active-adapters", str(max_active_adapters),
                    "--max-cpu-adapters", str(max_cpu_adapters), "--max-seq-len", str(max_seq_len),
                    "--max-queue", "4096", "--grace-seconds", "5", *extra_args]

@@ -20,6 +20,8 @@ def _add_target(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", type=Path, help="TLS trusting this PEM certificate (private CA, self-signed)")
     parser.add_argument("--admin-token-file", type=Path,
                         help="admin token for register/unregister (default: $LORAQUILT_ADMIN_TOKEN)")
+    parser.add_argument("--api-key-file", type=Path,
+                        help="API key for generation and listing (default: $LORAQUILT_API_KEY)")
 
 
 def add_generate_parser(commands, name: str = "generate", help_text: str = "send a Generate request") -> None:
@@ -75,7 +77,10 @@ def _client(args):
     token = os.environ.get("LORAQUILT_ADMIN_TOKEN") or None
     if args.admin_token_file is not None:
         token = args.admin_token_file.read_text(encoding="utf-8").strip()
-    return LoraQuiltClient(args.target, timeout=args.timeout, admin_token=token,
+    api_key = os.environ.get("LORAQUILT_API_KEY") or None
+    if args.api_key_file is not None:
+        api_key = args.api_key_file.read_text(encoding="utf-8").strip()
+    return LoraQuiltClient(args.target, timeout=args.timeout, admin_token=token, api_key=api_key,
                            tls=args.tls_ca or args.tls or None)
 
 

@@ -8,7 +8,8 @@
         print(piece.text, end="", flush=True)
 
 A server started with `--admin-token-file` needs `admin_token=` for register/unregister
-(sent only on those calls); one started with `--tls-cert` needs `tls=True` (system
+(sent only on those calls); one started with `--api-key-file` needs `api_key=` (sent on
+generation and listing calls); one started with `--tls-cert` needs `tls=True` (system
 roots) or `tls="ca.pem"` (a private CA or a self-signed certificate). Every Generate
 carries its routing key as metadata (client/routing.py); generation and listing calls that
 meet UNAVAILABLE (a replica of `loraquilt serve-ray` that died, a server restarting) are
@@ -38,7 +39,8 @@ def channel_credentials(tls: TLS) -> grpc.ChannelCredentials | None:
     return grpc.ssl_channel_credentials(root_certificates=roots)
 
 
-def admin_metadata(metadata: list[tuple[str, str]] | None, token: str | None) -> list[tuple[str, str]] | None:
+def with_bearer(metadata: list[tuple[str, str]] | None, token: str | None) -> list[tuple[str, str]] | None:
+    """`metadata` plus `authorization: Bearer <token>` (as it is when token is None)."""
     if token is None:
         return metadata
     return [*(metadata or []), ("authorization", f"Bearer {token}")]
@@ -66,7 +68,8 @@ DEFAULT_RETRIES = 4  # attempts in all, for generation and listing calls, on UNA
 class LoraQuiltClient:
     def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = None,
                  channel: grpc.Channel | None = None, metadata: list[tuple[str, str]] | None = None,
-                 admin_token: str | None = None, tls: TLS = None, retries: int = DEFAULT_RETRIES):
+                 admin_token: str | None = None, api_key: str | None = None, tls: TLS = None,
+                 retries: int = DEFAULT_RETRIES):
         if channel is None:
             credentials = channel_credentials(tls)
             channel = (grpc.secure_channel(target, credentials) if credentials
@@ -74,8 +77,8 @@ class LoraQuiltClient:
         self.channel = channel
         self.retry = RetryPolicy(attempts=max(1, retries))
         self.stub = pb_grpc.LoraQuiltStub(self.channel)
-        self.timeout, self.metadata = timeout, metadata
-        self.admin_metadata = admin_metadata(metadata, admin_token)
+        self.timeout, self.metadata = timeout, with_bearer(metadata, api_key)
+        self.admin_metadata = with_bearer(metadata, admin_token)
 
     def generate(self, prompt: str, **options) -> pb.GenerateResponse:
         request = build_request(prompt, **options)
@@ -115,14 +118,14 @@ class LoraQuiltClient:
 class AsyncLoraQuiltClient:
     def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = None,
                  metadata: list[tuple[str, str]] | None = None, admin_token: str | None = None,
-                 tls: TLS = None, retries: int = DEFAULT_RETRIES):
+                 api_key: str | None = None, tls: TLS = None, retries: int = DEFAULT_RETRIES):
         credentials = channel_credentials(tls)
         self.channel = (grpc.aio.secure_channel(target, credentials) if credentials
                         else grpc.aio.insecure_channel(target))
         self.retry = RetryPolicy(attempts=max(1, retries))
         self.stub = pb_grpc.LoraQuiltStub(self.channel)
-        self.timeout, self.metadata = timeout, metadata
-        self.admin_metadata = admin_metadata(metadata, admin_token)
+        self.timeout, self.metadata = timeout, with_bearer(metadata, api_key)
+        self.admin_metadata = with_bearer(metadata, admin_token)
 
     async def generate(self, prompt: str, **options) -> pb.GenerateResponse:
         request = build_request(prompt, **options)

@@ -17,10 +17,15 @@ MIX_SEPARATOR = "+"  # adapter names never contain it
 COPY_SEPARATOR = "#"  # "key#1": a second resident copy of a hot key (serve-ray); never in names
 MAX_ROUTING_KEY_CHARS = 1024
 
+def key_for(adapter: str | None, mix_names=()) -> str:
+    """The routing key of a request on `adapter`, or on a mix of `mix_names`."""
+    if adapter:
+        return adapter
+    return MIX_SEPARATOR.join(sorted(set(mix_names)))
+
+
 def routing_key(request: pb.GenerateRequest) -> str:
-    if request.adapter:
-        return request.adapter
-    return MIX_SEPARATOR.join(sorted({entry.name for entry in request.adapters}))
+    return key_for(request.adapter, (entry.name for entry in request.adapters))
 
 
 def key_members(key: str) -> tuple[str, ...]:

@@ -10,6 +10,7 @@ application and starts it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import socket
@@ -22,16 +23,17 @@ import ray
 from ray import serve
 from ray.serve.config import gRPCOptions
 
-from loraquilt.scaleout.config import ReplicaConfig, ScaleoutConfig
+from loraquilt.scaleout.config import (  # noqa: F401 (deployment names re-exported)
+    DIRECTORY_DEPLOYMENT, INGRESS_DEPLOYMENT, REPLICA_DEPLOYMENT, ReplicaConfig, ScaleoutConfig,
+)
 from loraquilt.scaleout.directory import AdapterDirectory
+from loraquilt.scaleout.http_backend import RayHttpSettings, build_ray_http_app
 from loraquilt.scaleout.ingress import IngressConfig, LoraQuiltIngress
 from loraquilt.scaleout.replica import LoraQuiltReplica
-from loraquilt.server.model.sources import resolve_model
+from loraquilt.server.model.sources import EMBEDDED_NAME, resolve_model
+from loraquilt.server.openai_protocol import model_id
 
 SERVICER_FUNCTION = "loraquilt.v1.loraquilt_pb2_grpc.add_LoraQuiltServicer_to_server"
-REPLICA_DEPLOYMENT = "LoraQuiltReplica"
-DIRECTORY_DEPLOYMENT = "AdapterDirectory"
-INGRESS_DEPLOYMENT = "LoraQuiltIngress"
 HEALTH_CHECK_PERIOD_S = 5.0
 
 
@@ -52,17 +54,24 @@ def build_app(config: ScaleoutConfig):
     ).bind(replica, directory)
     # The ingress only forwards (no CPU reserved); it must hold every call in flight.
     in_flight = config.replicas * (2 * replica.max_batch_size + replica.max_queue)
+    http = RayHttpSettings(
+        app_name=config.app_name, served_model_name=config.served_model_name or model_id(replica.model or EMBEDDED_NAME),
+        adapter_root=str(replica.adapter_root) if replica.adapter_root else None, replicas=config.replicas,
+        affinity=config.affinity, spread_hot_keys=config.spread_hot_keys, admin=config.admin, api_key=config.api_key)
+    # gRPC methods on the class; the OpenAI HTTP API from a builder run on each ingress replica
+    ingress = serve.ingress(functools.partial(build_ray_http_app, http))(LoraQuiltIngress)
     return serve.deployment(
-        LoraQuiltIngress, name=INGRESS_DEPLOYMENT, num_replicas=config.ingress_replicas,
+        ingress, name=INGRESS_DEPLOYMENT, num_replicas=config.ingress_replicas,
         max_ongoing_requests=in_flight, ray_actor_options={"num_cpus": 0},
-    ).bind(replicas, IngressConfig(admin=config.admin, affinity=config.affinity, replicas=config.replicas,
+    ).bind(replicas, IngressConfig(admin=config.admin, api_key=config.api_key, affinity=config.affinity,
+                                   replicas=config.replicas,
                                    spread_hot_keys=config.spread_hot_keys))
 
 
 def app_builder(args: dict):
     """The application for a Serve config file or a KubeRay RayService
     (`import_path: loraquilt.scaleout.app:app_builder`): `args` holds `replicas`,
-    `ingress_replicas`, `admin_token_file` and any ReplicaConfig field; each replica resolves `model` itself
+    `ingress_replicas`, `admin_token_file`, `api_key_file`, `served_model_name` and any ReplicaConfig field; each replica resolves `model` itself
     (a .gguf is converted once per node, under a file lock)."""
     from loraquilt.server.auth import AdminCheck, read_token_file
 
@@ -71,11 +80,14 @@ def app_builder(args: dict):
     ingress_replicas = int(settings.pop("ingress_replicas", 1))
     token_file = settings.pop("admin_token_file", None)
     admin = AdminCheck.for_token(read_token_file(Path(token_file))) if token_file else None
+    key_file = settings.pop("api_key_file", None)
+    api_key = AdminCheck.for_token(read_token_file(Path(key_file), "API key"), "api") if key_file else None
+    served_model_name = settings.pop("served_model_name", "") or ""
     if settings.get("adapter_root"):
         settings["adapter_root"] = Path(settings["adapter_root"])
     replica = ReplicaConfig(model=settings.pop("model", "") or "", **settings)
     return build_app(ScaleoutConfig(replicas=replicas, ingress_replicas=ingress_replicas, replica=replica,
-                                    admin=admin))
+                                    admin=admin, api_key=api_key, served_model_name=served_model_name))
 
 
 @dataclass
@@ -86,6 +98,10 @@ class RunningScaleout:
     @property
     def target(self) -> str:
         return f"{self.config.host}:{self.config.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.config.host}:{self.config.http_port}"
 
     def replica_reports(self) -> dict[str, dict]:
         """Each live replica's report (actor name, metrics endpoint), from the directory;
@@ -106,18 +122,20 @@ def start_scaleout(config: ScaleoutConfig, *, ray_address: str | None = None,
     """Start (or join, with ray_address) a Ray cluster, Serve with the gRPC proxy on
     config.port, and the application; returns once every replica is up."""
     source = resolve_model(config.replica.model or None, log=log)  # convert or fetch once, for all replicas
-    config = replace(config, replica=replace(config.replica, model=str(source.folder)))
+    config = replace(config, replica=replace(config.replica, model=str(source.folder)),
+                     served_model_name=config.served_model_name or model_id(source.name),
+                     http_port=config.http_port or free_port(config.host))
     if not ray.is_initialized():
         options = {} if config.ray_metrics_port is None else {"_metrics_export_port": config.ray_metrics_port}
         ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING,
                  log_to_driver=False, **options)
     serve.start(
-        http_options={"host": config.host, "port": free_port(config.host)},
+        http_options={"host": config.host, "port": config.http_port},
         grpc_options=gRPCOptions(port=config.port, grpc_servicer_functions=[SERVICER_FUNCTION],
                                  request_timeout_s=config.request_timeout_s),
     )
     log(f"starting {config.replicas} replica(s) of {source.name}")
-    serve.run(build_app(config), name=config.app_name, route_prefix=f"/{config.app_name}", blocking=False)
+    serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
     return RunningScaleout(config, source.name)
 
 

@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from loraquilt.server.model.dtype import add_dtype_argument
+from loraquilt.server.engine_args import ENGINE_FLAGS, add_engine_arguments
 
 
 def add_serve_ray_parser(commands, name: str = "serve-ray", help_text: str = "serve replicas on Ray Serve") -> None:
@@ -24,25 +24,25 @@ def add_serve_ray_parser(commands, name: str = "serve-ray", help_text: str = "se
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--max-adapters-per-replica", type=int, default=16,
                         help="routing keys (an adapter, or a mix's members) resident per replica; LRU beyond")
-    parser.add_argument("--model", help="HF folder, .gguf file or hub id (default: embedded SmolLM2)")
     parser.add_argument("--adapter-root", type=Path, help="RegisterAdapter paths must lie under this folder, "
                                                           "which every replica must see at the same path")
     parser.add_argument("--port", type=int, default=9000, help="gRPC port of Ray Serve's proxy")
+    parser.add_argument("--http-port", type=int, default=8000,
+                        help="port of Ray Serve's HTTP proxy: the OpenAI-compatible API (0 picks a free port)")
+    parser.add_argument("--served-model-name", help="the base model's id in the HTTP API (default: its name)")
     parser.add_argument("--host", default="127.0.0.1", help="address of the HTTP proxy and replica metrics "
                                                             "(Ray's gRPC proxy listens on every interface)")
     parser.add_argument("--threads-per-replica", type=int, default=None,
                         help="torch threads (and Ray CPUs) per replica (default: cores / replicas)")
     parser.add_argument("--gpus-per-replica", type=float, default=0.0)
-    parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--max-active-adapters", type=int, default=32, help="adapter slots on each device")
-    parser.add_argument("--max-seq-len", type=int, default=1024)
-    parser.add_argument("--max-queue", type=int, default=1024, help="requests waiting per replica")
-    parser.add_argument("--device", default="auto")
-    add_dtype_argument(parser)
+    parser.add_argument("--default-max-new-tokens", type=int, default=128)
+    add_engine_arguments(parser)  # each replica's engine, as `serve`'s
     parser.add_argument("--preload", metavar="NAME=PATH", nargs="+", action="extend", default=[],
                         help="adapters registered at start (paths under --adapter-root)")
     parser.add_argument("--admin-token-file", type=Path,
                         help="Register/UnregisterAdapter then need 'authorization: Bearer <token>' metadata")
+    parser.add_argument("--api-key-file", type=Path,
+                        help="generation, listing and the HTTP API then need 'authorization: Bearer <key>'")
     parser.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
     parser.add_argument("--ray-metrics-port", type=int, default=9465,
                         help="Ray's and Ray Serve's metrics, for a cluster started here (-1: Ray picks)")
@@ -65,6 +65,7 @@ def _serve_ray(args: argparse.Namespace) -> int:
     preload = parse_preload(args.preload)
     try:
         token = read_token_file(args.admin_token_file) if args.admin_token_file else None
+        api_key = read_token_file(args.api_key_file, "API key") if args.api_key_file else None
     except AuthConfigError as error:
         raise SystemExit(str(error)) from None
     if token is None:
@@ -73,25 +74,29 @@ def _serve_ray(args: argparse.Namespace) -> int:
     threads = args.threads_per_replica or max(1, (os.cpu_count() or 1) // args.replicas)
     try:
         config = ScaleoutConfig(
-            replicas=args.replicas, host=args.host, port=args.port,
+            replicas=args.replicas, host=args.host, port=args.port, http_port=args.http_port or None,
+            served_model_name=args.served_model_name or "",
+            api_key=AdminCheck.for_token(api_key, "api") if api_key else None,
             ray_metrics_port=None if args.ray_metrics_port < 0 or args.ray_address else args.ray_metrics_port,
             admin=AdminCheck.for_token(token) if token else None,
             replica=ReplicaConfig(
                 model=args.model or "", adapter_root=args.adapter_root.resolve() if args.adapter_root else None,
-                max_adapters_per_replica=args.max_adapters_per_replica, max_batch_size=args.max_batch_size,
-                max_seq_len=args.max_seq_len, max_queue=args.max_queue,
-                max_active_adapters=args.max_active_adapters, device=args.device, dtype=args.dtype,
+                max_adapters_per_replica=args.max_adapters_per_replica,
+                **{flag.dest: getattr(args, flag.dest) for flag in ENGINE_FLAGS},
+                device=args.device, dtype=args.dtype, lora_backend=args.lora_backend,
+                default_max_new_tokens=args.default_max_new_tokens,
                 threads=threads, num_gpus=args.gpus_per_replica, metrics_host=args.host,
             ))
     except ValueError as error:
         raise SystemExit(str(error)) from None
     running = start_scaleout(config, ray_address=args.ray_address)
     if preload:
-        with LoraQuiltClient(running.target, admin_token=token, timeout=120) as client:
+        with LoraQuiltClient(running.target, admin_token=token, api_key=api_key, timeout=120) as client:
             for name, path in preload:
                 client.register_adapter(name, path)
     print(f"loraquilt serve-ray: {config.replicas} replica(s) of {running.model_name} on {running.target} "
-          f"(gRPC; each request goes to a replica that holds its adapters)", file=sys.stderr, flush=True)
+          f"(gRPC) and {running.http_url}/v1 (OpenAI API); each request goes to a replica that holds its "
+          "adapters", file=sys.stderr, flush=True)
     time.sleep(2 * HEALTH_CHECK_PERIOD_S)  # every replica reports at its first health check
     urls = metrics_urls(running)
     if args.scrape_targets:

@@ -7,6 +7,10 @@ from pathlib import Path
 
 from loraquilt.server.auth import AdminCheck
 
+REPLICA_DEPLOYMENT = "LoraQuiltReplica"
+DIRECTORY_DEPLOYMENT = "AdapterDirectory"
+INGRESS_DEPLOYMENT = "LoraQuiltIngress"
+
 
 @dataclass(frozen=True)
 class ReplicaConfig:
@@ -15,12 +19,15 @@ class ReplicaConfig:
     model: str  # HF folder, .gguf or hub id; "" = embedded (serve-ray resolves it once, for all)
     adapter_root: Path | None = None  # RegisterAdapter paths must lie under it (shared by all replicas)
     max_adapters_per_replica: int = 16  # routing keys resident at once (Ray Serve's multiplex LRU bound)
+    # the engine flags of `serve` (server/engine_args.py), same names and defaults
     max_batch_size: int = 32
     max_seq_len: int = 1024
     max_queue: int = 1024
     max_active_adapters: int = 32  # device slots of each engine
     max_cpu_adapters: int = 256
+    max_adapters: int = 10000
     max_lora_rank: int = 16
+    max_prefill_tokens: int = 128
     default_max_new_tokens: int = 128
     device: str = "auto"
     dtype: str = "auto"
@@ -47,6 +54,9 @@ class ScaleoutConfig:
     spread_hot_keys: bool = True  # a key with too much of the traffic is resident on several replicas
     host: str = "127.0.0.1"
     port: int = 9000  # Ray Serve's gRPC proxy
+    http_port: int | None = None  # Ray Serve's HTTP proxy (the OpenAI API); None = any free port
+    served_model_name: str = ""  # the base model's id over HTTP; "" = the model's name
+    api_key: AdminCheck | None = None  # inference calls need this key (gRPC and HTTP)
     app_name: str = "loraquilt"
     request_timeout_s: float | None = None  # the proxy's end-to-end bound; None = none
     ray_metrics_port: int | None = None  # Ray's and Ray Serve's metrics (a local cluster started here)

@@ -16,7 +16,8 @@ for `serve-ray` to print scrape targets and for `bench scaleout`.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Registration:
     rank: int
     target_modules: tuple[str, ...]
     size_bytes: int
+    created: int = field(default_factory=lambda: int(time.time()))  # registration time (Unix seconds)
 
 
 class AdapterDirectory:

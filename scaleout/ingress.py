@@ -35,6 +35,7 @@ REPLICA_LOST = (RayActorError, ActorUnavailableError, ReplicaUnavailableError, D
 @dataclass(frozen=True)
 class IngressConfig:
     admin: AdminCheck | None = None  # Register/Unregister need its token
+    api_key: AdminCheck | None = None  # Generate, GenerateStream, ListAdapters need this key
     affinity: bool = True  # False: replicas chosen without the routing key (for comparisons)
     replicas: int = 1  # engine replicas
     spread_hot_keys: bool = True  # a hot key resident on several replicas (HotKeys)
@@ -46,6 +47,8 @@ class LoraQuiltIngress:
         self.hot_keys = HotKeys(config.replicas) if config.spread_hot_keys else None
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
+        if _refused(grpc_context, self.config.api_key):
+            return pb.GenerateResponse()
         try:
             reply = await self._to_replica(request).generate.remote(request)
         except BackPressureError as error:
@@ -55,6 +58,8 @@ class LoraQuiltIngress:
         return _deliver(grpc_context, reply, pb.GenerateResponse())
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext):
+        if _refused(grpc_context, self.config.api_key):
+            return
         replica = self._to_replica(request).options(stream=True)
         try:
             async for reply in replica.generate_stream.remote(request):
@@ -77,6 +82,8 @@ class LoraQuiltIngress:
 
     async def ListAdapters(self, request: pb.ListAdaptersRequest,
                            grpc_context: RayServegRPCContext) -> pb.ListAdaptersResponse:
+        if _refused(grpc_context, self.config.api_key):
+            return pb.ListAdaptersResponse()
         try:
             reply = await self.replicas.list_adapters.remote(request)
         except REPLICA_LOST as error:
@@ -93,17 +100,22 @@ class LoraQuiltIngress:
         return self.replicas.options(multiplexed_model_id=key)
 
     async def _admin(self, grpc_context: RayServegRPCContext, method: str, request, empty):
-        if self.config.admin is not None:
-            refusal = self.config.admin.refusal(grpc_context.invocation_metadata())
-            if refusal is not None:
-                grpc_context.set_code(refusal[0])
-                grpc_context.set_details(refusal[1])
-                return empty
+        if _refused(grpc_context, self.config.admin):
+            return empty
         try:
             reply = await getattr(self.replicas, method).remote(request)
         except REPLICA_LOST as error:
             return _unavailable(grpc_context, error, empty)
         return _deliver(grpc_context, reply, empty)
+
+
+def _refused(grpc_context: RayServegRPCContext, check: AdminCheck | None) -> bool:
+    """True (with the status set) when `check` refuses the call's credentials."""
+    refusal = None if check is None else check.refusal(grpc_context.invocation_metadata())
+    if refusal is not None:
+        grpc_context.set_code(refusal[0])
+        grpc_context.set_details(refusal[1])
+    return refusal is not None
 
 
 def _deliver(grpc_context: RayServegRPCContext, reply: Reply, empty):

@@ -18,23 +18,24 @@ import os
 import time
 from dataclasses import dataclass
 
-import grpc
 import ray
 from prometheus_client import Counter
 from ray import serve
 
-from loraquilt.client.routing import key_members, routing_key
+from loraquilt.client.routing import key_for, key_members
 from loraquilt.scaleout.config import ReplicaConfig
 from loraquilt.scaleout.directory import Registration
 from loraquilt.scaleout.resident import ResidentAdapters, ResidentKey
+from loraquilt.server.adapter_admin import AdapterAdmin
 from loraquilt.server.adapters.registry import UnknownAdapter
-from loraquilt.server.engine import Engine, EngineConfig
+from loraquilt.server.engine import Engine
+from loraquilt.server.engine_args import engine_config_from_args
 from loraquilt.server.engine_loop import EngineLoop
-from loraquilt.server.metrics import Metrics
-from loraquilt.server.model.weights import DeviceConfig
-from loraquilt.server.service import (
-    LoraQuiltService, ServiceConfig, ServiceError, adapter_info, check_adapter_name, status_for,
+from loraquilt.server.generation import (
+    ErrorKind, GenerationError, Generations, ServiceConfig, check_adapter_name, classify,
 )
+from loraquilt.server.metrics import Metrics
+from loraquilt.server.service import adapter_info, final_response, grpc_fields, piece_response
 from loraquilt.v1 import loraquilt_pb2 as pb
 
 logger = logging.getLogger("ray.serve")
@@ -45,13 +46,14 @@ SERVE_NAMESPACE = "serve"  # where Ray Serve names its replica actors (ray.get_a
 class Reply:
     """What the replica answers the ingress: a message, or a status (code name + details)."""
 
-    message: object = None  # a loraquilt.v1 protobuf message
-    code: str = "OK"  # grpc.StatusCode name
+    message: object = None  # a loraquilt.v1 protobuf message (a generation.Piece for the HTTP API)
+    code: str = "OK"  # grpc.StatusCode name = ErrorKind name
     details: str = ""
+    param: str | None = None  # the request field a failure concerns
 
     @classmethod
-    def failure(cls, status: ServiceError) -> Reply:
-        return cls(code=status.code.name, details=status.message)
+    def failure(cls, error: GenerationError) -> Reply:
+        return cls(code=error.kind.name, details=error.message, param=error.param)
 
 
 class LoraQuiltReplica:
@@ -60,12 +62,7 @@ class LoraQuiltReplica:
 
         torch.set_num_threads(config.threads)
         self.config, self.directory = config, directory
-        self.engine = Engine(EngineConfig(
-            model=config.model, device=DeviceConfig(config.device, config.dtype),
-            max_batch_size=config.max_batch_size, max_seq_len=config.max_seq_len, max_waiting=config.max_queue,
-            max_active_adapters=config.max_active_adapters, max_cpu_adapters=config.max_cpu_adapters,
-            max_lora_rank=config.max_lora_rank, lora_backend=config.lora_backend, progress=False,
-        ))
+        self.engine = Engine(engine_config_from_args(config, progress=False))
         self.metrics = Metrics()
         self.metrics.watch(self.engine)
         registry = self.metrics.registry
@@ -75,9 +72,10 @@ class LoraQuiltReplica:
                                  registry=registry)
         self.loop = EngineLoop(self.engine, self.metrics).start()
         limit = min(ServiceConfig().max_new_tokens_limit, self.engine.max_seq_len - 1)  # as `serve` clamps it
-        self.service = LoraQuiltService(self.loop, ServiceConfig(
+        self.generations = Generations(self.loop, ServiceConfig(
             adapter_root=config.adapter_root, max_new_tokens_limit=limit,
             default_max_new_tokens=min(config.default_max_new_tokens, limit)), self.metrics)
+        self.admin = AdapterAdmin(self.engine, config.adapter_root)
         self.adapters = ResidentAdapters(self.engine)
         self._resident_keys: set[str] = set()
 
@@ -100,66 +98,44 @@ class LoraQuiltReplica:
 
     async def generate(self, request: pb.GenerateRequest) -> Reply:
         try:
-            handle, names = await self._submit(request, stream=False)
-        except Exception as error:
-            return Reply.failure(self.service.count_failure(error))
-        try:
-            async for output in handle.outputs():
-                if output.error is not None:
-                    return Reply.failure(self.service.count_failure(output.error))
-                if output.finished is not None:
-                    return Reply(self.service.response_for(output.finished))
-        finally:
-            handle.cancel()  # no-op once finished; frees the sequence when the call was cancelled
-            self.adapters.release(names)
-        raise AssertionError("unreachable")
+            generation = await self._open(grpc_fields(request), stream=False)
+            return Reply(final_response(await generation.result_async()))
+        except GenerationError as error:
+            return Reply.failure(error)
 
     async def generate_stream(self, request: pb.GenerateRequest):
         """Yields Replies: pieces of text, the last one with the counts (or a failure)."""
-        try:
-            handle, names = await self._submit(request, stream=True)
-        except Exception as error:
-            yield Reply.failure(self.service.count_failure(error))
-            return
-        counted = False
-        try:
-            async for output in handle.outputs():
-                if output.error is not None:
-                    counted = True
-                    yield Reply.failure(self.service.count_failure(output.error))
-                    return
-                if output.finished is not None:
-                    counted = True
-                    response = self.service.response_for(output.finished)
-                    response.text, response.token_ids[:] = output.new_text, list(output.new_token_ids)
-                    yield Reply(response)
-                    return
-                if output.new_text or output.new_token_ids:
-                    yield Reply(pb.GenerateResponse(text=output.new_text, token_ids=list(output.new_token_ids)))
-        finally:
-            handle.cancel()
-            self.adapters.release(names)
-            if not counted:
-                self.metrics.requests.labels(status="cancelled").inc()
+        async for reply in self.generate_fields(grpc_fields(request), stream=True):
+            yield reply if reply.code != "OK" else Reply(piece_response(reply.message))
 
-    async def _submit(self, request: pb.GenerateRequest, stream: bool):
-        """Validate, make the request's adapters resident and held, queue it in the engine."""
-        await self._report_once()
-        engine_request = self.service.to_engine_request(request)  # bad fields first, as the single server
-        key = routing_key(request)
-        names = key_members(key)
-        if not names:
-            return self.loop.submit_async(engine_request, stream=stream), ()
-        registrations = await self._registrations(names)
-        resident_id = serve.get_multiplexed_model_id() or key  # the ingress may route a copy, "key#1"
-        self.routing.labels(result="hit" if resident_id in self._resident_keys else "miss").inc()
-        await self._resident(resident_id)
-        await self.adapters.acquire(registrations)  # a hold for this request (and fresh files if re-registered)
+    async def generate_fields(self, fields: dict, stream: bool):
+        """The generation layer's fields (`Generations.build_request`) in, Replies of
+        generation.Piece out (stream=False: only the last); the HTTP API's path."""
         try:
-            return self.loop.submit_async(engine_request, stream=stream), names
-        except BaseException:
-            self.adapters.release(names)
-            raise
+            generation = await self._open(fields, stream=stream)
+            async for piece in generation:
+                yield Reply(piece)
+        except GenerationError as error:
+            yield Reply.failure(error)
+
+    async def _open(self, fields: dict, stream: bool):
+        """Validate, make the request's adapters resident and held, queue it in the engine
+        (the hold is released when the generation ends)."""
+        await self._report_once()
+        try:
+            engine_request = self.generations.build_request(**fields)  # bad fields first, as `serve`
+            key = key_for(engine_request.adapter, (name for name, _ in engine_request.mix))
+            names = key_members(key)
+            if names:
+                registrations = await self._registrations(names)
+                resident_id = serve.get_multiplexed_model_id() or key  # the ingress may route a copy, "key#1"
+                self.routing.labels(result="hit" if resident_id in self._resident_keys else "miss").inc()
+                await self._resident(resident_id)
+                await self.adapters.acquire(registrations)  # a hold for this request (fresh files if re-registered)
+        except Exception as error:
+            raise self.generations.count_failure(error) from None
+        return self.generations.open(engine_request, stream=stream, asynchronous=True,
+                                     on_close=(lambda: self.adapters.release(names)) if names else None)
 
     async def _registrations(self, names: tuple[str, ...]) -> dict[str, Registration]:
         found = await self.directory.lookup.remote(list(names))
@@ -182,18 +158,18 @@ class LoraQuiltReplica:
         """Validated here, once, against the base model; loaded by replicas on first use."""
         try:
             check_adapter_name(request.name)
-            path = self.service.resolve_adapter_path(request.path)
+            path = self.admin.resolve_path(request.path)
             record = await asyncio.to_thread(self.engine.adapters.inspect, request.name, path)
             outcome = await self.directory.add.remote(
                 request.name, str(path), record.fingerprint, record.rank, tuple(record.target_modules),
                 record.size_bytes)
             if outcome == "exists":
-                raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, f"adapter {request.name!r} is already registered")
+                raise GenerationError(ErrorKind.ALREADY_EXISTS, f"adapter {request.name!r} is already registered")
             if outcome == "full":
-                raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the adapter directory is full; "
-                                                                       "unregister one first")
+                raise GenerationError(ErrorKind.RESOURCE_EXHAUSTED, "the adapter directory is full; "
+                                                                    "unregister one first")
         except Exception as error:
-            return Reply.failure(status_for(error))
+            return Reply.failure(classify(error))
         return Reply(pb.AdapterInfo(name=record.name, rank=record.rank, target_modules=list(record.target_modules),
                                     size_bytes=record.size_bytes, tier="disk"))
 
@@ -203,7 +179,7 @@ class LoraQuiltReplica:
             if not await self.directory.remove.remote(request.name):
                 raise UnknownAdapter(request.name)
         except Exception as error:
-            return Reply.failure(status_for(error))
+            return Reply.failure(classify(error))
         return Reply(pb.UnregisterAdapterResponse())
 
     async def list_adapters(self, request: pb.ListAdaptersRequest) -> Reply:
@@ -219,6 +195,9 @@ class LoraQuiltReplica:
         return Reply(pb.ListAdaptersResponse(adapters=infos))
 
     # -- for serve-ray, the bench and tests ------------------------------------------------
+
+    async def max_model_len(self) -> int:
+        return self.engine.max_seq_len
 
     async def _report_once(self) -> None:
         if not self._reported:

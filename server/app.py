@@ -1,5 +1,6 @@
 """`loraquilt serve`: the engine, its loop thread, the gRPC server (with health and
-reflection) and the Prometheus endpoint, started together and stopped gracefully."""
+reflection), the OpenAI-compatible HTTP API and the Prometheus endpoint, started together
+on one generation layer and stopped gracefully."""
 
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from loraquilt.server.adapters.registry import RegistryEvents
-from loraquilt.server.auth import AdminAuthInterceptor, AdminCheck, AuthConfigError, TLSFiles, read_token_file
+from loraquilt.server.adapter_admin import AdapterAdmin
+from loraquilt.server.auth import AdminCheck, AuthConfigError, AuthInterceptor, TLSFiles, read_token_file
 from loraquilt.server.engine import Engine, EngineConfig
+from loraquilt.server.engine_args import add_engine_arguments, engine_config_from_args
 from loraquilt.server.engine_loop import EngineLoop
+from loraquilt.server.generation import Generations, ServiceConfig
 from loraquilt.server.metrics import Metrics
-from loraquilt.server.model.dtype import add_dtype_argument
-from loraquilt.server.model.weights import DeviceConfig
-from loraquilt.server.service import LoraQuiltService, ServiceConfig
+from loraquilt.server.service import LoraQuiltService
 from loraquilt.v1 import loraquilt_pb2 as pb
 from loraquilt.v1 import loraquilt_pb2_grpc as pb_grpc
 
@@ -35,15 +37,18 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0 = any free port
     metrics_port: int | None = 9464  # None = no metrics endpoint; 0 = any free port
+    http_port: int | None = None  # the OpenAI-compatible HTTP API; None = off; 0 = any free port
+    served_model_name: str | None = None  # the base model's id over HTTP; None = the model's name
     grace_seconds: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
     preload: tuple[tuple[str, str], ...] = ()  # (name, path) registered at start
     service: ServiceConfig = field(default_factory=ServiceConfig)
     admin_token: str | None = field(default=None, repr=False)  # None: admin RPCs open to every caller
+    api_key: str | None = field(default=None, repr=False)  # None: inference open to every caller
     tls: TLSFiles | None = None  # None: plaintext gRPC
 
 
 class RunningServer:
-    """A started server; `port` / `metrics_port` are the bound ones."""
+    """A started server; `port` / `http_port` / `metrics_port` are the bound ones."""
 
     def __init__(self, engine: Engine, config: ServerConfig, *, loop_thread: bool = True):
         """loop_thread=False: the caller runs `self.loop.run_here()` itself."""
@@ -59,14 +64,16 @@ class RunningServer:
         limit = min(config.service.max_new_tokens_limit, engine.max_seq_len - 1)
         service_config = replace(config.service, max_new_tokens_limit=limit,
                                  default_max_new_tokens=min(config.service.default_max_new_tokens, limit))
-        service = LoraQuiltService(self.loop, service_config, self.metrics)
+        self.generations = Generations(self.loop, service_config, self.metrics)
+        self.admin = AdapterAdmin(engine, config.service.adapter_root)
+        service = LoraQuiltService(self.generations, self.admin)
         for name, path in config.preload:
             engine.register_adapter(name, path)
 
         capacity = engine.config.max_batch_size + engine.scheduler.config.max_waiting
-        interceptors = []
-        if config.admin_token is not None:
-            interceptors.append(AdminAuthInterceptor(AdminCheck.for_token(config.admin_token), SERVICE_NAME))
+        admin = AdminCheck.for_token(config.admin_token) if config.admin_token is not None else None
+        api = AdminCheck.for_token(config.api_key, "api") if config.api_key is not None else None
+        interceptors = [AuthInterceptor(SERVICE_NAME, admin, api)] if admin or api else []
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=capacity + 8, thread_name_prefix="loraquilt-rpc"),
             maximum_concurrent_rpcs=capacity + 8, interceptors=interceptors,
@@ -87,6 +94,19 @@ class RunningServer:
         if self.port == 0:
             raise OSError(f"cannot listen on {config.host}:{config.port}")
         self.grpc.start()
+        self.http = None
+        self.http_port = None
+        self._serving = True
+        if config.http_port is not None:
+            from loraquilt.server.http_api import HttpConfig, HttpServer, LocalBackend, build_app
+            from loraquilt.server.openai_protocol import model_id
+
+            http_config = HttpConfig(served_model_name=config.served_model_name or model_id(engine.model_name),
+                                     api_key=api, admin=admin)
+            app = build_app(LocalBackend(self.generations, self.admin), http_config, self.metrics.http_requests,
+                            lambda: self._serving)
+            self.http = HttpServer(app, config.host, config.http_port, config.tls)
+            self.http_port = self.http.port
         self.metrics_port = None
         self._metrics_server = None
         if config.metrics_port is not None:
@@ -107,10 +127,13 @@ class RunningServer:
             return True
         grace = self.config.grace_seconds if grace is None else grace
         self.loop.stop_accepting()  # before health says so: a caller who saw NOT_SERVING is refused
+        self._serving = False  # GET /health: 503
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         drained = self.loop.drain(grace)
         self.grpc.stop(grace=1.0).wait()
+        if self.http is not None:
+            self.http.stop()
         self.loop.stop()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
@@ -130,32 +153,25 @@ def start_server(engine_config: EngineConfig, config: ServerConfig, *, loop_thre
 
 def add_serve_parser(commands, name: str = "serve", help_text: str = "start the gRPC server") -> None:
     parser = commands.add_parser(name, help=help_text)
-    parser.add_argument("--model", help="HF folder, .gguf file or hub id (default: embedded SmolLM2)")
     parser.add_argument("--adapter-root", type=Path, help="RegisterAdapter paths must lie under this folder")
     parser.add_argument("--preload", metavar="NAME=PATH", nargs="+", action="extend", default=[],
                         help="adapters registered at start")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    parser.add_argument("--port", type=int, default=50051)
+    parser.add_argument("--port", type=int, default=50051, help="gRPC port")
+    parser.add_argument("--http-port", type=int, default=8000,
+                        help="OpenAI-compatible HTTP API port (-1 disables it, 0 picks a free port)")
+    parser.add_argument("--served-model-name", help="the base model's id in the HTTP API (default: its name)")
     parser.add_argument("--metrics-port", type=int, default=9464, help="-1 disables the endpoint")
-    parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--max-active-adapters", type=int, default=32, help="adapter slots on the device")
-    parser.add_argument("--max-cpu-adapters", type=int, default=256, help="adapters kept in host memory")
-    parser.add_argument("--max-adapters", type=int, default=10000,
-                        help="registered adapters before RegisterAdapter answers RESOURCE_EXHAUSTED")
-    parser.add_argument("--max-lora-rank", type=int, default=16)
-    parser.add_argument("--max-queue", type=int, default=1024, help="waiting requests before RESOURCE_EXHAUSTED")
-    parser.add_argument("--max-seq-len", type=int, default=1024, help="prompt + generated tokens per request")
-    parser.add_argument("--max-prefill-tokens", type=int, default=128,
-                        help="prompt tokens fed per step over all requests; longer prompts are prefilled in chunks")
     parser.add_argument("--default-max-new-tokens", type=int, default=128)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    add_dtype_argument(parser)
-    parser.add_argument("--lora-backend", default="auto", choices=["auto", "torch", "triton", "reference"])
+    add_engine_arguments(parser)
     parser.add_argument("--grace-seconds", type=float, default=30.0)
     security = parser.add_argument_group("security")
     security.add_argument("--admin-token-file", type=Path,
                           help="Register/UnregisterAdapter then need 'authorization: Bearer <token>' metadata")
-    security.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve gRPC over TLS")
+    security.add_argument("--api-key-file", type=Path,
+                          help="Generate, GenerateStream, ListAdapters and the HTTP API then need "
+                               "'authorization: Bearer <key>'")
+    security.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve gRPC and HTTP over TLS")
     security.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     parser.set_defaults(run=_serve)
 
@@ -173,16 +189,12 @@ def parse_preload(entries: list[str]) -> list[tuple[str, str]]:
 
 def _serve(args: argparse.Namespace) -> int:
     preload = parse_preload(args.preload)
-    engine_config = EngineConfig(
-        model=args.model, device=DeviceConfig(args.device, args.dtype), max_batch_size=args.max_batch_size,
-        max_seq_len=args.max_seq_len, max_prefill_tokens=args.max_prefill_tokens, max_waiting=args.max_queue,
-        max_active_adapters=args.max_active_adapters, max_cpu_adapters=args.max_cpu_adapters,
-        max_adapters=args.max_adapters, max_lora_rank=args.max_lora_rank, lora_backend=args.lora_backend,
-    )
+    engine_config = engine_config_from_args(args)
     if (args.tls_cert is None) != (args.tls_key is None):
         raise SystemExit("--tls-cert and --tls-key go together")
     try:
         admin_token = read_token_file(args.admin_token_file) if args.admin_token_file else None
+        api_key = read_token_file(args.api_key_file, "API key") if args.api_key_file else None
     except AuthConfigError as error:
         raise SystemExit(str(error)) from None
     tls = TLSFiles(args.tls_cert, args.tls_key) if args.tls_cert else None
@@ -197,14 +209,18 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         host=args.host, port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-        grace_seconds=args.grace_seconds, preload=tuple(preload), admin_token=admin_token,
+        http_port=None if args.http_port < 0 else args.http_port, served_model_name=args.served_model_name,
+        grace_seconds=args.grace_seconds, preload=tuple(preload), admin_token=admin_token, api_key=api_key,
         tls=tls,
         service=ServiceConfig(adapter_root=args.adapter_root,
                               default_max_new_tokens=args.default_max_new_tokens),
     )
     server = start_server(engine_config, config, loop_thread=False)
+    scheme = "https" if tls is not None else "http"
+    http = f", OpenAI API {scheme}://{args.host}:{server.http_port}/v1" if server.http_port else ""
     metrics = f", metrics http://{args.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
-    print(f"loraquilt serving {server.engine.model_name} on {server.target}{metrics}", file=sys.stderr, flush=True)
+    print(f"loraquilt serving {server.engine.model_name} on {server.target} (gRPC){http}{metrics}",
+          file=sys.stderr, flush=True)
 
     def on_signal(signum, _frame):
         print(f"signal {signal.Signals(signum).name}: finishing in-flight requests "

@@ -55,6 +55,8 @@ class Metrics:
                                               buckets=LATENCY_BUCKETS, registry=r)
         self.step_batch = Histogram("loraquilt_step_batch_size", "Sequences per engine step",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.http_requests = Counter("loraquilt_http_requests", "HTTP API responses by route and status code",
+                                     ["route", "code"], registry=r)
         self._engine = None
 
     def watch(self, engine) -> None:

@@ -30,6 +30,7 @@ from loraquilt.server.adapters.peft_folder import (
     CONFIG_FILE, WEIGHTS_FILE, AdapterError, LoadedAdapter, load_peft_adapter,
 )
 from loraquilt.server.adapters.slots import LoraSlots
+from loraquilt.server.torch_threads import one_thread_off_main
 from loraquilt.server.model.config import ModelConfig
 
 TIER_DISK, TIER_HOST, TIER_DEVICE = "disk", "host", "device"
@@ -66,6 +67,7 @@ class AdapterRecord:
     holds: int = 0  # waiting requests' HostHolds on it: its host copy is not evicted
     loading: PendingRead | None = field(default=None, repr=False)  # the read in flight on the loader thread
     retired: bool = False  # unregistered (while pinned: its slot frees at the last release)
+    created: int = field(default_factory=lambda: int(time.time()))  # registration time (Unix seconds)
 
     @property
     def tier(self) -> str:
@@ -278,6 +280,7 @@ class AdapterRegistry:
             record.slot = None
 
     def _read(self, path: Path) -> LoadedAdapter:
+        one_thread_off_main()  # an RPC worker or the loader thread: no OpenMP team of its own
         start = time.perf_counter()
         adapter = load_peft_adapter(path, self.model, max_rank=self.slots.config.max_rank,
                                     dtype=self.slots.dtype)

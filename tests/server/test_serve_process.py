@@ -36,7 +36,7 @@ def served(tmp_path):
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "loraquilt", "serve", "--model", str(base), "--port", str(port),
-         "--metrics-port", "-1", "--adapter-root", str(tmp_path / "adapters"),
+         "--metrics-port", "-1", "--http-port", "0", "--adapter-root", str(tmp_path / "adapters"),
          "--preload", f"first={tmp_path / 'adapters' / 'adapter-0'}", "--max-seq-len", "2048",
          "--grace-seconds", "600", "--lora-backend", "torch"],
         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -59,7 +59,7 @@ def _demo(args: argparse.Namespace) -> int:
         _stderr(f"{task.name}: {state}, {adapter.folder}")
         adapters.append(adapter)
     prompts = list(SHOWCASE_PROMPTS) + list(args.prompt)
-    served = serve_and_ask(args.model, adapters, prompts, dtype=args.dtype)
+    served = serve_and_ask(args, adapters, prompts)
     results = demo_results(source.name, adapters, served)
     print(format_results(results))
     if args.json:
@@ -68,17 +68,17 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def serve_and_ask(model: str | None, adapters, prompts: list[str], dtype: str = "auto") -> dict:
+def serve_and_ask(args: argparse.Namespace, adapters, prompts: list[str]) -> dict:
     """Start the server with every adapter registered, ask it, stop it. The engine steps on
-    this (main) thread; the gRPC client works from a second one."""
+    this (main) thread; the gRPC client works from a second one. The engine is `serve`'s
+    for the demo's flags (--model, --dtype), sized for three adapters."""
     from loraquilt.server.app import RunningServer, ServerConfig
-    from loraquilt.server.engine import Engine, EngineConfig
-    from loraquilt.server.model.weights import DeviceConfig
+    from loraquilt.server.engine import Engine
+    from loraquilt.server.engine_args import engine_config_from_args
 
-    engine = Engine(EngineConfig(model=model, device=DeviceConfig(dtype=dtype), max_batch_size=32, max_seq_len=512, max_active_adapters=4,
-                                 max_cpu_adapters=4, max_lora_rank=max(16, *(a.report["settings"]["rank"]
-                                                                            for a in adapters)),
-                                 progress=False))
+    rank = max(16, *(adapter.report["settings"]["rank"] for adapter in adapters))
+    engine = Engine(engine_config_from_args(args, max_batch_size=32, max_seq_len=512, max_active_adapters=4,
+                                            max_cpu_adapters=4, max_lora_rank=rank, progress=False))
     preload = tuple((a.task.name, str(a.folder)) for a in adapters)
     server = RunningServer(engine, ServerConfig(host="127.0.0.1", port=0, metrics_port=None, preload=preload),
                            loop_thread=False)

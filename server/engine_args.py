@@ -1,0 +1,59 @@
+"""The engine's command-line flags, defined once, and the one function that turns parsed
+arguments into an EngineConfig. `serve`, `serve-ray` (each replica) and `demo` use both,
+so an engine flag of `serve` means the same everywhere."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loraquilt.server.engine import EngineConfig
+from loraquilt.server.model.dtype import add_dtype_argument, default_dtype_spec
+from loraquilt.server.model.weights import DeviceConfig
+
+
+@dataclass(frozen=True)
+class EngineFlag:
+    dest: str  # the argparse dest (and the ReplicaConfig field of serve-ray)
+    field: str  # the EngineConfig field
+    type: type
+    default: object
+    help: str
+
+
+ENGINE_FLAGS = (
+    EngineFlag("max_batch_size", "max_batch_size", int, 32, "sequences in the running batch"),
+    EngineFlag("max_active_adapters", "max_active_adapters", int, 32, "adapter slots on the device"),
+    EngineFlag("max_cpu_adapters", "max_cpu_adapters", int, 256, "adapters kept in host memory"),
+    EngineFlag("max_adapters", "max_adapters", int, 10000,
+               "registered adapters before registration answers RESOURCE_EXHAUSTED"),
+    EngineFlag("max_lora_rank", "max_lora_rank", int, 16, "largest adapter rank the slots hold"),
+    EngineFlag("max_queue", "max_waiting", int, 1024, "waiting requests before RESOURCE_EXHAUSTED"),
+    EngineFlag("max_seq_len", "max_seq_len", int, 1024, "prompt + generated tokens per request"),
+    EngineFlag("max_prefill_tokens", "max_prefill_tokens", int, 128,
+               "prompt tokens fed per step over all requests; longer prompts are prefilled in chunks"),
+)
+LORA_BACKENDS = ("auto", "torch", "triton", "reference")
+
+
+def add_engine_arguments(parser, *, model: bool = True) -> None:
+    """--model, --device, --dtype, --lora-backend and every ENGINE_FLAGS flag."""
+    if model:
+        parser.add_argument("--model", help="HF folder, .gguf file or hub id (default: embedded SmolLM2)")
+    for flag in ENGINE_FLAGS:
+        parser.add_argument("--" + flag.dest.replace("_", "-"), dest=flag.dest, type=flag.type,
+                            default=flag.default, help=f"{flag.help} (default {flag.default})")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    add_dtype_argument(parser)
+    parser.add_argument("--lora-backend", default="auto", choices=LORA_BACKENDS)
+
+
+def engine_config_from_args(args, **overrides) -> EngineConfig:
+    """The EngineConfig for parsed arguments (an argparse Namespace, or any object with the
+    same attribute names, such as serve-ray's ReplicaConfig). A flag the object lacks takes
+    its default; `overrides` are EngineConfig fields set by the caller."""
+    values = {flag.field: getattr(args, flag.dest, flag.default) for flag in ENGINE_FLAGS}
+    values["model"] = getattr(args, "model", None) or None
+    values["lora_backend"] = getattr(args, "lora_backend", "auto")
+    device = DeviceConfig(getattr(args, "device", "auto"), getattr(args, "dtype", None) or default_dtype_spec())
+    values.update(overrides)
+    return EngineConfig(device=values.pop("device", device), **values)

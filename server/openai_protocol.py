@@ -1,0 +1,239 @@
+"""The OpenAI wire format, without a web framework: request bodies of `/v1/completions`
+and `/v1/chat/completions` into the generation layer's fields, and results into OpenAI's
+response, chunk, model-card and error objects.
+
+`model` names the base model (its served id) or a registered adapter; a weighted mix is
+the extra field `adapters: [{"name", "weight"}]` with `model` = the base id. Fields the
+API has and loraquilt does not implement are refused (400, naming them) when set; fields
+nobody knows are ignored, as OpenAI's clients send some.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from loraquilt.server.generation import ErrorKind, GenerationError
+from loraquilt.server.request import FINISH_CANCELLED, FINISH_LENGTH, GenerationResult
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's completions API
+OPENAI_DEFAULT_TEMPERATURE = 1.0
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+# the engine's field names -> the body's, for the `param` of an error
+ENGINE_TO_BODY = {"adapter": "model", "max_new_tokens": "max_tokens", "adapters.name": "adapters", "adapters.weight": "adapters",
+                  "chat": "messages"}
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
+               429: "rate_limit_error", 500: "server_error", 503: "service_unavailable_error"}
+
+
+def bad(param: str, message: str) -> GenerationError:
+    return GenerationError(ErrorKind.INVALID_ARGUMENT, f"{param}: {message}", param)
+
+
+@dataclass(frozen=True)
+class ParsedBody:
+    """A completions or chat body, ready for `Generations.build_request(**fields)`."""
+
+    model: str
+    fields: dict  # build_request keyword arguments
+    stream: bool
+    include_usage: bool
+
+
+def _typed(body: dict, name: str, kinds: tuple, default=None, what: str = ""):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise bad(name, f"must be {what}, got {type(value).__name__}")
+    return value
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    if isinstance(stop, list) and all(isinstance(text, str) for text in stop):
+        return tuple(stop)
+    raise bad("stop", "must be a string or a list of strings")
+
+
+def _mix(body: dict) -> tuple[tuple[str, float], ...]:
+    entries = body.get("adapters")
+    if entries is None:
+        return ()
+    if not isinstance(entries, list) or not entries:
+        raise bad("adapters", 'must be a non-empty list of {"name": ..., "weight": ...}')
+    mix = []
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise bad("adapters", 'each entry must be an object with a string "name" and a number "weight"')
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise bad("adapters", f'weight of {entry["name"]!r} must be a number')
+        mix.append((entry["name"], float(weight)))
+    return tuple(mix)
+
+
+def _common(body: dict, base_model: str, max_tokens: int | None) -> tuple[str, dict]:
+    """model and the sampling fields both endpoints share."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad("model", "must name the base model or a registered adapter")
+    n = body.get("n", 1)
+    if n is not None and n != 1:
+        raise bad("n", f"only n=1 is supported (one choice per request), got {n!r}")
+    if body.get("best_of") not in (None, 1):
+        raise bad("best_of", "only best_of=1 is supported")
+    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
+        raise bad("logprobs", "log probabilities are not supported")
+    if body.get("echo"):
+        raise bad("echo", "echo is not supported")
+    if body.get("suffix"):
+        raise bad("suffix", "suffix is not supported")
+    mix = _mix(body)
+    if mix and model != base_model:
+        raise bad("adapters", f"a mix goes with model={base_model!r} (the base); model {model!r} names an adapter")
+    seed = _typed(body, "seed", (int,), None, "an integer")
+    fields = dict(
+        adapter=None if model == base_model else model, mix=mix, max_new_tokens=max_tokens,
+        temperature=float(_typed(body, "temperature", (int, float), OPENAI_DEFAULT_TEMPERATURE, "a number")),
+        top_p=float(_typed(body, "top_p", (int, float), 1.0, "a number")),
+        top_k=_typed(body, "top_k", (int,), 0, "an integer"),
+        seed=None if seed is None else seed % 2**64,  # OpenAI seeds may be negative
+        stop=_stop(body), ignore_eos=_typed(body, "ignore_eos", (bool,), False, "a boolean"),
+    )
+    if fields["top_k"] == -1:  # vLLM's "off"
+        fields["top_k"] = 0
+    return model, fields
+
+
+def _stream_flags(body: dict) -> tuple[bool, bool]:
+    stream = _typed(body, "stream", (bool,), False, "a boolean")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise bad("stream_options", "must be an object")
+    include_usage = _typed(options, "include_usage", (bool,), False, "a boolean")
+    return stream, bool(stream and include_usage)
+
+
+def parse_completion(body: dict, base_model: str) -> ParsedBody:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise bad("prompt", "must be a string, or a list holding one string")
+    max_tokens = _typed(body, "max_tokens", (int,), COMPLETIONS_DEFAULT_MAX_TOKENS, "an integer")
+    model, fields = _common(body, base_model, max_tokens)
+    stream, include_usage = _stream_flags(body)
+    return ParsedBody(model, {**fields, "prompt": prompt}, stream, include_usage)
+
+
+def _message_text(content, index: int) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad("messages", f"messages[{index}].content parts must be text parts "
+                                      '({"type": "text", "text": ...}); other kinds are not supported')
+            texts.append(part["text"])
+        return "".join(texts)
+    raise bad("messages", f"messages[{index}].content must be a string or a list of text parts")
+
+
+def parse_chat(body: dict, base_model: str) -> ParsedBody:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages", "must be a non-empty list of {role, content} objects")
+    parsed = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
+            raise bad("messages", f"messages[{index}].role must be one of system, user, assistant")
+        parsed.append({"role": CHAT_ROLES[message["role"]], "content": _message_text(message.get("content"), index)})
+    max_tokens = _typed(body, "max_completion_tokens", (int,), None, "an integer")
+    if max_tokens is None:
+        max_tokens = _typed(body, "max_tokens", (int,), None, "an integer")  # None: the server's default
+    model, fields = _common(body, base_model, max_tokens)
+    stream, include_usage = _stream_flags(body)
+    return ParsedBody(model, {**fields, "messages": tuple(parsed)}, stream, include_usage)
+
+
+def body_param(error: GenerationError, chat: bool) -> str | None:
+    """The body field an error concerns, in the body's own names."""
+    if error.kind is ErrorKind.NOT_FOUND:
+        return "model"
+    if error.param is None:
+        return None
+    param = ENGINE_TO_BODY.get(error.param, error.param)
+    if chat and param == "prompt":
+        return "messages"
+    return param
+
+
+def finish_reason(result: GenerationResult) -> str:
+    return "length" if result.finish_reason in (FINISH_LENGTH, FINISH_CANCELLED) else "stop"
+
+
+def usage(result: GenerationResult) -> dict:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+
+class ResponseShape:
+    """The objects of one response (completion or chat), sharing an id and a timestamp."""
+
+    def __init__(self, chat: bool, model: str):
+        self.chat, self.model = chat, model
+        self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        self.created = int(time.time())
+
+    def _envelope(self, obj: str, choices: list, **extra) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": choices, **extra}
+
+    def whole(self, result: GenerationResult) -> dict:
+        choice = {"index": 0, "finish_reason": finish_reason(result), "logprobs": None}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": result.text}
+            return self._envelope("chat.completion", [choice], usage=usage(result))
+        choice["text"] = result.text
+        return self._envelope("text_completion", [choice], usage=usage(result))
+
+    def chunk(self, text: str, result: GenerationResult | None = None, first: bool = False) -> dict:
+        reason = None if result is None else finish_reason(result)
+        if self.chat:
+            delta = {"role": "assistant", "content": text} if first else {"content": text}
+            choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+            return self._envelope("chat.completion.chunk", [choice])
+        choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+        return self._envelope("text_completion", [choice])
+
+    def usage_chunk(self, result: GenerationResult) -> dict:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return self._envelope(obj, [], usage=usage(result))
+
+
+def model_id(model_name: str) -> str:
+    """The default id of the base model: the name without "(embedded)", a local folder's
+    own name, or the hub id as given."""
+    name = model_name.removesuffix(" (embedded)").strip()
+    path = Path(name).expanduser()
+    return path.name if (name.startswith((".", "/", "~")) or path.exists()) and path.name else name
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
+def model_card(model_id: str, created: int, *, parent: str | None, root: str, max_model_len: int) -> dict:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "loraquilt", "root": root,
+            "parent": parent, "max_model_len": max_model_len}
+

@@ -1,0 +1,40 @@
+"""Side threads run torch on one OpenMP thread; the main thread keeps its own setting."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from loraquilt.server.torch_threads import one_thread_off_main
+
+
+def test_a_side_thread_is_limited_and_the_main_thread_is_not():
+    main_before = torch.get_num_threads()
+    seen = {}
+
+    def side():
+        one_thread_off_main()
+        one_thread_off_main()  # idempotent
+        seen["threads"] = torch.get_num_threads()
+        seen["sum"] = float(torch.arange(100_000, dtype=torch.float64).sum())  # ops still run
+
+    worker = threading.Thread(target=side)
+    worker.start()
+    worker.join()
+    one_thread_off_main()  # on the main thread: a no-op
+    assert seen["threads"] == 1
+    assert seen["sum"] == 100_000 * 99_999 / 2
+    assert torch.get_num_threads() == main_before
+
+
+def test_threads_started_later_keep_the_process_default():
+    default = torch.get_num_threads()
+    limited = threading.Thread(target=one_thread_off_main)
+    limited.start()
+    limited.join()
+    later = {}
+    thread = threading.Thread(target=lambda: later.setdefault("threads", torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert later["threads"] == default
