@@ -44,7 +44,8 @@ def cluster(tmp_path_factory):
                                     max_seq_len=128, lora_backend="torch", progress=False))
     for index, folder in enumerate(folders):
         reference.register_adapter(f"a{index}", folder)
-    running = start_scaleout(ScaleoutConfig(replicas=2, port=free_port(), ray_metrics_port=free_port(), replica=ReplicaConfig(
+    running = start_scaleout(ScaleoutConfig(replicas=2, port=free_port(), http_port=free_port(),
+                                            ray_metrics_port=free_port(), replica=ReplicaConfig(
         model=str(base), adapter_root=adapter_root, max_adapters_per_replica=ADAPTERS, max_batch_size=16,
         max_seq_len=128, max_active_adapters=8, lora_backend="torch", threads=1, default_max_new_tokens=NEW_TOKENS)))
     client = LoraQuiltClient(running.target, timeout=120)
@@ -92,6 +93,36 @@ def test_mixed_traffic_through_the_ingress_equals_the_single_engine(cluster):
         stub = pb_grpc.LoraQuiltStub(channel)
         request = build_request("The river", adapter="a3", ignore_eos=True)
         assert tuple(stub.Generate(request, timeout=120).token_ids) == expected(reference, "The river", "a3")
+
+
+def test_the_openai_api_through_the_http_proxy(cluster):
+    import openai
+
+    running, _, client = cluster
+    with openai.OpenAI(base_url=f"{running.http_url}/v1", api_key="unused", max_retries=0, timeout=120) as oai:
+        cards = {card.id: card for card in oai.models.list().data}
+        assert {f"a{i}" for i in range(ADAPTERS)} <= set(cards)
+        assert cards["a3"].model_extra["root"] == "adapter-3" and cards["a3"].model_extra["max_model_len"] == 128
+        for index in range(ADAPTERS):  # one call per adapter, each answered as over gRPC
+            prompt = PROMPTS[index % len(PROMPTS)]
+            completion = oai.completions.create(model=f"a{index}", prompt=prompt, max_tokens=NEW_TOKENS,
+                                                temperature=0, extra_body={"ignore_eos": True})
+            expected = client.generate(prompt, adapter=f"a{index}", max_new_tokens=NEW_TOKENS, ignore_eos=True)
+            assert completion.choices[0].text == expected.text
+            assert completion.usage.completion_tokens == NEW_TOKENS
+        base_id = next(card.id for card in cards.values() if card.model_extra["parent"] is None)
+        mix = [("a1", 0.7), ("a4", 0.3)]
+        chunks = list(oai.chat.completions.create(
+            model=base_id, messages=[{"role": "user", "content": "The river"}], max_tokens=NEW_TOKENS,
+            temperature=0, stream=True, extra_body={"ignore_eos": True,
+                                                    "adapters": [{"name": n, "weight": w} for n, w in mix]}))
+        expected = client.generate("The river", mix=mix, chat=True, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
+        with pytest.raises(openai.NotFoundError):
+            oai.completions.create(model="ghost", prompt="x", max_tokens=2)
+        with pytest.raises(openai.BadRequestError) as caught:
+            oai.completions.create(model="a1", prompt="x", max_tokens=2, temperature=-1)
+        assert caught.value.body["param"] == "temperature"
 
 
 def test_requests_go_to_replicas_that_hold_their_adapter(cluster):

@@ -429,6 +429,9 @@ def test_api_key_and_admin_token_are_enforced(world):
                 client.models.list()
         status, body = http(server, "POST", "/v1/chat/completions", {"model": BASE_ID, "messages": []})
         assert status == 401 and body["error"]["type"] == "authentication_error"
+        with openai_client(server, default_headers={"Authorization": "Basic abc"}) as client:
+            with pytest.raises(openai.AuthenticationError):
+                client.chat.completions.create(model=BASE_ID, messages=[{"role": "user", "content": "Hi"}])
         load = {"lora_name": "x", "lora_path": "adapter-1"}
         assert http(server, "POST", "/v1/load_lora_adapter", load,
                     {"Authorization": f"Bearer {API_KEY}"})[0] == 403
@@ -520,8 +523,10 @@ def test_shutdown_drains_http_like_grpc(world):
     stopper = threading.Thread(target=server.shutdown, kwargs={"grace": 60})
     stopper.start()
     assert _wait_for(lambda: http(server, "GET", "/health")[0] == 503)
-    status, body = http(server, "POST", "/v1/completions", {"model": BASE_ID, "prompt": "Hi", "max_tokens": 2})
-    assert status == 503 and "shutting down" in body["error"]["message"]
+    with openai_client(server) as client:
+        with pytest.raises(openai.InternalServerError) as caught:
+            client.completions.create(model=BASE_ID, prompt="Hi", max_tokens=2)
+    assert caught.value.status_code == 503 and "shutting down" in caught.value.body["message"]
     worker.join(60)
     stopper.join(60)
     assert outcome["answer"].usage.completion_tokens == LONG

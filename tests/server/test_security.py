@@ -44,7 +44,7 @@ def world(tmp_path_factory):
     engine = Engine(EngineConfig(device=EXACT, model=str(base), max_batch_size=4, max_active_adapters=2, max_adapters=3,
                                  max_seq_len=64, lora_backend="torch", progress=False))
     server = RunningServer(engine, ServerConfig(
-        port=0, metrics_port=None, admin_token=TOKEN, tls=TLSFiles(cert, key),
+        port=0, metrics_port=None, http_port=0, admin_token=TOKEN, tls=TLSFiles(cert, key),
         service=ServiceConfig(adapter_root=adapter_root, default_max_new_tokens=4)))
     yield server, cert, [f.name for f in folders]
     server.shutdown(grace=5)
@@ -76,6 +76,26 @@ def test_admin_calls_need_the_token(world):
         assert len(admin.generate("Hello", adapter="x", ignore_eos=True).token_ids) == 4
         admin.unregister_adapter("x")
         assert admin.list_adapters() == []
+
+
+def test_the_http_api_is_served_over_https_with_the_same_certificate(world):
+    import json
+    import ssl
+    import urllib.request
+
+    server, cert, _ = world
+    context = ssl.create_default_context(cafile=str(cert))
+    base = f"https://127.0.0.1:{server.http_port}"
+    with urllib.request.urlopen(f"{base}/health", context=context, timeout=30) as response:
+        assert response.status == 200
+    models = json.loads(urllib.request.urlopen(f"{base}/v1/models", context=context, timeout=30).read())
+    request = urllib.request.Request(f"{base}/v1/completions", data=json.dumps(
+        {"model": models["data"][0]["id"], "prompt": "Hello", "max_tokens": 2}).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, context=context, timeout=30) as response:
+        assert json.loads(response.read())["usage"]["completion_tokens"] == 2
+    with pytest.raises(Exception):  # plain HTTP to the TLS port
+        urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/health", timeout=10).read()
 
 
 def test_plaintext_client_cannot_talk_to_a_tls_server(world):
