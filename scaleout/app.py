@@ -10,7 +10,6 @@ application and starts it.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import socket
@@ -27,7 +26,7 @@ from loraquilt.scaleout.config import (  # noqa: F401 (deployment names re-expor
     DIRECTORY_DEPLOYMENT, INGRESS_DEPLOYMENT, REPLICA_DEPLOYMENT, ReplicaConfig, ScaleoutConfig,
 )
 from loraquilt.scaleout.directory import AdapterDirectory
-from loraquilt.scaleout.http_backend import RayHttpSettings, build_ray_http_app
+from loraquilt.scaleout.http_backend import RayHttpSettings, http_app_builder
 from loraquilt.scaleout.ingress import IngressConfig, LoraQuiltIngress
 from loraquilt.scaleout.replica import LoraQuiltReplica
 from loraquilt.server.model.sources import EMBEDDED_NAME, resolve_model
@@ -59,7 +58,7 @@ def build_app(config: ScaleoutConfig):
         adapter_root=str(replica.adapter_root) if replica.adapter_root else None, replicas=config.replicas,
         affinity=config.affinity, spread_hot_keys=config.spread_hot_keys, admin=config.admin, api_key=config.api_key)
     # gRPC methods on the class; the OpenAI HTTP API from a builder run on each ingress replica
-    ingress = serve.ingress(functools.partial(build_ray_http_app, http))(LoraQuiltIngress)
+    ingress = serve.ingress(http_app_builder(http))(LoraQuiltIngress)
     return serve.deployment(
         ingress, name=INGRESS_DEPLOYMENT, num_replicas=config.ingress_replicas,
         max_ongoing_requests=in_flight, ray_actor_options={"num_cpus": 0},

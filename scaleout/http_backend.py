@@ -107,10 +107,15 @@ class RayBackend:
         _raise_failure(await self.replicas.unregister.remote(pb.UnregisterAdapterRequest(name=name)))
 
 
-def build_ray_http_app(settings: RayHttpSettings):
-    """The ASGI app of the ingress (serve.ingress builder: evaluated on each ingress replica)."""
-    from loraquilt.server.http_api import HttpConfig, build_app
+def http_app_builder(settings: RayHttpSettings):
+    """The builder `serve.ingress` takes (a plain function, which Ray Serve calls on each
+    ingress replica as it starts) of the ingress's ASGI app."""
 
-    config = HttpConfig(served_model_name=settings.served_model_name, api_key=settings.api_key,
-                        admin=settings.admin)
-    return build_app(RayBackend(settings), config)
+    def build_ray_http_app():
+        from loraquilt.server.http_api import HttpConfig, build_app
+
+        config = HttpConfig(served_model_name=settings.served_model_name, api_key=settings.api_key,
+                            admin=settings.admin)
+        return build_app(RayBackend(settings), config)
+
+    return build_ray_http_app

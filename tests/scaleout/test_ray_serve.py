@@ -47,7 +47,8 @@ def cluster(tmp_path_factory):
     running = start_scaleout(ScaleoutConfig(replicas=2, port=free_port(), http_port=free_port(),
                                             ray_metrics_port=free_port(), replica=ReplicaConfig(
         model=str(base), adapter_root=adapter_root, max_adapters_per_replica=ADAPTERS, max_batch_size=16,
-        max_seq_len=128, max_active_adapters=8, lora_backend="torch", threads=1, default_max_new_tokens=NEW_TOKENS)))
+        max_seq_len=128, max_active_adapters=8, lora_backend="torch", dtype="float32", threads=1,
+        default_max_new_tokens=NEW_TOKENS)))
     client = LoraQuiltClient(running.target, timeout=120)
     for index in range(ADAPTERS):
         assert client.register_adapter(f"a{index}", f"adapter-{index}").tier == "disk"
