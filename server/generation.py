@@ -192,14 +192,20 @@ class Generation:
         raise GenerationError(ErrorKind.INTERNAL, "the generation ended without a result")
 
     async def result_async(self) -> GenerationResult:
-        pieces = self.__aiter__()
-        try:
-            async for piece in pieces:
-                if piece.result is not None:
-                    return piece.result
-        finally:
-            await pieces.aclose()
-        raise GenerationError(ErrorKind.INTERNAL, "the generation ended without a result")
+        return await result_of(self)
+
+
+async def result_of(pieces) -> GenerationResult:
+    """Run an async-iterable generation (a Generation, or one on a serve-ray replica) to its
+    end; its result (raises GenerationError on failure)."""
+    iterator = pieces.__aiter__()
+    try:
+        async for piece in iterator:
+            if piece.result is not None:
+                return piece.result
+    finally:
+        await iterator.aclose()
+    raise GenerationError(ErrorKind.INTERNAL, "the generation ended without a result")
 
 
 class Generations:

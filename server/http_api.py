@@ -22,8 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from loraquilt.server.adapter_admin import AdapterAdmin
 from loraquilt.server.auth import AdminCheck
-from loraquilt.server.generation import ErrorKind, GenerationError, Generations, classify
-from loraquilt.server.request import GenerationResult
+from loraquilt.server.generation import ErrorKind, GenerationError, Generations, classify, result_of
 from loraquilt.server.openai_protocol import (
     ResponseShape, body_param, error_body, model_card, parse_chat, parse_completion,
 )
@@ -197,7 +196,7 @@ def build_app(backend, config: HttpConfig, http_requests=None, is_serving=lambda
             return StreamingResponse(_events(generation, shape, parsed.include_usage, chat),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         watcher = asyncio.ensure_future(_until_disconnect(request))
-        work = asyncio.ensure_future(_result(generation))
+        work = asyncio.ensure_future(result_of(generation))
         try:
             await asyncio.wait({watcher, work}, return_when=asyncio.FIRST_COMPLETED)
             if not work.done():  # the client went away: free the sequence now
@@ -244,13 +243,6 @@ def build_app(backend, config: HttpConfig, http_requests=None, is_serving=lambda
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
     return app
-
-
-async def _result(generation) -> GenerationResult:
-    async for piece in generation:
-        if piece.result is not None:
-            return piece.result
-    raise GenerationError(ErrorKind.INTERNAL, "the generation ended without a result")
 
 
 async def _events(generation, shape: ResponseShape, include_usage: bool, chat: bool):
