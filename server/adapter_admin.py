@@ -1,13 +1,16 @@
 """Adapter management for every transport: register (path confined to the adapter root),
-unregister, list. The gRPC service, the HTTP API's load/unload routes and the Ray Serve
-replica call it; failures are raised for `generation.classify` to map."""
+unregister, list, and, with a state file (`--state-dir`), every change recorded before the
+call returns and the recorded adapters restored at start. The gRPC service, the HTTP API's
+load/unload routes and the Ray Serve replica call it; failures are raised for
+`generation.classify` to map."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from loraquilt.server.adapters.peft_folder import CONFIG_FILE, WEIGHTS_FILE
-from loraquilt.server.adapters.registry import AdapterRecord
+from loraquilt.server.adapters.registry import AdapterRecord, file_fingerprint
+from loraquilt.server.adapters.state_file import RecordedAdapter, RegistrationState
 from loraquilt.server.generation import ErrorKind, GenerationError, check_adapter_name, shown
 from loraquilt.server.request import RequestError
 
@@ -15,16 +18,43 @@ MAX_PATH_CHARS = 1024
 
 
 class AdapterAdmin:
-    def __init__(self, engine, adapter_root: Path | None):
-        self.engine, self.adapter_root = engine, adapter_root
+    def __init__(self, engine, adapter_root: Path | None, state: RegistrationState | None = None):
+        self.engine, self.adapter_root, self.state = engine, adapter_root, state
 
     def register(self, name: str, path: str) -> AdapterRecord:
         check_adapter_name(name)
-        return self.engine.register_adapter(name, self.resolve_path(path))
+        record = self.engine.register_adapter(name, self.resolve_path(path))
+        self._record()
+        return record
 
     def unregister(self, name: str) -> None:
         check_adapter_name(name)
         self.engine.unregister_adapter(name)
+        self._record()
+
+    def _record(self) -> None:
+        if self.state is not None:
+            self.state.save(self.engine.adapters.records())
+
+    def restore(self, recorded: list[RecordedAdapter], log) -> list[str]:
+        """Register the recorded adapters again, validated as registration validates them;
+        one whose files changed since they were recorded (or that no longer validates) is
+        skipped with a log line. Returns the names skipped."""
+        skipped = []
+        for entry in recorded:
+            reason = None
+            if file_fingerprint(Path(entry.path)) != entry.fingerprint:
+                reason = "its files changed (or went away) since it was registered"
+            else:
+                try:
+                    self.engine.register_adapter(entry.name, self.resolve_path(entry.path))
+                except Exception as error:  # the same refusals as RegisterAdapter
+                    reason = str(error)
+            if reason is not None:
+                skipped.append(entry.name)
+                log(f"adapter {entry.name!r} ({entry.path}) not restored: {reason}; register it again "
+                    "to serve the files there now")
+        return skipped
 
     def records(self) -> list[AdapterRecord]:
         return sorted(self.engine.adapters.records(), key=lambda record: record.name)

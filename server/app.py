@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from loraquilt.server.adapters.registry import RegistryEvents
 from loraquilt.server.adapter_admin import AdapterAdmin
+from loraquilt.server.adapters.state_file import RegistrationState, StateFileError
 from loraquilt.server.auth import AdminCheck, AuthConfigError, AuthInterceptor, TLSFiles, read_token_file
 from loraquilt.server.engine import Engine, EngineConfig
 from loraquilt.server.engine_args import add_engine_arguments, engine_config_from_args
@@ -41,6 +42,7 @@ class ServerConfig:
     served_model_name: str | None = None  # the base model's id over HTTP; None = the model's name
     grace_seconds: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
     preload: tuple[tuple[str, str], ...] = ()  # (name, path) registered at start
+    state_dir: Path | None = None  # registrations recorded here survive restarts; None = in memory only
     service: ServiceConfig = field(default_factory=ServiceConfig)
     admin_token: str | None = field(default=None, repr=False)  # None: admin RPCs open to every caller
     api_key: str | None = field(default=None, repr=False)  # None: inference open to every caller
@@ -65,10 +67,19 @@ class RunningServer:
         service_config = replace(config.service, max_new_tokens_limit=limit,
                                  default_max_new_tokens=min(config.service.default_max_new_tokens, limit))
         self.generations = Generations(self.loop, service_config, self.metrics)
-        self.admin = AdapterAdmin(engine, config.service.adapter_root)
+        state = RegistrationState(config.state_dir) if config.state_dir is not None else None
+        recorded = state.load() if state is not None else []  # StateFileError: refuse to start
+        self.admin = AdapterAdmin(engine, config.service.adapter_root, state)
         service = LoraQuiltService(self.generations, self.admin)
+        skipped = self.admin.restore(recorded, log=lambda line: print(line, file=sys.stderr, flush=True))
+        self.metrics.adapter_restore_failures.inc(len(skipped))
+        if recorded:
+            print(f"restored {len(recorded) - len(skipped)} of {len(recorded)} recorded adapters from "
+                  f"{state.path}", file=sys.stderr, flush=True)
+        registered = {record.name for record in engine.adapters.records()}
         for name, path in config.preload:
-            engine.register_adapter(name, path)
+            if name not in registered:  # a recorded registration of the same name wins
+                engine.register_adapter(name, path)
 
         capacity = engine.config.max_batch_size + engine.scheduler.config.max_waiting
         admin = AdminCheck.for_token(config.admin_token) if config.admin_token is not None else None
@@ -156,6 +167,8 @@ def add_serve_parser(commands, name: str = "serve", help_text: str = "start the 
     parser.add_argument("--adapter-root", type=Path, help="RegisterAdapter paths must lie under this folder")
     parser.add_argument("--preload", metavar="NAME=PATH", nargs="+", action="extend", default=[],
                         help="adapters registered at start")
+    parser.add_argument("--state-dir", type=Path,
+                        help="record every registration here and register them again at start")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     parser.add_argument("--port", type=int, default=50051, help="gRPC port")
     parser.add_argument("--http-port", type=int, default=8000,
@@ -190,6 +203,11 @@ def parse_preload(entries: list[str]) -> list[tuple[str, str]]:
 def _serve(args: argparse.Namespace) -> int:
     preload = parse_preload(args.preload)
     engine_config = engine_config_from_args(args)
+    if args.state_dir is not None:
+        try:
+            RegistrationState(args.state_dir).load()  # a corrupt state file stops the start before the model loads
+        except StateFileError as error:
+            raise SystemExit(str(error)) from None
     if (args.tls_cert is None) != (args.tls_key is None):
         raise SystemExit("--tls-cert and --tls-key go together")
     try:
@@ -210,7 +228,8 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         http_port=None if args.http_port < 0 else args.http_port, served_model_name=args.served_model_name,
-        grace_seconds=args.grace_seconds, preload=tuple(preload), admin_token=admin_token, api_key=api_key,
+        grace_seconds=args.grace_seconds, preload=tuple(preload), state_dir=args.state_dir,
+        admin_token=admin_token, api_key=api_key,
         tls=tls,
         service=ServiceConfig(adapter_root=args.adapter_root,
                               default_max_new_tokens=args.default_max_new_tokens),

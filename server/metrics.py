@@ -57,6 +57,9 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.http_requests = Counter("loraquilt_http_requests", "HTTP API responses by route and status code",
                                      ["route", "code"], registry=r)
+        self.adapter_restore_failures = Counter(
+            "loraquilt_adapter_restore_failures", "Recorded adapters (--state-dir) not registered again at start",
+            registry=r)
         self._engine = None
 
     def watch(self, engine) -> None:
