@@ -122,6 +122,7 @@ class LoraQuiltReplica:
         """Validate, make the request's adapters resident and held, queue it in the engine
         (the hold is released when the generation ends)."""
         await self._report_once()
+        engine_request = None
         try:
             engine_request = self.generations.build_request(**fields)  # bad fields first, as `serve`
             key = key_for(engine_request.adapter, (name for name, _ in engine_request.mix))
@@ -133,7 +134,7 @@ class LoraQuiltReplica:
                 await self._resident(resident_id)
                 await self.adapters.acquire(registrations)  # a hold for this request (fresh files if re-registered)
         except Exception as error:
-            raise self.generations.count_failure(error) from None
+            raise self.generations.count_failure(error, engine_request) from None
         return self.generations.open(engine_request, stream=stream, asynchronous=True,
                                      on_close=(lambda: self.adapters.release(names)) if names else None)
 

@@ -6,10 +6,11 @@ load/unload routes and the Ray Serve replica call it; failures are raised for
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from loraquilt.server.adapters.peft_folder import CONFIG_FILE, WEIGHTS_FILE
-from loraquilt.server.adapters.registry import AdapterRecord, file_fingerprint
+from loraquilt.server.adapters.registry import AdapterExists, AdapterRecord, UnknownAdapter, file_fingerprint
 from loraquilt.server.adapters.state_file import RecordedAdapter, RegistrationState
 from loraquilt.server.generation import ErrorKind, GenerationError, check_adapter_name, shown
 from loraquilt.server.request import RequestError
@@ -18,8 +19,45 @@ MAX_PATH_CHARS = 1024
 
 
 class AdapterAdmin:
-    def __init__(self, engine, adapter_root: Path | None, state: RegistrationState | None = None):
+    def __init__(self, engine, adapter_root: Path | None, state: RegistrationState | None = None,
+                 resolve_on_first_use: bool = False):
         self.engine, self.adapter_root, self.state = engine, adapter_root, state
+        self.resolve_on_first_use = resolve_on_first_use
+        self._resolving: dict[str, threading.Lock] = {}
+        self._resolving_lock = threading.Lock()
+
+    def resolve(self, names) -> None:
+        """With resolve_on_first_use: register each of `names` that is not registered yet
+        from `<adapter root>/<name>`, validated and confined as RegisterAdapter does;
+        concurrent callers for one name read it once. A name with no folder there stays
+        unknown (the request then fails NOT_FOUND)."""
+        if not self.resolve_on_first_use:
+            return
+        for name in names:
+            if self._registered(name):
+                continue
+            check_adapter_name(name, "adapter")
+            with self._resolving_lock:
+                lock = self._resolving.setdefault(name, threading.Lock())
+            with lock:
+                if self._registered(name):  # another caller registered it meanwhile
+                    continue
+                folder = self.resolve_path(name)  # PERMISSION_DENIED outside the root, as registration
+                if not folder.is_dir():
+                    raise UnknownAdapter(name)
+                try:
+                    self.register(name, name)
+                except AdapterExists:
+                    pass  # registered through another path meanwhile
+            with self._resolving_lock:
+                self._resolving.pop(name, None)
+
+    def _registered(self, name: str) -> bool:
+        try:
+            self.engine.adapters.get(name)
+            return True
+        except UnknownAdapter:
+            return False
 
     def register(self, name: str, path: str) -> AdapterRecord:
         check_adapter_name(name)

@@ -43,6 +43,8 @@ class ServerConfig:
     grace_seconds: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
     preload: tuple[tuple[str, str], ...] = ()  # (name, path) registered at start
     state_dir: Path | None = None  # registrations recorded here survive restarts; None = in memory only
+    resolve_adapters: bool = False  # an unregistered name N with a valid <adapter root>/N registers on first use
+    metrics_adapter_labels: int = 100  # adapters with series of their own; later ones count as "_other"
     service: ServiceConfig = field(default_factory=ServiceConfig)
     admin_token: str | None = field(default=None, repr=False)  # None: admin RPCs open to every caller
     api_key: str | None = field(default=None, repr=False)  # None: inference open to every caller
@@ -55,7 +57,7 @@ class RunningServer:
     def __init__(self, engine: Engine, config: ServerConfig, *, loop_thread: bool = True):
         """loop_thread=False: the caller runs `self.loop.run_here()` itself."""
         self.engine, self.config = engine, config
-        self.metrics = Metrics()
+        self.metrics = Metrics(adapter_labels=config.metrics_adapter_labels)
         engine.adapters.events = RegistryEvents(on_load=self.metrics.on_adapter_load,
                                                 on_evict=self.metrics.on_adapter_evict)
         self.metrics.watch(engine)
@@ -66,10 +68,11 @@ class RunningServer:
         limit = min(config.service.max_new_tokens_limit, engine.max_seq_len - 1)
         service_config = replace(config.service, max_new_tokens_limit=limit,
                                  default_max_new_tokens=min(config.service.default_max_new_tokens, limit))
-        self.generations = Generations(self.loop, service_config, self.metrics)
         state = RegistrationState(config.state_dir) if config.state_dir is not None else None
         recorded = state.load() if state is not None else []  # StateFileError: refuse to start
-        self.admin = AdapterAdmin(engine, config.service.adapter_root, state)
+        self.admin = AdapterAdmin(engine, config.service.adapter_root, state,
+                                  resolve_on_first_use=config.resolve_adapters)
+        self.generations = Generations(self.loop, service_config, self.metrics, resolve=self.admin.resolve)
         service = LoraQuiltService(self.generations, self.admin)
         skipped = self.admin.restore(recorded, log=lambda line: print(line, file=sys.stderr, flush=True))
         self.metrics.adapter_restore_failures.inc(len(skipped))
@@ -169,12 +172,16 @@ def add_serve_parser(commands, name: str = "serve", help_text: str = "start the 
                         help="adapters registered at start")
     parser.add_argument("--state-dir", type=Path,
                         help="record every registration here and register them again at start")
+    parser.add_argument("--resolve-adapters", action="store_true",
+                        help="a request for an unregistered adapter N registers <adapter-root>/N on first use")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     parser.add_argument("--port", type=int, default=50051, help="gRPC port")
     parser.add_argument("--http-port", type=int, default=8000,
                         help="OpenAI-compatible HTTP API port (-1 disables it, 0 picks a free port)")
     parser.add_argument("--served-model-name", help="the base model's id in the HTTP API (default: its name)")
     parser.add_argument("--metrics-port", type=int, default=9464, help="-1 disables the endpoint")
+    parser.add_argument("--metrics-adapter-labels", type=int, default=100,
+                        help="adapters (the first seen) with per-adapter series; the rest count as adapter=\"_other\"")
     parser.add_argument("--default-max-new-tokens", type=int, default=128)
     add_engine_arguments(parser)
     parser.add_argument("--grace-seconds", type=float, default=30.0)
@@ -229,6 +236,7 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         http_port=None if args.http_port < 0 else args.http_port, served_model_name=args.served_model_name,
         grace_seconds=args.grace_seconds, preload=tuple(preload), state_dir=args.state_dir,
+        resolve_adapters=args.resolve_adapters, metrics_adapter_labels=args.metrics_adapter_labels,
         admin_token=admin_token, api_key=api_key,
         tls=tls,
         service=ServiceConfig(adapter_root=args.adapter_root,

@@ -216,6 +216,12 @@ class Engine:
             return EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
                                last_batch_size=self.last_batch_size)
 
+    def adapters_in_flight(self) -> tuple[set[str], set[str]]:
+        """The adapter names of the running sequences, and of the waiting ones."""
+        with self._lock:
+            return ({name for seq in self.scheduler.running for name, _ in seq.request.adapter_weights},
+                    {name for seq in self.scheduler.waiting for name, _ in seq.request.adapter_weights})
+
     def generate(self, requests: list[Request]) -> list[GenerationResult]:
         """Answer every request (batched together); results in request order."""
         sequences = [self.add_request(r) for r in requests]

@@ -51,6 +51,10 @@ class RequestHandle:
     def request_id(self) -> str:
         return self._tracked.request.request_id
 
+    @property
+    def request(self) -> Request:
+        return self._tracked.request
+
     def outputs(self, timeout: float | None = None):
         """Yield StepOutputs until the one carrying the result (or an error)."""
         while True:
@@ -176,6 +180,7 @@ class EngineLoop:
         now = time.monotonic()
         if output.new_token_ids:
             metrics.generated_tokens.inc(len(output.new_token_ids))
+            metrics.count_adapter_tokens(tracked.request.adapter_weights, len(output.new_token_ids))
             if tracked.last_token is None:
                 metrics.ttft.labels(kind=kind).observe(now - tracked.arrival)
             else:

@@ -142,10 +142,10 @@ class Generation:
     def _accept(self, output) -> Piece | None:
         if output.error is not None:
             self._counted = True
-            raise self._owner.count_failure(output.error)
+            raise self._owner.count_failure(output.error, self._handle.request)
         if output.finished is not None:
             self._counted = True
-            self._owner.count_result(output.finished)
+            self._owner.count_result(output.finished, self._handle.request)
             return Piece(output.new_text, tuple(output.new_token_ids), output.finished)
         if output.new_text or output.new_token_ids:
             return Piece(output.new_text, tuple(output.new_token_ids))
@@ -158,7 +158,7 @@ class Generation:
         self._handle.cancel()  # a no-op once finished
         if not self._counted:
             self._counted = True
-            self._owner.metrics.requests.labels(status="cancelled").inc()
+            self._owner.count_status("cancelled", self._handle.request)
         if self._on_close is not None:
             self._on_close()
 
@@ -211,8 +211,18 @@ async def result_of(pieces) -> GenerationResult:
 class Generations:
     """The generation layer of one server process: build, submit, count."""
 
-    def __init__(self, loop: EngineLoop, config: ServiceConfig, metrics: Metrics):
+    def __init__(self, loop: EngineLoop, config: ServiceConfig, metrics: Metrics,
+                 resolve: Callable[[tuple[str, ...]], None] | None = None):
+        """resolve: registers unregistered adapter names on first use (AdapterAdmin.resolve),
+        or None."""
         self.loop, self.config, self.metrics = loop, config, metrics
+        self._resolve = resolve
+
+    def resolve_adapters(self, request: Request) -> None:
+        """Register, on first use, the request's adapters that are not registered yet (with
+        --resolve-adapters; reads files, so an asyncio caller runs it in a thread)."""
+        if self._resolve is not None and request.adapter_weights:
+            self._resolve(tuple(name for name, _ in request.adapter_weights))
 
     def build_request(self, *, prompt: str | None = None, messages: tuple[dict, ...] | None = None,
                       chat: bool = False, adapter: str | None = None,
@@ -250,19 +260,25 @@ class Generations:
         A refusal (unknown adapter, queue full, shutting down) is counted and raised as
         GenerationError; on_close then runs at once."""
         try:
+            self.resolve_adapters(request)
             handle = (self.loop.submit_async if asynchronous else self.loop.submit)(request, stream=stream)
         except Exception as error:
             if on_close is not None:
                 on_close()
-            raise self.count_failure(error) from None
+            raise self.count_failure(error, request) from None
         return Generation(self, handle, on_close)
 
-    def count_failure(self, error: BaseException) -> GenerationError:
-        """The failure `error` is, counted in loraquilt_requests_total{status}."""
+    def count_failure(self, error: BaseException, request: Request | None = None) -> GenerationError:
+        """The failure `error` is, counted in loraquilt_requests_total{status} (and per
+        adapter when the request got as far as naming them)."""
         failure = classify(error)
-        self.metrics.requests.labels(status=failure.kind.name.lower()).inc()
+        self.count_status(failure.kind.name.lower(), request)
         return failure
 
-    def count_result(self, result: GenerationResult) -> None:
-        status = "cancelled" if result.finish_reason == FINISH_CANCELLED else "ok"
+    def count_result(self, result: GenerationResult, request: Request | None = None) -> None:
+        self.count_status("cancelled" if result.finish_reason == FINISH_CANCELLED else "ok", request)
+
+    def count_status(self, status: str, request: Request | None) -> None:
         self.metrics.requests.labels(status=status).inc()
+        if request is not None:
+            self.metrics.count_adapter_request(request.adapter_weights, status)

@@ -126,10 +126,12 @@ class LocalBackend:
 
     async def open(self, fields: dict, stream: bool):
         """A generation (async-iterable pieces, `cancel()`), or GenerationError."""
+        request = None
         try:
             request = self.generations.build_request(**fields)
+            await asyncio.to_thread(self.generations.resolve_adapters, request)  # off the event loop
         except Exception as error:
-            raise self.generations.count_failure(error) from None
+            raise self.generations.count_failure(error, request) from None
         return self.generations.open(request, stream=stream, asynchronous=True)
 
     async def adapters(self) -> list[tuple[str, int, Path]]:

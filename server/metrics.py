@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import resource
+import threading
+import time
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -33,10 +35,38 @@ def process_rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+OTHER_ADAPTERS = "_other"
+
+
+class AdapterLabels:
+    """Bounded cardinality for per-adapter series: the first `limit` adapter names seen get
+    a label of their own, every later one shares OTHER_ADAPTERS."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._named: set[str] = set()
+        self._lock = threading.Lock()
+
+    def label(self, name: str, known: bool = True) -> str:
+        """known=False (a name that is not registered) never takes a label of its own."""
+        with self._lock:
+            if name in self._named:
+                return name
+            if known and len(self._named) < self.limit:
+                self._named.add(name)
+                return name
+            return OTHER_ADAPTERS
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, adapter_labels: int = 100) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self.adapter_labels = AdapterLabels(adapter_labels)
+        self.adapter_requests = Counter("loraquilt_adapter_requests", "Finished requests per adapter (a mix "
+                                        "counts for each member) by status", ["adapter", "status"], registry=r)
+        self.adapter_generated_tokens = Counter("loraquilt_adapter_generated_tokens", "Tokens generated per "
+                                                "adapter (a mix counts for each member)", ["adapter"], registry=r)
         self.requests = Counter("loraquilt_requests", "Finished requests by status", ["status"], registry=r)
         self.ttft = Histogram("loraquilt_time_to_first_token_seconds", "Arrival to first token",
                               ["kind"], buckets=LATENCY_BUCKETS, registry=r)
@@ -78,10 +108,21 @@ class Metrics:
     def on_adapter_evict(self, tier: str) -> None:
         self.adapter_evictions.labels(tier=tier).inc()
 
+    def count_adapter_request(self, adapter_weights, status: str) -> None:
+        """One finished request on these adapters (none: the base model, not counted here)."""
+        known = status != "not_found"
+        for name, _ in adapter_weights:
+            self.adapter_requests.labels(adapter=self.adapter_labels.label(name, known), status=status).inc()
+
+    def count_adapter_tokens(self, adapter_weights, tokens: int) -> None:
+        for name, _ in adapter_weights:
+            self.adapter_generated_tokens.labels(adapter=self.adapter_labels.label(name)).inc(tokens)
+
 
 class _EngineCollector:
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
+        self._last_lora_info: tuple = (None, 0.0)  # (label values, when they last changed)
 
     def collect(self):
         engine = self.metrics._engine
@@ -92,6 +133,10 @@ class _EngineCollector:
         slots = GaugeMetricFamily("loraquilt_adapter_slots", "Device adapter slots by state (used: holds "
                                   "an adapter, registered or still pinned after unregister)", labels=["state"])
         memory = GaugeMetricFamily("loraquilt_memory_bytes", "Memory by kind", labels=["kind"])
+        lora_info = GaugeMetricFamily(
+            "loraquilt_lora_requests_info", "Adapters of the running and the waiting requests (comma-separated) "
+            "and the device slots, as the Gateway API inference extension reads them; value: when they last "
+            "changed (Unix seconds)", labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
         if engine is not None:
             stats = engine.stats()
             running.add_metric([], stats.running)
@@ -107,7 +152,15 @@ class _EngineCollector:
             memory.add_metric(["adapter_slots"], engine.slots.num_bytes)
             memory.add_metric(["adapters_host"], engine.adapters.host_bytes())
             memory.add_metric(["kv_cache"], engine.cache.num_bytes)
+            running_names, waiting_names = engine.adapters_in_flight()
+            now = (",".join(sorted(running_names)), ",".join(sorted(waiting_names)),
+                   str(engine.config.max_active_adapters))
+            if now != self._last_lora_info[0]:
+                self._last_lora_info = (now, time.time())
+            lora_info.add_metric(list(now), self._last_lora_info[1])
             if torch.cuda.is_available() and engine.model.device.type == "cuda":
                 memory.add_metric(["device_allocated"], torch.cuda.memory_allocated(engine.model.device))
         memory.add_metric(["process_rss"], process_rss_bytes())
         yield from (running, waiting, batch, adapters, slots, memory)
+        if engine is not None:
+            yield lora_info
