@@ -36,6 +36,8 @@ def add_serve_ray_parser(commands, name: str = "serve-ray", help_text: str = "se
                         help="torch threads (and Ray CPUs) per replica (default: cores / replicas)")
     parser.add_argument("--gpus-per-replica", type=float, default=0.0)
     parser.add_argument("--default-max-new-tokens", type=int, default=128)
+    parser.add_argument("--resolve-adapters", action="store_true",
+                        help="a request for an unregistered adapter N registers <adapter-root>/N on first use")
     add_engine_arguments(parser)  # each replica's engine, as `serve`'s
     parser.add_argument("--preload", metavar="NAME=PATH", nargs="+", action="extend", default=[],
                         help="adapters registered at start (paths under --adapter-root)")
@@ -81,7 +83,7 @@ def _serve_ray(args: argparse.Namespace) -> int:
             admin=AdminCheck.for_token(token) if token else None,
             replica=ReplicaConfig(
                 model=args.model or "", adapter_root=args.adapter_root.resolve() if args.adapter_root else None,
-                max_adapters_per_replica=args.max_adapters_per_replica,
+                max_adapters_per_replica=args.max_adapters_per_replica, resolve_adapters=args.resolve_adapters,
                 **{flag.dest: getattr(args, flag.dest) for flag in ENGINE_FLAGS},
                 device=args.device, dtype=args.dtype, lora_backend=args.lora_backend,
                 default_max_new_tokens=args.default_max_new_tokens,

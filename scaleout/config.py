@@ -19,6 +19,7 @@ class ReplicaConfig:
     model: str  # HF folder, .gguf or hub id; "" = embedded (serve-ray resolves it once, for all)
     adapter_root: Path | None = None  # RegisterAdapter paths must lie under it (shared by all replicas)
     max_adapters_per_replica: int = 16  # routing keys resident at once (Ray Serve's multiplex LRU bound)
+    resolve_adapters: bool = False  # an unregistered name N with a folder <adapter_root>/N registers on first use
     # the engine flags of `serve` (server/engine_args.py), same names and defaults
     max_batch_size: int = 32
     max_seq_len: int = 1024

@@ -140,6 +140,15 @@ class LoraQuiltReplica:
 
     async def _registrations(self, names: tuple[str, ...]) -> dict[str, Registration]:
         found = await self.directory.lookup.remote(list(names))
+        missing = [name for name in names if found.get(name) is None]
+        if missing and self.config.resolve_adapters:  # register <adapter root>/<name> on first use
+            for name in missing:
+                if not (self.admin.resolve_path(name)).is_dir():  # PERMISSION_DENIED outside the root
+                    raise UnknownAdapter(name)
+                reply = await self.register(pb.RegisterAdapterRequest(name=name, path=name))
+                if reply.code not in ("OK", "ALREADY_EXISTS"):  # ALREADY_EXISTS: a concurrent first use
+                    raise GenerationError(ErrorKind[reply.code], reply.details)
+            found = await self.directory.lookup.remote(list(names))
         for name in names:
             if found.get(name) is None:
                 raise UnknownAdapter(name)

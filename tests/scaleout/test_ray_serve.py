@@ -30,6 +30,7 @@ EXACT = DeviceConfig(dtype="float32")  # the exact path: tests compare tokens
 pytestmark = pytest.mark.slow
 
 NEW_TOKENS = 8
+LONG = 100  # new tokens of the requests that must still run when a replica is killed
 ADAPTERS = 10
 PROMPTS = ("The river", "Birds fly over the", "A long time ago in a quiet town", "Numbers", "Rain falls on")
 
@@ -47,6 +48,7 @@ def cluster(tmp_path_factory):
     running = start_scaleout(ScaleoutConfig(replicas=2, port=free_port(), http_port=free_port(),
                                             ray_metrics_port=free_port(), replica=ReplicaConfig(
         model=str(base), adapter_root=adapter_root, max_adapters_per_replica=ADAPTERS, max_batch_size=16,
+        resolve_adapters=True,
         max_seq_len=128, max_active_adapters=8, lora_backend="torch", dtype="float32", threads=1,
         default_max_new_tokens=NEW_TOKENS)))
     client = LoraQuiltClient(running.target, timeout=120)
@@ -60,9 +62,10 @@ def cluster(tmp_path_factory):
 _reference_lock = threading.Lock()  # the reference engine serves one caller at a time
 
 
-def expected(reference: Engine, prompt: str, adapter: str = "", mix=()) -> tuple[int, ...]:
+def expected(reference: Engine, prompt: str, adapter: str = "", mix=(), new_tokens: int = NEW_TOKENS
+             ) -> tuple[int, ...]:
     request = Request(prompt=prompt, adapter=adapter or None, mix=tuple(mix),
-                      sampling=SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
+                      sampling=SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
     with _reference_lock:
         return reference.generate([request])[0].token_ids
 
@@ -121,6 +124,13 @@ def test_the_openai_api_through_the_http_proxy(cluster):
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
         with pytest.raises(openai.NotFoundError):
             oai.completions.create(model="ghost", prompt="x", max_tokens=2)
+        # --resolve-adapters: a folder name under the adapter root is registered on first use
+        resolved = oai.completions.create(model="adapter-9", prompt="The river", max_tokens=NEW_TOKENS,
+                                          temperature=0, extra_body={"ignore_eos": True})
+        assert resolved.choices[0].text == client.generate("The river", adapter="a9", max_new_tokens=NEW_TOKENS,
+                                                           ignore_eos=True).text
+        assert "adapter-9" in {adapter.name for adapter in client.list_adapters()}
+        client.unregister_adapter("adapter-9")
         with pytest.raises(openai.BadRequestError) as caught:
             oai.completions.create(model="a1", prompt="x", max_tokens=2, temperature=-1)
         assert caught.value.body["param"] == "temperature"
