@@ -41,7 +41,7 @@ def build_app(config: ScaleoutConfig):
     replica = config.replica
     directory = serve.deployment(
         AdapterDirectory, name=DIRECTORY_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0},
-    ).bind()
+    ).bind(state_dir=str(config.state_dir) if config.state_dir else None)
     # Up to a full batch and as many again waiting in each engine; beyond that, requests
     # wait in Ray's router (which may still send them to a less busy replica), and past
     # max_queue there the caller gets RESOURCE_EXHAUSTED.
@@ -101,6 +101,11 @@ class RunningScaleout:
     @property
     def http_url(self) -> str:
         return f"http://{self.config.host}:{self.config.http_port}"
+
+    def restore_report(self) -> dict:
+        """What the directory took back from --state-dir at start (restored / skipped names)."""
+        directory = serve.get_deployment_handle(DIRECTORY_DEPLOYMENT, app_name=self.config.app_name)
+        return directory.restore_report.remote().result()
 
     def replica_reports(self) -> dict[str, dict]:
         """Each live replica's report (actor name, metrics endpoint), from the directory;

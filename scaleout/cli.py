@@ -36,6 +36,9 @@ def add_serve_ray_parser(commands, name: str = "serve-ray", help_text: str = "se
                         help="torch threads (and Ray CPUs) per replica (default: cores / replicas)")
     parser.add_argument("--gpus-per-replica", type=float, default=0.0)
     parser.add_argument("--default-max-new-tokens", type=int, default=128)
+    parser.add_argument("--state-dir", type=Path,
+                        help="record every registration here (the directory deployment writes it) and take them "
+                             "back at start; a folder every node that may run the directory can reach")
     parser.add_argument("--resolve-adapters", action="store_true",
                         help="a request for an unregistered adapter N registers <adapter-root>/N on first use")
     add_engine_arguments(parser)  # each replica's engine, as `serve`'s
@@ -73,10 +76,18 @@ def _serve_ray(args: argparse.Namespace) -> int:
     if token is None:
         print("warning: Ray Serve's gRPC proxy listens on every interface; without --admin-token-file "
               "anyone who reaches the port can register and unregister adapters", file=sys.stderr, flush=True)
+    if args.state_dir is not None:
+        from loraquilt.server.adapters.state_file import RegistrationState, StateFileError
+
+        try:
+            RegistrationState(args.state_dir).load()  # a bad state file stops the start before Ray starts
+        except StateFileError as error:
+            raise SystemExit(str(error)) from None
     threads = args.threads_per_replica or max(1, (os.cpu_count() or 1) // args.replicas)
     try:
         config = ScaleoutConfig(
             replicas=args.replicas, host=args.host, port=args.port, http_port=args.http_port or None,
+            state_dir=args.state_dir.resolve() if args.state_dir else None,
             served_model_name=args.served_model_name or "",
             api_key=AdminCheck.for_token(api_key, "api") if api_key else None,
             ray_metrics_port=None if args.ray_metrics_port < 0 or args.ray_address else args.ray_metrics_port,
@@ -92,6 +103,13 @@ def _serve_ray(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise SystemExit(str(error)) from None
     running = start_scaleout(config, ray_address=args.ray_address)
+    if config.state_dir is not None:
+        report = running.restore_report()
+        print(f"restored {len(report['restored'])} recorded adapter(s) from {config.state_dir}", file=sys.stderr,
+              flush=True)
+        for name in report["skipped"]:
+            print(f"adapter {name!r} not restored: its files changed (or went away) since it was registered; "
+                  "register it again to serve the files there now", file=sys.stderr, flush=True)
     if preload:
         with LoraQuiltClient(running.target, admin_token=token, api_key=api_key, timeout=120) as client:
             for name, path in preload:

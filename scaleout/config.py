@@ -58,6 +58,7 @@ class ScaleoutConfig:
     http_port: int | None = None  # Ray Serve's HTTP proxy (the OpenAI API); None = any free port
     served_model_name: str = ""  # the base model's id over HTTP; "" = the model's name
     api_key: AdminCheck | None = None  # inference calls need this key (gRPC and HTTP)
+    state_dir: Path | None = None  # the directory deployment records registrations here (survive restarts)
     app_name: str = "loraquilt"
     request_timeout_s: float | None = None  # the proxy's end-to-end bound; None = none
     ray_metrics_port: int | None = None  # Ray's and Ray Serve's metrics (a local cluster started here)

@@ -34,13 +34,43 @@ class Registration:
 
 class AdapterDirectory:
     """Runs as a one-replica Ray Serve deployment; its methods are called through a handle.
-    Outcomes are return values, not exceptions, so callers map them to gRPC statuses."""
+    Outcomes are return values, not exceptions, so callers map them to gRPC statuses.
 
-    def __init__(self, max_adapters: int = 10000):
+    With a state folder (`serve-ray --state-dir`), every add/remove is written there
+    atomically before it returns (server/adapters/state_file.py), and a directory that
+    starts takes the recorded registrations back whose files are unchanged (same
+    fingerprint, so the same validation outcome); the others are left out and named in
+    `restore_report()`."""
+
+    def __init__(self, max_adapters: int = 10000, state_dir: str | None = None):
         self.max_adapters = max_adapters
         self._entries: dict[str, Registration] = {}
         self._generations = itertools.count(1)
         self._replicas: dict[str, dict] = {}
+        self._state = None
+        self._skipped: list[str] = []
+        if state_dir is not None:
+            from pathlib import Path
+
+            from loraquilt.server.adapters.registry import file_fingerprint
+            from loraquilt.server.adapters.state_file import RegistrationState
+
+            self._state = RegistrationState(Path(state_dir))
+            for entry in self._state.load():  # serve-ray read it once before starting: it parses
+                if file_fingerprint(Path(entry.path)) != entry.fingerprint:
+                    self._skipped.append(entry.name)
+                    continue
+                self._entries[entry.name] = Registration(entry.name, entry.path, next(self._generations),
+                                                         entry.fingerprint, entry.rank, entry.target_modules,
+                                                         entry.size_bytes)
+
+    def restore_report(self) -> dict:
+        """{"restored": names, "skipped": names whose files changed or went away}."""
+        return {"restored": sorted(self._entries), "skipped": list(self._skipped)}
+
+    def _record(self) -> None:
+        if self._state is not None:
+            self._state.save(self._entries.values())
 
     def add(self, name: str, path: str, fingerprint: tuple | None, rank: int,
             target_modules: tuple[str, ...], size_bytes: int) -> str:
@@ -51,10 +81,14 @@ class AdapterDirectory:
             return "full"
         self._entries[name] = Registration(name, path, next(self._generations), fingerprint, rank,
                                            tuple(target_modules), size_bytes)
+        self._record()
         return "ok"
 
     def remove(self, name: str) -> bool:
-        return self._entries.pop(name, None) is not None
+        removed = self._entries.pop(name, None) is not None
+        if removed:
+            self._record()
+        return removed
 
     def lookup(self, names: list[str]) -> dict[str, Registration | None]:
         return {name: self._entries.get(name) for name in names}

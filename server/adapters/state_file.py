@@ -30,6 +30,9 @@ class RecordedAdapter:
     name: str
     path: str  # the folder, resolved (inside the adapter root when recorded)
     fingerprint: tuple | None  # the files as registered (registry.file_fingerprint)
+    rank: int = 0  # what registration found in the folder, for listings before it is read again
+    target_modules: tuple[str, ...] = ()
+    size_bytes: int = 0
 
 
 def _fingerprint_from_json(value) -> tuple | None:
@@ -65,7 +68,9 @@ class RegistrationState:
             raise StateFileError(f"state file {self.path} has version {data['version']!r}; this loraquilt "
                                  f"reads version {STATE_VERSION}; {how_to_go_on}")
         try:
-            adapters = [RecordedAdapter(entry["name"], entry["path"], _fingerprint_from_json(entry.get("fingerprint")))
+            adapters = [RecordedAdapter(entry["name"], entry["path"], _fingerprint_from_json(entry.get("fingerprint")),
+                                        int(entry.get("rank", 0)), tuple(entry.get("target_modules", ())),
+                                        int(entry.get("size_bytes", 0)))
                         for entry in data["adapters"]]
             if not all(isinstance(a.name, str) and isinstance(a.path, str) for a in adapters):
                 raise ValueError("names and paths must be strings")
@@ -75,12 +80,14 @@ class RegistrationState:
         return adapters
 
     def save(self, records) -> None:
-        """Write these registrations (AdapterRecord-like: name, path, fingerprint) atomically."""
+        """Write these registrations (AdapterRecord-like: name, path, fingerprint, rank,
+        target_modules, size_bytes) atomically."""
         with self._lock:
             self.folder.mkdir(parents=True, exist_ok=True)
             document = {"version": STATE_VERSION, "adapters": [
                 {"name": r.name, "path": str(r.path),
-                 "fingerprint": None if r.fingerprint is None else [list(item) for item in r.fingerprint]}
+                 "fingerprint": None if r.fingerprint is None else [list(item) for item in r.fingerprint],
+                 "rank": r.rank, "target_modules": list(r.target_modules), "size_bytes": r.size_bytes}
                 for r in sorted(records, key=lambda record: record.name)]}
             temporary = self.folder / f".{STATE_FILE}.{os.getpid()}.{threading.get_ident()}.tmp"
             with open(temporary, "w", encoding="utf-8") as handle:

@@ -87,3 +87,20 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert second.err.count("cached") == 3 and "training the" not in second.err
     again = json.loads((tmp_path / "demo.json").read_text())
     assert again["table"] == results["table"] and again["tasks"]["json"]["wall_minutes"] is None
+
+
+def test_the_shipped_adapters_are_small_bf16_peft_folders_with_reports():
+    from safetensors import safe_open
+
+    from loraquilt.train.demo.cache import SHIPPED
+
+    folders = sorted(path for path in SHIPPED.iterdir() if path.is_dir())
+    assert sorted(path.name.rsplit("-", 1)[0] for path in folders) == sorted(task.name for task in DEMO_TASKS)
+    for folder in folders:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        report = json.loads((folder / "training_report.json").read_text())
+        assert config["peft_type"] == "LORA" and report["eval"]["adapter"] > report["eval"]["base"]
+        weights = folder / "adapter_model.safetensors"
+        assert weights.stat().st_size < 6 << 20, folder.name
+        with safe_open(str(weights), "pt") as handle:
+            assert {str(handle.get_tensor(key).dtype) for key in handle.keys()} == {"torch.bfloat16"}

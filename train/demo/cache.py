@@ -4,6 +4,11 @@ The key hashes everything that shapes the adapter: the rows written by the task'
 the training settings and the base model's files. A folder counts as done once its
 training report exists (written last); a lock keeps two processes from training the
 same adapter at once.
+
+The package ships the three adapters that `loraquilt demo` trains on the embedded model
+(``train/demo/shipped/<task>-<key>``: weights in bfloat16, with their training reports),
+so a first run finds them by the same key and trains nothing; ``--retrain`` trains anew,
+and ``loraquilt demo --write-shipped`` refreshes the shipped copies from the cache.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from loraquilt.train.demo.tasks import DATA_SEED, DEFAULT_SETTINGS, DemoTask
 from loraquilt.train.report import read_report
 
 DEMO_FORMAT = 1  # bump when the demo's training code changes what an adapter learns
+SHIPPED = Path(__file__).parent / "shipped"
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,7 @@ class DemoAdapter:
     report: dict
     trained_now: bool
     wall_seconds: float  # load + train + evaluate when trained now; 0 when cached
+    shipped: bool = False  # the copy that comes with the package
 
 
 def demo_root(cache_dir: Path | None = None) -> Path:
@@ -74,6 +81,10 @@ def ensure_adapter(task: DemoTask, *, model: str | None, model_folder: Path, roo
             report = read_report(folder)
             if report is not None and not retrain:
                 return DemoAdapter(task, folder, report, trained_now=False, wall_seconds=0.0)
+            shipped = SHIPPED / folder.name
+            report = read_report(shipped)
+            if report is not None and not retrain:
+                return DemoAdapter(task, shipped, report, trained_now=False, wall_seconds=0.0, shipped=True)
             data = root / "data" / f"{task.name}-{key}"
             write_examples(data / "train.jsonl", rows[0])
             write_examples(data / "eval.jsonl", rows[1])
@@ -87,3 +98,19 @@ def ensure_adapter(task: DemoTask, *, model: str | None, model_folder: Path, roo
                                wall_seconds=time.perf_counter() - started)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def write_shipped(adapter: DemoAdapter, destination: Path = SHIPPED) -> Path:
+    """Copy a trained demo adapter into the shipped folder: its config and training report
+    as they are, its weights in bfloat16 (half the bytes; the server converts adapter
+    weights to its compute dtype as it loads them)."""
+    from safetensors.torch import load_file, save_file
+
+    target = Path(destination) / adapter.folder.name
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "adapter_config.json").write_bytes((adapter.folder / "adapter_config.json").read_bytes())
+    weights = load_file(adapter.folder / "adapter_model.safetensors")
+    save_file({name: tensor.bfloat16().contiguous() for name, tensor in weights.items()},
+              target / "adapter_model.safetensors", metadata={"format": "pt"})
+    (target / "training_report.json").write_bytes((adapter.folder / "training_report.json").read_bytes())  # last: done
+    return target

@@ -29,7 +29,9 @@ def add_demo_parser(commands, name: str = "demo", help_text: str = "train and se
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the results as JSON")
     parser.add_argument("--prompt", action="append", default=[],
                         help="extra prompt for the table (chat); repeatable")
-    parser.add_argument("--retrain", action="store_true", help="train again even when cached")
+    parser.add_argument("--retrain", action="store_true", help="train again even when cached or shipped")
+    parser.add_argument("--write-shipped", action="store_true",
+                        help="for maintainers: copy the adapters into the package's shipped folder")
     parser.add_argument("--cache-dir", type=Path, help="default: $LORAQUILT_CACHE or ~/.cache/loraquilt")
     parser.add_argument("--max-steps", type=int, help="override every task's training steps (quick trials)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default one per core)")
@@ -40,7 +42,7 @@ def add_demo_parser(commands, name: str = "demo", help_text: str = "train and se
 
 def _demo(args: argparse.Namespace) -> int:
     from loraquilt.server.model.sources import resolve_model
-    from loraquilt.train.demo.cache import demo_root, ensure_adapter
+    from loraquilt.train.demo.cache import demo_root, ensure_adapter, write_shipped
     from loraquilt.train.report import write_json
 
     if args.threads:
@@ -55,9 +57,12 @@ def _demo(args: argparse.Namespace) -> int:
         adapter = ensure_adapter(task, model=args.model, model_folder=source.folder, root=root,
                                  retrain=args.retrain, overrides=overrides, threads=args.threads,
                                  progress=not args.quiet, log=_stderr)
-        state = f"trained in {adapter.wall_seconds / 60:.1f} min" if adapter.trained_now else "cached"
+        state = (f"trained in {adapter.wall_seconds / 60:.1f} min" if adapter.trained_now
+                 else "shipped with loraquilt" if adapter.shipped else "cached")
         _stderr(f"{task.name}: {state}, {adapter.folder}")
         adapters.append(adapter)
+        if args.write_shipped and not adapter.shipped:
+            _stderr(f"{task.name}: shipped copy written to {write_shipped(adapter)}")
     prompts = list(SHOWCASE_PROMPTS) + list(args.prompt)
     served = serve_and_ask(args, adapters, prompts)
     results = demo_results(source.name, adapters, served)
