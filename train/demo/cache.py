@@ -27,6 +27,7 @@ from loraquilt.train.report import read_report
 
 DEMO_FORMAT = 1  # bump when the demo's training code changes what an adapter learns
 SHIPPED = Path(__file__).parent / "shipped"
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was made from
 
 
 @dataclass(frozen=True)
@@ -102,15 +103,20 @@ def ensure_adapter(task: DemoTask, *, model: str | None, model_folder: Path, roo
 
 def write_shipped(adapter: DemoAdapter, destination: Path = SHIPPED) -> Path:
     """Copy a trained demo adapter into the shipped folder: its config and training report
-    as they are, its weights in bfloat16 (half the bytes; the server converts adapter
-    weights to its compute dtype as it loads them)."""
+    (with this machine's cache folder written as $LORAQUILT_CACHE, and the base model named
+    by its hub id), and its weights in bfloat16 (half the bytes; the server converts
+    adapter weights to its compute dtype as it loads them)."""
     from safetensors.torch import load_file, save_file
 
+    cache = str(adapter.folder.parent.parent)  # <cache>/demo/<task>-<key>
     target = Path(destination) / adapter.folder.name
     target.mkdir(parents=True, exist_ok=True)
-    (target / "adapter_config.json").write_bytes((adapter.folder / "adapter_config.json").read_bytes())
+    config = json.loads((adapter.folder / "adapter_config.json").read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = EMBEDDED_HUB_ID
+    (target / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     weights = load_file(adapter.folder / "adapter_model.safetensors")
     save_file({name: tensor.bfloat16().contiguous() for name, tensor in weights.items()},
               target / "adapter_model.safetensors", metadata={"format": "pt"})
-    (target / "training_report.json").write_bytes((adapter.folder / "training_report.json").read_bytes())  # last: done
+    report = (adapter.folder / "training_report.json").read_text(encoding="utf-8").replace(cache, "$LORAQUILT_CACHE")
+    (target / "training_report.json").write_text(report, encoding="utf-8")  # last: marks the copy done
     return target
