@@ -109,7 +109,8 @@ def serve_and_ask(args: argparse.Namespace, adapters, prompts: list[str]) -> dic
 
 def ask(target: str, adapters, prompts: list[str]) -> dict:
     from loraquilt.client import LoraQuiltClient
-    from loraquilt.train.data import read_examples
+    from loraquilt.train.data import parse_row
+    from loraquilt.train.demo.tasks import DATA_SEED
     from loraquilt.train.metrics import score
 
     mix_name = "+".join(name for name, _ in MIX)
@@ -132,7 +133,10 @@ def ask(target: str, adapters, prompts: list[str]) -> dict:
         mix_scores = {}
         for task_name, _ in MIX:
             adapter = by_name[task_name]
-            rows = read_examples(Path(adapter.report["eval"]["source"]))
+            # the held-out rows, written again by the task's seeded code (the file the report
+            # names may be on another machine: shipped adapters were trained elsewhere)
+            held_out = adapter.task.build(DATA_SEED)[1]
+            rows = [parse_row(row, f"{task_name} held-out row {index}") for index, row in enumerate(held_out)]
             rows = rows[:adapter.report["eval"]["rows"]]
             texts, references = [r.user_text for r in rows], [r.completion for r in rows]
             tokens = adapter.report["settings"]["max_new_tokens"]
