@@ -119,7 +119,12 @@ class RunningServer:
                                      api_key=api, admin=admin)
             app = build_app(LocalBackend(self.generations, self.admin), http_config, self.metrics.http_requests,
                             lambda: self._serving)
-            self.http = HttpServer(app, config.host, config.http_port, config.tls)
+            try:
+                self.http = HttpServer(app, config.host, config.http_port, config.tls)
+            except OSError:
+                self.grpc.stop(0)  # nothing half-started is left behind
+                self.loop.stop()
+                raise
             self.http_port = self.http.port
         self.metrics_port = None
         self._metrics_server = None
@@ -242,7 +247,10 @@ def _serve(args: argparse.Namespace) -> int:
         service=ServiceConfig(adapter_root=args.adapter_root,
                               default_max_new_tokens=args.default_max_new_tokens),
     )
-    server = start_server(engine_config, config, loop_thread=False)
+    try:
+        server = start_server(engine_config, config, loop_thread=False)
+    except OSError as error:  # a port in use, an address that is not ours
+        raise SystemExit(f"loraquilt serve: {error}") from None
     scheme = "https" if tls is not None else "http"
     http = f", OpenAI API {scheme}://{args.host}:{server.http_port}/v1" if server.http_port else ""
     metrics = f", metrics http://{args.host}:{server.metrics_port}/metrics" if server.metrics_port else ""

@@ -530,3 +530,13 @@ def test_shutdown_drains_http_like_grpc(world):
     worker.join(60)
     stopper.join(60)
     assert outcome["answer"].usage.completion_tokens == LONG
+
+
+def test_an_http_port_in_use_is_a_clear_error_and_leaves_nothing_running(world):
+    base, adapter_root, _ = world
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port} for the HTTP API"):
+            start(base, adapter_root, http_port=port)
