@@ -7,6 +7,7 @@ and streams its pieces back."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ray import serve
 from ray.serve.exceptions import BackPressureError
@@ -65,8 +66,6 @@ class RayBackend:
     """The HTTP API's backend on Ray Serve handles (see server/http_api.LocalBackend)."""
 
     def __init__(self, settings: RayHttpSettings):
-        from pathlib import Path
-
         self.settings = settings
         self.adapter_root = Path(settings.adapter_root) if settings.adapter_root else None
         self.replicas = serve.get_deployment_handle(REPLICA_DEPLOYMENT, app_name=settings.app_name)

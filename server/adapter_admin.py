@@ -23,34 +23,27 @@ class AdapterAdmin:
                  resolve_on_first_use: bool = False):
         self.engine, self.adapter_root, self.state = engine, adapter_root, state
         self.resolve_on_first_use = resolve_on_first_use
-        self._resolving: dict[str, threading.Lock] = {}
-        self._resolving_lock = threading.Lock()
+        self._resolving = threading.Lock()
 
     def resolve(self, names) -> None:
         """With resolve_on_first_use: register each of `names` that is not registered yet
-        from `<adapter root>/<name>`, validated and confined as RegisterAdapter does;
-        concurrent callers for one name read it once. A name with no folder there stays
-        unknown (the request then fails NOT_FOUND)."""
+        from `<adapter root>/<name>`, validated and confined as RegisterAdapter does. First
+        uses go one at a time, so concurrent callers for one name read it once. A name
+        with no folder there stays unknown (the request then fails NOT_FOUND)."""
         if not self.resolve_on_first_use:
             return
         for name in names:
             if self._registered(name):
                 continue
-            check_adapter_name(name, "adapter")
-            with self._resolving_lock:
-                lock = self._resolving.setdefault(name, threading.Lock())
-            with lock:
+            with self._resolving:
                 if self._registered(name):  # another caller registered it meanwhile
                     continue
-                folder = self.resolve_path(name)  # PERMISSION_DENIED outside the root, as registration
-                if not folder.is_dir():
+                if not self.resolve_path(name).is_dir():  # PERMISSION_DENIED outside the root
                     raise UnknownAdapter(name)
                 try:
                     self.register(name, name)
                 except AdapterExists:
-                    pass  # registered through another path meanwhile
-            with self._resolving_lock:
-                self._resolving.pop(name, None)
+                    pass  # registered by a RegisterAdapter call meanwhile
 
     def _registered(self, name: str) -> bool:
         try:

@@ -35,10 +35,9 @@ ENGINE_FLAGS = (
 LORA_BACKENDS = ("auto", "torch", "triton", "reference")
 
 
-def add_engine_arguments(parser, *, model: bool = True) -> None:
+def add_engine_arguments(parser) -> None:
     """--model, --device, --dtype, --lora-backend and every ENGINE_FLAGS flag."""
-    if model:
-        parser.add_argument("--model", help="HF folder, .gguf file or hub id (default: embedded SmolLM2)")
+    parser.add_argument("--model", help="HF folder, .gguf file or hub id (default: embedded SmolLM2)")
     for flag in ENGINE_FLAGS:
         parser.add_argument("--" + flag.dest.replace("_", "-"), dest=flag.dest, type=flag.type,
                             default=flag.default, help=f"{flag.help} (default {flag.default})")

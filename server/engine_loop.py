@@ -25,6 +25,7 @@ class _Tracked:
     outputs: queue.Queue | _AsyncioQueue = field(default_factory=queue.Queue)
     arrival: float = field(default_factory=time.monotonic)
     last_token: float | None = None
+    adapter_tokens: list | None = None  # its per-adapter token counters, found at its first token
 
 
 class _AsyncioQueue:
@@ -180,7 +181,10 @@ class EngineLoop:
         now = time.monotonic()
         if output.new_token_ids:
             metrics.generated_tokens.inc(len(output.new_token_ids))
-            metrics.count_adapter_tokens(tracked.request.adapter_weights, len(output.new_token_ids))
+            if tracked.adapter_tokens is None:
+                tracked.adapter_tokens = metrics.adapter_token_counters(tracked.request.adapter_weights)
+            for counter in tracked.adapter_tokens:
+                counter.inc(len(output.new_token_ids))
             if tracked.last_token is None:
                 metrics.ttft.labels(kind=kind).observe(now - tracked.arrival)
             else:

@@ -118,7 +118,7 @@ class Piece:
 class Generation:
     """One submitted request: iterate it (sync, or `async for` when opened with
     `asynchronous=True`) for its pieces, up to the one with the result; a failure is
-    raised as GenerationError. When the iteration stops (or on `close()`), the sequence
+    raised as GenerationError. When the iteration stops, the sequence
     is freed if it still runs, a generation that never finished is counted as
     cancelled, and `on_close` runs, once."""
 
@@ -126,18 +126,10 @@ class Generation:
         self._owner, self._handle, self._on_close = owner, handle, on_close
         self._counted = self._closed = False
 
-    @property
-    def request_id(self) -> str:
-        return self._handle.request_id
-
     def cancel(self) -> None:
         """Ask the engine to stop it (a client went away); safe from any thread. The
         iteration then ends with a cancelled result."""
         self._handle.cancel()
-
-    def close(self) -> None:
-        """End it without iterating further (done by the iteration itself when it stops)."""
-        self._close()
 
     def _accept(self, output) -> Piece | None:
         if output.error is not None:
@@ -220,7 +212,8 @@ class Generations:
 
     def resolve_adapters(self, request: Request) -> None:
         """Register, on first use, the request's adapters that are not registered yet (with
-        --resolve-adapters; reads files, so an asyncio caller runs it in a thread)."""
+        --resolve-adapters), before `open`; it reads files, so an asyncio caller runs it in
+        a thread."""
         if self._resolve is not None and request.adapter_weights:
             self._resolve(tuple(name for name, _ in request.adapter_weights))
 
@@ -260,7 +253,6 @@ class Generations:
         A refusal (unknown adapter, queue full, shutting down) is counted and raised as
         GenerationError; on_close then runs at once."""
         try:
-            self.resolve_adapters(request)
             handle = (self.loop.submit_async if asynchronous else self.loop.submit)(request, stream=stream)
         except Exception as error:
             if on_close is not None:

@@ -62,14 +62,15 @@ def _check_bearer(request: Request, check: AdminCheck | None) -> None:
 
 async def _read_json(request: Request) -> dict:
     """The body as a JSON object; 413 past MAX_BODY_BYTES (read no further), 400 if not JSON."""
+    too_large = HttpFailure(413, f"request body over {MAX_BODY_BYTES >> 20} MiB", code="payload_too_large")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise HttpFailure(413, f"request body over {MAX_BODY_BYTES >> 20} MiB", code="payload_too_large")
+        raise too_large
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > MAX_BODY_BYTES:
-            raise HttpFailure(413, f"request body over {MAX_BODY_BYTES >> 20} MiB", code="payload_too_large")
+            raise too_large
         chunks.append(chunk)
     try:
         body = json.loads(b"".join(chunks))

@@ -114,9 +114,11 @@ class Metrics:
         for name, _ in adapter_weights:
             self.adapter_requests.labels(adapter=self.adapter_labels.label(name, known), status=status).inc()
 
-    def count_adapter_tokens(self, adapter_weights, tokens: int) -> None:
-        for name, _ in adapter_weights:
-            self.adapter_generated_tokens.labels(adapter=self.adapter_labels.label(name)).inc(tokens)
+    def adapter_token_counters(self, adapter_weights) -> list:
+        """The per-adapter token counters one request adds to (looked up once per request,
+        not at every step)."""
+        return [self.adapter_generated_tokens.labels(adapter=self.adapter_labels.label(name))
+                for name, _ in adapter_weights]
 
 
 class _EngineCollector:

@@ -86,10 +86,12 @@ class LoraQuiltService(pb_grpc.LoraQuiltServicer):
             context.abort(grpc_code(error), error.message)
 
     def _open(self, request: pb.GenerateRequest, context: grpc.ServicerContext, stream: bool):
+        engine_request = None
         try:
             engine_request = to_engine_request(self.generations, request)
+            self.generations.resolve_adapters(engine_request)
         except Exception as error:  # refused before it ran
-            failure = self.generations.count_failure(error)
+            failure = self.generations.count_failure(error, engine_request)
             context.abort(grpc_code(failure), failure.message)
         try:
             generation = self.generations.open(engine_request, stream=stream)

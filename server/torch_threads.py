@@ -30,7 +30,7 @@ def _openmp_runtime():
         try:
             with open("/proc/self/maps") as maps:
                 paths = {line.split()[-1] for line in maps if line.rstrip().endswith(".so") or ".so." in line}
-            for path in sorted(paths):
+            for path in sorted(paths, key=lambda p: ("/torch/" not in p, p)):  # torch's own first
                 if any(name in path.rsplit("/", 1)[-1] for name in ("libgomp", "libiomp5", "libomp")):
                     library = ctypes.CDLL(path)
                     break

@@ -5,17 +5,19 @@ on a real server on 127.0.0.1."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 import re
 import shutil
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import openai
 import pytest
 from fixtures_models import build_tiny_model, make_adapter_zoo
+from fixtures_server import metric_value as metric
+from fixtures_server import scrape
 
 from loraquilt.client import LoraQuiltClient
 from loraquilt.server.app import RunningServer, ServerConfig
@@ -33,11 +35,17 @@ def engine_config(base, **overrides) -> EngineConfig:
     return EngineConfig(**{**settings, **overrides})
 
 
-def start(base, adapter_root, **server) -> RunningServer:
+@contextmanager
+def serving(base, adapter_root, **server):
+    """A real server on 127.0.0.1 (free ports) for the `with` block."""
     settings = dict(port=0, metrics_port=0, http_port=0, grace_seconds=10,
                     service=ServiceConfig(adapter_root=adapter_root, default_max_new_tokens=NEW_TOKENS,
                                           max_new_tokens_limit=900))
-    return RunningServer(Engine(engine_config(base)), ServerConfig(**{**settings, **server}))
+    running = RunningServer(Engine(engine_config(base)), ServerConfig(**{**settings, **server}))
+    try:
+        yield running
+    finally:
+        running.shutdown(grace=5)
 
 
 @pytest.fixture(scope="module")
@@ -58,22 +66,11 @@ def expected(reference: Engine, prompt: str, adapter: str) -> tuple[int, ...]:
     return reference.generate([request])[0].token_ids
 
 
-def scrape(server) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
-        return response.read().decode()
-
-
-def metric(text: str, name: str, labels: str = "") -> float:
-    prefix = f"{name}{{{labels}}} " if labels else f"{name} "
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
-
-
 # -- resolved on first use ---------------------------------------------------------------
 
 def test_first_use_registers_the_folder_once_for_concurrent_callers(world, tmp_path):
     base, adapter_root, reference = world
-    server = start(base, adapter_root, resolve_adapters=True)
-    try:
+    with serving(base, adapter_root, resolve_adapters=True) as server:
         with LoraQuiltClient(server.target, timeout=60) as client:
             answer = client.generate("The river", adapter="adapter-2", max_new_tokens=NEW_TOKENS, ignore_eos=True)
             assert tuple(answer.token_ids) == expected(reference, "The river", "adapter-2")
@@ -95,8 +92,6 @@ def test_first_use_registers_the_folder_once_for_concurrent_callers(world, tmp_p
             with LoraQuiltClient(server.target, timeout=60) as client:
                 assert completion.choices[0].text == client.generate(
                     "The river", adapter="adapter-5", max_new_tokens=NEW_TOKENS, ignore_eos=True).text
-    finally:
-        server.shutdown(grace=5)
 
 
 def test_first_use_refuses_names_that_lead_outside_the_root(world, tmp_path):
@@ -105,8 +100,7 @@ def test_first_use_refuses_names_that_lead_outside_the_root(world, tmp_path):
     shutil.copytree(adapter_root / "adapter-1", outside)  # a real adapter, but outside the root
     (adapter_root / "escape").unlink(missing_ok=True)
     os.symlink(outside, adapter_root / "escape")
-    server = start(base, adapter_root, resolve_adapters=True)
-    try:
+    with serving(base, adapter_root, resolve_adapters=True) as server:
         with LoraQuiltClient(server.target, timeout=60) as client:
             with pytest.raises(grpc.RpcError) as caught:
                 client.generate("x", adapter="escape", max_new_tokens=2)
@@ -116,29 +110,23 @@ def test_first_use_refuses_names_that_lead_outside_the_root(world, tmp_path):
                     client.generate("x", adapter=bad, max_new_tokens=2)
                 assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert client.list_adapters() == []
-    finally:
-        server.shutdown(grace=5)
-        (adapter_root / "escape").unlink()
+    (adapter_root / "escape").unlink()
 
 
 def test_without_the_flag_unregistered_names_stay_unknown(world):
     base, adapter_root, _ = world
-    server = start(base, adapter_root)
-    try:
+    with serving(base, adapter_root) as server:
         with LoraQuiltClient(server.target, timeout=60) as client:
             with pytest.raises(grpc.RpcError) as caught:
                 client.generate("x", adapter="adapter-2", max_new_tokens=2)
             assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    finally:
-        server.shutdown(grace=5)
 
 
 # -- per-adapter metrics ---------------------------------------------------------------------
 
 def test_per_adapter_series_count_exactly(world):
     base, adapter_root, _ = world
-    server = start(base, adapter_root)
-    try:
+    with serving(base, adapter_root) as server:
         for name in ("a0", "a1"):
             server.engine.register_adapter(name, adapter_root / f"adapter-{name[1]}")
         with LoraQuiltClient(server.target, timeout=60) as client:
@@ -156,8 +144,6 @@ def test_per_adapter_series_count_exactly(world):
         # an unknown name is counted, but takes no label of its own
         assert metric(text, "loraquilt_adapter_requests_total", 'adapter="_other",status="not_found"') == 1
         assert 'adapter="ghost"' not in text
-    finally:
-        server.shutdown(grace=5)
 
 
 def test_the_label_bound_holds_with_300_adapters(world, tmp_path):
@@ -168,8 +154,7 @@ def test_the_label_bound_holds_with_300_adapters(world, tmp_path):
         folder.mkdir(parents=True)
         for file in ("adapter_config.json", "adapter_model.safetensors"):
             os.link(adapter_root / f"adapter-{index % 6}" / file, folder / file)
-    server = start(base, many_root, metrics_adapter_labels=100, resolve_adapters=True)
-    try:
+    with serving(base, many_root, metrics_adapter_labels=100, resolve_adapters=True) as server:
         with LoraQuiltClient(server.target, timeout=120) as client:
             with ThreadPoolExecutor(32) as pool:
                 list(pool.map(lambda i: client.generate("Numbers", adapter=f"m{i}", max_new_tokens=2,
@@ -180,14 +165,11 @@ def test_the_label_bound_holds_with_300_adapters(world, tmp_path):
         assert metric(text, "loraquilt_adapter_requests_total", 'adapter="_other",status="ok"') == 200
         assert sum(float(line.split()[-1]) for line in text.splitlines()
                    if line.startswith("loraquilt_adapter_generated_tokens_total{")) == 600
-    finally:
-        server.shutdown(grace=5)
 
 
 def test_lora_requests_info_names_the_running_adapters(world):
     base, adapter_root, _ = world
-    server = start(base, adapter_root)
-    try:
+    with serving(base, adapter_root) as server:
         server.engine.register_adapter("a3", adapter_root / "adapter-3")
         with LoraQuiltClient(server.target, timeout=60) as client:
             worker = threading.Thread(target=lambda: client.generate("The river", adapter="a3", max_new_tokens=900,
@@ -202,5 +184,3 @@ def test_lora_requests_info_names_the_running_adapters(world):
             assert abs(float(found.group(1)) - time.time()) < 60
             worker.join(60)
         assert 'running_lora_adapters=""' in scrape(server)
-    finally:
-        server.shutdown(grace=5)

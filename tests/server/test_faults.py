@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 from fixtures_models import build_peft_adapter, build_tiny_model, make_adapter_zoo
+from fixtures_server import wait_until
 
 from loraquilt.client import LoraQuiltClient
 from loraquilt.server.app import RunningServer, ServerConfig
@@ -66,15 +67,6 @@ def outcome(call):
         return call()
     except grpc.RpcError as error:
         return error
-
-
-def wait_until(condition, seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
 
 
 def gauge(server, name: str) -> float:

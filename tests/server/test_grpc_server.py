@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import shutil
 import threading
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 from fixtures_models import build_tiny_model, make_adapter_zoo
+from fixtures_server import metric_value, scrape
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
@@ -65,19 +65,6 @@ def expected_tokens(reference: Engine, prompt: str, adapter=None, mix=()) -> tup
     request = Request(prompt=prompt, adapter=adapter, mix=tuple(mix),
                       sampling=SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
     return reference.generate([request])[0].token_ids
-
-
-def scrape(server) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
-        return response.read().decode()
-
-
-def metric_value(text: str, name: str, labels: str = "") -> float:
-    prefix = f"{name}{{{labels}}} " if labels else f"{name} "
-    for line in text.splitlines():
-        if line.startswith(prefix):
-            return float(line.split()[-1])
-    return 0.0
 
 
 def test_concurrent_mixed_traffic_equals_the_engine_alone(world, client):

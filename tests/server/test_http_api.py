@@ -8,7 +8,6 @@ import json
 import shutil
 import socket
 import threading
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 from fixtures_models import build_peft_adapter, build_tiny_model, make_adapter_zoo
+from fixtures_server import metric_value, scrape, wait_until
 
 from loraquilt.client import LoraQuiltClient
 from loraquilt.server.app import RunningServer, ServerConfig
@@ -92,17 +92,8 @@ def http(server, method: str, path: str, body=None, headers=None, raw: bytes | N
         return status, text
 
 
-def scrape(server) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
-        return response.read().decode()
-
-
 def metric(server, name: str, labels: str = "") -> float:
-    prefix = f"{name}{{{labels}}} " if labels else f"{name} "
-    for line in scrape(server).splitlines():
-        if line.startswith(prefix):
-            return float(line.split()[-1])
-    return 0.0
+    return metric_value(scrape(server), name, labels)
 
 
 # -- answers -----------------------------------------------------------------------------
@@ -468,15 +459,6 @@ def _raw_post(server, body: dict) -> socket.socket:
     return sock
 
 
-def _wait_for(condition, seconds: float = 20.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
-
-
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "unary"])
 def test_a_client_that_disconnects_frees_its_sequence(world, stream):
     server = world[2]
@@ -484,12 +466,13 @@ def test_a_client_that_disconnects_frees_its_sequence(world, stream):
     generated = metric(server, "loraquilt_generated_tokens_total")
     sock = _raw_post(server, {"model": "a1", "prompt": "The river", "max_tokens": LONG, "ignore_eos": True,
                               "stream": stream})
-    assert _wait_for(lambda: metric(server, "loraquilt_generated_tokens_total") > generated + 2)
+    assert wait_until(lambda: metric(server, "loraquilt_generated_tokens_total") > generated + 2, seconds=20)
     if stream:
         assert sock.recv(4096).startswith(b"HTTP/1.1 200")
     sock.close()
-    assert _wait_for(lambda: metric(server, "loraquilt_running_requests") == 0)
-    assert _wait_for(lambda: metric(server, "loraquilt_requests_total", 'status="cancelled"') == cancelled + 1)
+    assert wait_until(lambda: metric(server, "loraquilt_running_requests") == 0, seconds=20)
+    assert wait_until(lambda: metric(server, "loraquilt_requests_total", 'status="cancelled"') == cancelled + 1,
+                      seconds=20)
     assert metric(server, "loraquilt_generated_tokens_total") < generated + LONG
 
 
@@ -519,10 +502,10 @@ def test_shutdown_drains_http_like_grpc(world):
 
     worker = threading.Thread(target=long_request)
     worker.start()
-    assert _wait_for(lambda: metric(server, "loraquilt_running_requests") == 1)
+    assert wait_until(lambda: metric(server, "loraquilt_running_requests") == 1, seconds=20)
     stopper = threading.Thread(target=server.shutdown, kwargs={"grace": 60})
     stopper.start()
-    assert _wait_for(lambda: http(server, "GET", "/health")[0] == 503)
+    assert wait_until(lambda: http(server, "GET", "/health")[0] == 503, seconds=20)
     with openai_client(server) as client:
         with pytest.raises(openai.InternalServerError) as caught:
             client.completions.create(model=BASE_ID, prompt="Hi", max_tokens=2)

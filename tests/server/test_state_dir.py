@@ -6,27 +6,20 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import grpc
 import pytest
 from fixtures_models import build_tiny_model, make_adapter_zoo
+from fixtures_server import free_port, metric_value, scrape
 
 from loraquilt.client import LoraQuiltClient
 from loraquilt.server.adapters.state_file import STATE_FILE, RegistrationState, StateFileError
 
 PROMPT = "The river"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +56,7 @@ class Served:
         return tuple(self.client.generate(PROMPT, adapter=adapter, max_new_tokens=6, ignore_eos=True).token_ids)
 
     def metric(self, name: str) -> float:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
-        return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+        return metric_value(scrape(self), name)
 
     def kill(self) -> None:
         self.client.close()
