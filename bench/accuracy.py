@@ -15,10 +15,10 @@ import torch
 
 
 def prefill_logits(model_folder: Path, dtype: str, prompts: Sequence[str]) -> torch.Tensor:
-    """[len(prompts), vocab] float32: last-token logits of one prefill per prompt (slot 0,
-    position 0, base model) on an in-process engine computing in ``dtype``."""
+    """[len(prompts), vocab] float32: last-token logits of one prefill per prompt (the first
+    blocks of the cache, position 0, base model) on an in-process engine computing in ``dtype``."""
     from loraquilt.server.engine import Engine, EngineConfig
-    from loraquilt.server.model.batch import build_forward_batch
+    from loraquilt.server.model.batch import build_forward_batch, contiguous_tables
     from loraquilt.server.model.weights import DeviceConfig
 
     engine = Engine(EngineConfig(model=str(model_folder), device=DeviceConfig("cpu", dtype), progress=False,
@@ -28,10 +28,11 @@ def prefill_logits(model_folder: Path, dtype: str, prompts: Sequence[str]) -> to
         rows = []
         for prompt in prompts:
             ids = engine.tokenizer(prompt)["input_ids"]
+            block_size = engine.cache.block_size
             batch = build_forward_batch(
-                prefill_tokens=[ids], prefill_slots=[0], prefill_starts=[0],
-                decode_tokens=[], decode_slots=[], decode_positions=[],
-                sliding_window=model.config.sliding_window, dtype=model.dtype, device=model.device)
+                prefill_tokens=[ids], prefill_tables=contiguous_tables([len(ids)], block_size), prefill_starts=[0],
+                decode_tokens=[], decode_tables=[], decode_positions=[], block_size=block_size,
+                device=model.device)
             rows.append(model(batch, engine.cache)[0].float())  # [vocab]
         return torch.stack(rows)
     finally:

@@ -5,7 +5,8 @@ Two pairs of systems (see `serve_systems`): the exact pair, `loraquilt serve --d
 float32` against PEFT in exact fp32, and the pair as users get them, `--dtype auto` against
 PEFT with the user's defaults. loraquilt runs as real `loraquilt serve` processes driven
 over gRPC; the peers run in this process. All get the same prompts, adapters (seeded PEFT
-folders), greedy decoding and exactly T new tokens per request.
+folders), greedy decoding and exactly T new tokens per request. The KV-cache scenarios
+(`prefix`, `high_concurrency`: see `serve_kv`) compare pairs of float32 servers of their own.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from loraquilt.bench.serve_report import draw_plot, print_table
-from loraquilt.bench.serve_scenarios import SCENARIOS, THROUGHPUT
+from loraquilt.bench.serve_scenarios import KV_SCENARIOS, SCENARIOS, THROUGHPUT
 from loraquilt.bench.workload import build_adapters, build_tiny_model, make_prompts, zipf_choices
 
 
@@ -38,13 +39,24 @@ class BenchConfig:
     plot_points: tuple[int, ...] = (1, 8, 32)  # 1 and B reuse `same` and `distinct`
     repeats: int = 2  # throughput scenarios: runs per system, interleaved; the median (upper) one is reported
     accuracy_prompts: int = 32  # bench prompts whose bf16 and fp32 logits are compared
+    prefix_requests: int = 32  # `prefix`: requests per run, round robin over prefix_adapters heavy adapters
+    prefix_adapters: int = 4
+    prefix_tokens: int = 384  # each adapter's shared instruction prefix
+    prefix_tail_tokens: tuple[int, int] = (16, 64)  # each request's own tail (seeded length)
+    concurrency_requests: int = 128  # `high_concurrency`: requests per run
+    concurrency_prompt_tokens: tuple[int, int] = (32, 64)
+    concurrency_new_tokens: int = 64  # prompt + new <= 128 positions per request
+    concurrency_cache_positions: int = 1024  # the KV pool of both servers: 32 sequences of this many positions
+    concurrency_max_seq_len: int = 256
     seed: int = 0
 
     @classmethod
     def quick(cls) -> BenchConfig:
         return cls(batch=8, new_tokens=8, many_adapters=40, many_pool=8, many_requests_per_batch=2,
                    max_active_adapters=8, hotload_repeats=3, sequential_timed=2, latency_seconds=3.0,
-                   plot_points=(1, 8), repeats=1, accuracy_prompts=8)
+                   plot_points=(1, 8), repeats=1, accuracy_prompts=8, prefix_requests=8, prefix_tokens=96,
+                   prefix_tail_tokens=(8, 24), concurrency_requests=32, concurrency_prompt_tokens=(16, 32),
+                   concurrency_new_tokens=16)
 
 
 def _progress(message: str) -> None:
@@ -152,6 +164,9 @@ def run_bench(model: str | None, config: BenchConfig, workdir: Path, quick: bool
     finally:
         systems.stop()
 
+    if wanted & set(KV_SCENARIOS):
+        _run_kv_scenarios(config, wanted, model_folder, root, heavy, tokenizer, prompts[0], scenarios)
+
     accuracy = {}
     if "accuracy" in wanted:
         from loraquilt.bench.accuracy import bf16_vs_fp32
@@ -189,6 +204,34 @@ def run_bench(model: str | None, config: BenchConfig, workdir: Path, quick: bool
     }
 
 
+def _run_kv_scenarios(config: BenchConfig, wanted: set[str], model_folder: Path, root: Path, heavy: list[Path],
+                      tokenizer, warm_prompt: str, scenarios: dict) -> None:
+    """`prefix` and `high_concurrency` (bench/serve_kv.py), each on a server pair of its own."""
+    from loraquilt.bench import serve_kv
+    from loraquilt.bench.serve_systems import LQ
+
+    settings = serve_kv.ServerSettings(model_folder, root, config.max_active_adapters,
+                                       max(256, 2 * config.batch))
+    folders = {f"heavy-{index}": folder for index, folder in enumerate(heavy)}
+    if "prefix" in wanted:
+        adapters = min(config.prefix_adapters, len(heavy))
+        _progress(f"prefix: {config.prefix_requests} requests over {adapters} adapters, "
+                  f"{config.prefix_tokens}-token shared prefixes, cache on vs off")
+        scenarios["prefix"][LQ] = serve_kv.run_prefix(
+            settings, folders, tokenizer, requests=config.prefix_requests, adapters=adapters,
+            prefix_tokens=config.prefix_tokens, tail_tokens=config.prefix_tail_tokens,
+            new_tokens=config.new_tokens, max_batch_size=config.batch, repeats=config.repeats,
+            seed=config.seed + 7, warm_prompt=warm_prompt, progress=_progress)
+    if "high_concurrency" in wanted:
+        adapters = [f"heavy-{index}" for index in range(min(len(heavy), config.max_active_adapters))]
+        _progress(f"high_concurrency: {config.concurrency_requests} requests, paged vs 32 slots in the same KV memory")
+        scenarios["high_concurrency"][LQ] = serve_kv.run_high_concurrency(
+            settings, folders, tokenizer, requests=config.concurrency_requests, adapters=adapters,
+            prompt_tokens=config.concurrency_prompt_tokens, new_tokens=config.concurrency_new_tokens,
+            cache_positions=config.concurrency_cache_positions, max_seq_len=config.concurrency_max_seq_len,
+            repeats=config.repeats, seed=config.seed + 8, warm_prompt=warm_prompt, progress=_progress)
+
+
 def _link_many(folder: Path, pool: list[Path], count: int) -> list[Path]:
     """`count` adapter folders whose files are hard links into the pool (round robin):
     distinct adapters to the server, without writing `count` weight files."""
@@ -215,7 +258,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scenarios", type=parse_scenarios, default=SCENARIOS, metavar="A,B,...",
                         help=f"run only these (default: all): {', '.join(SCENARIOS)}")
     parser.add_argument("--repeats", type=_positive_int, metavar="N",
-                        help="throughput runs per system and scenario, interleaved (default 2; --quick 1)")
+                        help="throughput, prefix and high_concurrency runs per system and scenario, interleaved "
+                             "(default 2; --quick 1)")
     parser.add_argument("--separate-auto-server", action="store_true",
                         help="start a --dtype auto server even where auto resolves to float32")
     parser.set_defaults(run=_run_command)

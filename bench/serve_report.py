@@ -78,6 +78,9 @@ def ratios(scenarios: dict) -> dict:
 
     hot = scenarios.get("hotload", {}).get(LQ, {})
     half = scenarios.get("latency", {}).get(LQ, {}).get("50pct", {})
+    prefix = scenarios.get("prefix", {}).get(LQ, {})
+    on, off = prefix.get("cache_on", {}), prefix.get("cache_off", {})
+    crowd = scenarios.get("high_concurrency", {}).get(LQ, {})
     return {
         **pair("", LQ, PEFT),
         **pair("auto_", LQ_AUTO, PEFT_DEFAULT),
@@ -87,6 +90,9 @@ def ratios(scenarios: dict) -> dict:
         "peft_default_distinct_over_peft_distinct": ratio(tps("distinct", PEFT_DEFAULT), tps("distinct", PEFT)),
         "hotload_over_warm_ttft": ratio(hot.get("p50_ms"), hot.get("warm_ttft_p50_ms")),
         "latency_50pct_itl_p99_over_p50": ratio(half.get("itl_p99_ms"), half.get("itl_p50_ms")),
+        "prefix_ttft_p50_on_over_off": ratio(on.get("ttft_p50_ms"), off.get("ttft_p50_ms")),
+        "prefix_tokens_per_s_on_over_off": ratio(on.get("tokens_per_s"), off.get("tokens_per_s")),
+        "high_concurrency_over_slots32": ratio(crowd.get("tokens_per_s"), crowd.get("slots32_tokens_per_s")),
     }
 
 
@@ -140,6 +146,18 @@ def print_table(results: dict) -> None:
             text = {s: f"{st[f'{metric}_p50_ms']:.0f}/{st[f'{metric}_p99_ms']:.0f}" if st else "-"
                     for s, st in cells.items()}
             rows.append((f"latency {label} {metric} p50/p99 ms", text[LQ], "-", "-", text[LQ_AUTO], "-", "-", "-"))
+    prefix = scenarios.get("prefix", {}).get(LQ, {})
+    if prefix:
+        on, off = prefix["cache_on"], prefix["cache_off"]
+        rows.append(("prefix ttft p50 ms on/off", f"{on['ttft_p50_ms']:.0f}/{off['ttft_p50_ms']:.0f}", "-",
+                     ratio(on["ttft_p50_ms"], off["ttft_p50_ms"]), "-", "-", "-", "-"))
+        rows.append(("prefix tok/s on/off", f"{on['tokens_per_s']:.1f}/{off['tokens_per_s']:.1f}", "-",
+                     ratio(on["tokens_per_s"], off["tokens_per_s"]), "-", "-", "-", "-"))
+    crowd = scenarios.get("high_concurrency", {}).get(LQ, {})
+    if crowd:
+        rows.append((f"high_concurrency tok/s paged/32 slots ({crowd['requests']} req)",
+                     f"{crowd['tokens_per_s']:.1f}/{crowd['slots32_tokens_per_s']:.1f}", "-",
+                     ratio(crowd["tokens_per_s"], crowd["slots32_tokens_per_s"]), "-", "-", "-", "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))

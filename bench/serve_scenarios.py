@@ -13,7 +13,8 @@ from typing import Callable
 from loraquilt.bench.serve_systems import LQ, LQ_AUTO, PEERS, PEFT_DEFAULT, Systems
 
 THROUGHPUT = ("distinct", "same", "base", "recipe_distinct", "recipe_same")
-OTHER = ("sequential", "many", "hotload", "latency", "accuracy")
+OTHER = ("sequential", "many", "hotload", "latency", "accuracy", "prefix", "high_concurrency")
+KV_SCENARIOS = ("prefix", "high_concurrency")  # bench/serve_kv.py: servers of their own
 SCENARIOS = THROUGHPUT + OTHER
 
 Progress = Callable[[str], None]

@@ -33,6 +33,17 @@ class RunResult:
     server_rss_mb: float = 0.0
 
 
+@dataclass
+class StreamRunResult:
+    tokens_per_s: float
+    wall_s: float
+    generated_tokens: int
+    ttft_ms: list[float]  # per request, in request order
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    token_ids: list[list[int]] = field(default_factory=list, repr=False)
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else 0.0
 
@@ -147,6 +158,30 @@ class ServedLoraQuilt:
         return RunResult(generated / wall, wall, generated, token_ids,
                          percentile(latencies, 50) * 1e3, percentile(latencies, 99) * 1e3,
                          self.memory_mb()[0])
+
+    def stream_batch(self, prompts: list[str], adapters: list[str | None], new_tokens: int) -> StreamRunResult:
+        """Every request sent at once as a stream (a closed batch): each request's time to
+        its first streamed token, and generated tokens/s over the whole wall time."""
+        ttft = [0.0] * len(prompts)
+
+        def call(index: int) -> list[int]:
+            ids: list[int] = []
+            start = time.perf_counter()
+            for piece in self.client.generate_stream(prompts[index], adapter=adapters[index] or "",
+                                                     max_new_tokens=new_tokens, ignore_eos=True):
+                if piece.token_ids and not ids:
+                    ttft[index] = time.perf_counter() - start
+                ids.extend(piece.token_ids)
+            return ids
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
+            token_ids = list(pool.map(call, range(len(prompts))))
+        wall = time.perf_counter() - start
+        generated = sum(len(ids) for ids in token_ids)
+        ttft_ms = [t * 1e3 for t in ttft]
+        return StreamRunResult(generated / wall, wall, generated, ttft_ms, percentile(ttft_ms, 50),
+                               percentile(ttft_ms, 99), token_ids)
 
     def first_token_ms(self, prompt: str, adapter: str) -> float:
         start = time.perf_counter()

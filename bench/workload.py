@@ -80,6 +80,71 @@ def make_prompts(tokenizer, count: int, seed: int, min_tokens: int = 16, max_tok
     return prompts
 
 
+def _words_to_tokens(tokenizer, rng: random.Random, target: int, limit: int, before: str = "") -> str:
+    """Seeded words that add `target`..`limit` tokens to `before` (joined by a space): words
+    are drawn until `target` is reached, skipping any that would pass `limit` (unless no
+    word fits)."""
+    def added(words: list[str]) -> int:
+        text = f"{before} {' '.join(words)}" if before else " ".join(words)
+        return len(tokenizer(text)["input_ids"]) - base
+
+    base = len(tokenizer(before)["input_ids"]) if before else 0
+    words: list[str] = []
+    misses = 0
+    while (have := added(words)) < target:
+        if target - have > 16:  # far from the target: a run of words at once (kept if it fits)
+            run = [rng.choice(WORDS) for _ in range((target - have) // 4)]
+            if added([*words, *run]) <= target:
+                words.extend(run)
+                continue
+        word = rng.choice(WORDS)
+        if added([*words, word]) <= limit or misses >= 4 * len(WORDS):
+            words.append(word)
+            misses = 0
+        else:
+            misses += 1
+    return " ".join(words)
+
+
+def make_bounded_prompts(tokenizer, count: int, seed: int, min_tokens: int, max_tokens: int) -> list[str]:
+    """`count` seeded word-salad prompts of min..max tokens each (never more than max,
+    unlike make_prompts, which may pass it by a word)."""
+    rng = random.Random(seed)
+    return [_words_to_tokens(tokenizer, rng, rng.randint(min_tokens, max_tokens), max_tokens)
+            for _ in range(count)]
+
+
+@dataclass(frozen=True)
+class PrefixPrompt:
+    adapter: int  # index among the adapters sharing prefixes
+    prefix: str  # the adapter's instruction prefix, the same for all its requests
+    prompt: str  # prefix + " " + a tail of its own
+
+
+def make_prefix_prompts(tokenizer, count: int, adapters: int, prefix_tokens: int,
+                        tail_tokens: tuple[int, int], seed: int) -> list[PrefixPrompt]:
+    """`count` prompts in round-robin adapter order (request i on adapter i mod `adapters`):
+    each adapter's prompts start with one seeded instruction prefix of `prefix_tokens` tokens
+    (different per adapter), then a unique tail that adds tail_tokens[0]..tail_tokens[1]
+    tokens (seeded lengths)."""
+    rng = random.Random(seed)
+    prefixes: list[str] = []
+    for index in range(adapters):
+        header = f"Instruction {index}:"
+        need = prefix_tokens - len(tokenizer(header)["input_ids"])
+        prefixes.append(f"{header} {_words_to_tokens(tokenizer, rng, need, need, before=header)}")
+    low, high = tail_tokens
+    prompts, seen = [], set()
+    for request in range(count):
+        prefix = prefixes[request % adapters]
+        tail = _words_to_tokens(tokenizer, rng, rng.randint(low, high), high, before=prefix)
+        while tail in seen:
+            tail = _words_to_tokens(tokenizer, rng, rng.randint(low, high), high, before=prefix)
+        seen.add(tail)
+        prompts.append(PrefixPrompt(request % adapters, prefix, f"{prefix} {tail}"))
+    return prompts
+
+
 def build_tiny_model(folder: Path, tokenizer_source: Path, seed: int = 0) -> Path:
     """A small random Llama (hidden 128, 2 layers) with a real tokenizer, for --quick runs."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM

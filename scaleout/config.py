@@ -29,6 +29,9 @@ class ReplicaConfig:
     max_adapters: int = 10000
     max_lora_rank: int = 16
     max_prefill_tokens: int = 128
+    kv_cache_mb: float | None = None  # None: max_batch_size x max_seq_len positions
+    kv_block_size: int = 16
+    prefix_cache: bool = True
     default_max_new_tokens: int = 128
     device: str = "auto"
     dtype: str = "auto"

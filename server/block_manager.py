@@ -90,6 +90,11 @@ class BlockManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def can_allocate(self, num_tokens: int, reserve: int = 0) -> bool:
+        """Whether allocate() of `num_tokens` positions succeeds whatever the cache holds,
+        leaving `reserve` blocks for the running sequences to grow into."""
+        return self.blocks_for(num_tokens) + reserve <= self.available()
+
     # -- sequences ------------------------------------------------------------------------------
 
     def allocate(self, prompt_ids: list[int] | tuple[int, ...], adapter_key: str = "") -> BlockTable:
@@ -136,13 +141,16 @@ class BlockManager:
         for _ in range(missing):
             table.block_ids.append(self._take())
 
-    def seal_full_blocks(self, table: BlockTable, token_ids: list[int] | tuple[int, ...]) -> None:
-        """Seal every block of the table that `token_ids` (the sequence's tokens whose KV is
-        written) fills, so later sequences can find them."""
+    def seal_full_blocks(self, table: BlockTable, token_ids: list[int] | tuple[int, ...],
+                         num_written: int | None = None) -> None:
+        """Seal every block of the table that the first `num_written` of `token_ids` (the
+        sequence's tokens whose KV is written; all of them by default) fill, so later
+        sequences can find them."""
         if not self.prefix_cache:
             return
         size = self.block_size
-        while (table.sealed + 1) * size <= len(token_ids) and table.sealed < len(table.block_ids):
+        written = len(token_ids) if num_written is None else num_written
+        while (table.sealed + 1) * size <= written and table.sealed < len(table.block_ids):
             index = table.sealed
             tokens = tuple(token_ids[index * size:(index + 1) * size])
             digest = block_hash(table.last_hash, table.adapter_key, tokens)
@@ -152,19 +160,27 @@ class BlockManager:
                 self._by_hash[digest] = block.block_id
             table.sealed, table.last_hash = index + 1, digest
 
-    def free(self, table: BlockTable) -> None:
-        """Release a finished (or preempted) sequence's blocks; sealed ones stay cached."""
+    def free(self, table: BlockTable, scrub: bool = False) -> list[int]:
+        """Release a finished (or preempted) sequence's blocks; sealed ones stay cached.
+
+        scrub: its KV may hold non-finite values, so none of its blocks that it alone held
+        stays cached; returns those, for the caller to zero before they are handed out again."""
+        dirty = []
         for block_id in reversed(table.block_ids):  # the tail first: it is the least likely to be shared
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count < 0:
                 raise AssertionError(f"block {block_id} released more often than taken")
             if block.ref_count == 0:
+                if scrub:
+                    self._unseal(block_id)
+                    dirty.append(block_id)
                 if block.hash is not None:
                     self._cached[block_id] = None
                 else:
                     self._free.append(block_id)
         table.block_ids = []
+        return dirty
 
     def drop_cached(self) -> None:
         """Forget every cached block (they become free)."""

@@ -1,8 +1,10 @@
-"""The engine loop: add_request / step / abort, on one model, one KV cache, many adapters.
+"""The engine loop: add_request / step / abort, on one model, one KV block pool, many adapters.
 
-A step is: schedule -> run the model once over every scheduled sequence -> append tokens
--> finish what is done. `generate` drives steps until a list of requests is answered;
-the gRPC server drives the same `step` from a background thread.
+A step is: schedule (the scheduler admits, preempts and places KV in blocks) -> run (the
+runner does one forward over every scheduled sequence and samples) -> postprocess (tokens
+appended, filled blocks sealed for prefix reuse, finish checks and new text, finished
+sequences released). `generate` drives steps until a list of requests is answered; the
+servers drive the same `step` from a background thread.
 
 A step reads no file: admission pins only adapters in memory, and one that is only on
 disk is read by the registry's loader thread while its request waits (running rows keep
@@ -19,28 +21,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loraquilt.server.adapters.registry import AdapterRecord, AdapterRegistry, HostHold, RegistryEvents
+from loraquilt.server.adapters.registry import AdapterRecord, AdapterRegistry, HostHold, Lease, RegistryEvents
 from loraquilt.server.adapters.slots import LoraSlots, SlotConfig
-from loraquilt.server.detokenizer import render
-from loraquilt.server.model.kv_cache import KVCache, KVCacheConfig
+from loraquilt.server.block_manager import BlockManager
+from loraquilt.server.model.kv_cache import MIB, KVCache, KVCacheConfig, kv_bytes_per_position
 from loraquilt.server.model.sources import resolve_model
 from loraquilt.server.model.weights import DeviceConfig, load_causal_lm
-from loraquilt.server.request import (
-    FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP,
-    GenerationResult, Request, RequestError, StepOutput,
-)
+from loraquilt.server.postprocess import EngineStepError, NonFiniteLogits, Postprocessor
+from loraquilt.server.request import FINISH_CANCELLED, GenerationResult, Request, RequestError, StepOutput
 from loraquilt.server.runner import ModelRunner
 from loraquilt.server.scheduler import Admission, Scheduler, SchedulerConfig
 from loraquilt.server.sequence import Sequence
 from loraquilt.server.tokenizer import load_tokenizer, stop_token_ids
 
-
-class EngineStepError(RuntimeError):
-    """A forward step failed; every request in that step fails with it."""
-
-
-class NonFiniteLogits(EngineStepError):
-    """One request's logits overflowed (inf/NaN); only that request fails."""
+__all__ = ["Engine", "EngineConfig", "EngineStats", "EngineStepError", "NonFiniteLogits", "adapter_identity"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +42,19 @@ class EngineStats:
     running: int
     waiting: int
     last_batch_size: int
+    preemptions: int = 0  # sequences whose blocks were taken back (recomputed later)
+    prefix_queries_tokens: int = 0  # prompt positions looked up in the prefix cache
+    prefix_hit_tokens: int = 0  # of which found
+    kv_usage: float = 0.0  # fraction of the KV block pool held by running sequences
+
+
+def adapter_identity(lease: Lease | None, weights: tuple[tuple[str, float], ...]) -> str:
+    """What a sequence's KV depends on besides its tokens: "" for the base model, else the
+    sorted (content hash, weight) pairs of its adapters (never their names)."""
+    if lease is None:
+        return ""
+    return "|".join(sorted(f"{record.content_hash}*{weight!r}"
+                           for record, (_, weight) in zip(lease.records, weights)))
 
 
 @dataclass(frozen=True)
@@ -55,7 +62,7 @@ class EngineConfig:
     model: str | None = None  # HF folder, .gguf, hub id; None = the embedded default
     device: DeviceConfig = field(default_factory=DeviceConfig)
     max_batch_size: int = 32
-    max_seq_len: int = 1024  # prompt + generated tokens per sequence (KV cache row)
+    max_seq_len: int = 1024  # prompt + generated tokens of one request
     max_prefill_tokens: int = 128  # prompt tokens per step over all sequences; longer prompts are chunked
     max_waiting: int = 1024
     max_active_adapters: int = 8  # device slots
@@ -63,11 +70,20 @@ class EngineConfig:
     max_adapters: int = 10000  # registered adapters (any tier)
     max_lora_rank: int = 16
     lora_backend: str = "auto"
+    kv_cache_mb: float | None = None  # KV block pool; None: what max_batch_size x max_seq_len positions take
+    kv_block_size: int = 16  # positions per KV block
+    prefix_cache: bool = True  # reuse KV blocks of prompt prefixes (keyed by adapter content)
     progress: bool = True
 
     def __post_init__(self) -> None:
         if self.max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.kv_block_size < 1 or self.kv_block_size & (self.kv_block_size - 1):
+            raise ValueError(f"kv_block_size must be a power of two, got {self.kv_block_size}")
+        if self.kv_cache_mb is not None and not self.kv_cache_mb > 0:
+            raise ValueError(f"kv_cache_mb must be > 0, got {self.kv_cache_mb}")
 
 
 class Engine:
@@ -84,11 +100,17 @@ class Engine:
         self.eos_ids = stop_token_ids(source.folder, self.tokenizer)
         model_config = self.model.config
         self.max_seq_len = min(config.max_seq_len, model_config.max_position_embeddings)
-        self.cache = KVCache(
-            KVCacheConfig(num_slots=config.max_batch_size, max_seq_len=self.max_seq_len),
-            num_layers=model_config.num_layers, num_kv_heads=model_config.num_kv_heads,
-            head_dim=model_config.head_dim, dtype=self.model.dtype, device=self.model.device,
-        )
+        shape = dict(num_layers=model_config.num_layers, num_kv_heads=model_config.num_kv_heads,
+                     head_dim=model_config.head_dim)
+        per_position = kv_bytes_per_position(**shape, dtype=self.model.dtype)
+        budget = (config.max_batch_size * self.max_seq_len * per_position if config.kv_cache_mb is None
+                  else config.kv_cache_mb * MIB)
+        cache_config = KVCacheConfig.for_budget(budget, per_position, config.kv_block_size)
+        if cache_config.num_positions < self.max_seq_len:
+            raise ValueError(
+                f"--kv-cache-mb {budget / MIB:g} holds {cache_config.num_positions} positions, fewer than one "
+                f"request of --max-seq-len {self.max_seq_len} needs ({self.max_seq_len * per_position / MIB:.2f} MiB)")
+        self.cache = KVCache(cache_config, **shape, dtype=self.model.dtype, device=self.model.device)
         self.slots = LoraSlots(
             model_config, SlotConfig(config.max_active_adapters, config.max_lora_rank, config.lora_backend),
             self.model.dtype, self.model.device,
@@ -99,17 +121,19 @@ class Engine:
         self.adapters = AdapterRegistry(model_config, self.slots, max_cpu_adapters=config.max_cpu_adapters,
                                         max_adapters=config.max_adapters,
                                         events=events, on_loaded=self._progress.set)
+        self.blocks = BlockManager(cache_config.num_blocks, cache_config.block_size, config.prefix_cache)
         self.scheduler = Scheduler(SchedulerConfig(config.max_batch_size, config.max_prefill_tokens,
-                                                   config.max_waiting))
+                                                   config.max_waiting), self.blocks)
         self.runner = ModelRunner(self.model, self.cache, self.slots)
-        self._free_cache_slots = list(range(config.max_batch_size - 1, -1, -1))  # pop() gives the lowest
+        self.postprocessor = Postprocessor(self.tokenizer, self.eos_ids, self.max_seq_len)
         self._lock = threading.RLock()
         self._aborted: set[str] = set()
         self.last_batch_size = 0
         log(f"model {self.model_name} ready in {time.perf_counter() - started:.1f}s on "
             f"{self.model.device} ({str(self.model.dtype).removeprefix('torch.')}; {self.model.dtype_reason}): "
             f"{self.model.quantized_bytes() / 2**20:.1f} MiB NF4 weights, KV cache "
-            f"{self.cache.num_bytes / 2**20:.1f} MiB, adapter slots {self.slots.num_bytes / 2**20:.1f} MiB")
+            f"{self.cache.num_bytes / 2**20:.1f} MiB ({cache_config.num_blocks} blocks of {cache_config.block_size} "
+            f"positions; prefix cache {'on' if config.prefix_cache else 'off'}), adapter slots {self.slots.num_bytes / 2**20:.1f} MiB")
         if self.model.nf4_paths:
             log(f"NF4 paths measured per weight shape: {self.model.nf4_paths}")
 
@@ -189,32 +213,38 @@ class Engine:
                 for seq in plan.sequences:
                     seq.finish_reason, seq.error, seq.scrub_cache = "error", failure, True
                     outputs.append(StepOutput(seq.request_id, "", (), error=failure))
-                for seq in self.scheduler.remove_finished():
-                    self._release(seq)
+                self._release_finished()
             return outputs
         with self._lock:
-            now = time.monotonic()
-            for seq, token in zip(plan.sequences, tokens):
-                if not seq.prefilled and not seq.finish_chunk():
-                    continue  # a prompt chunk that does not end the prompt: no token yet
-                if token is None:
-                    seq.scrub_cache = True
-                    if not seq.finished:
-                        outputs.append(self._fail_non_finite(seq))
-                    continue
-                seq.prefilled = True
-                seq.output_ids.append(token)
-                seq.first_token_time = seq.first_token_time or now
-                if not seq.finished:  # an abort may have landed during the forward
-                    outputs.append(self._advance(seq))
-            for seq in self.scheduler.remove_finished():
-                self._release(seq)
+            outputs += self._postprocess(plan.sequences, tokens)
+        return outputs
+
+    def _postprocess(self, sequences: tuple[Sequence, ...], tokens: list[int | None]) -> list[StepOutput]:
+        """The step's tokens into the sequences; filled blocks sealed; finished ones released."""
+        outputs = []
+        now = time.monotonic()
+        for seq, token in zip(sequences, tokens):
+            if not seq.finish_chunk():
+                continue  # a chunk that does not reach the last token: no token yet
+            if token is None:
+                seq.scrub_cache = True
+                if not seq.finished:
+                    outputs.append(self.postprocessor.non_finite(seq))
+                continue
+            seq.append_token(token)
+            seq.first_token_time = seq.first_token_time or now
+            if not seq.finished:  # an abort may have landed during the forward
+                outputs.append(self.postprocessor.on_token(seq))
+        self.scheduler.after_step(seq for seq in sequences if not seq.scrub_cache)
+        self._release_finished()
         return outputs
 
     def stats(self) -> EngineStats:
         with self._lock:
             return EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
-                               last_batch_size=self.last_batch_size)
+                               last_batch_size=self.last_batch_size, preemptions=self.scheduler.num_preemptions,
+                               prefix_queries_tokens=self.blocks.queries_tokens,
+                               prefix_hit_tokens=self.blocks.hit_tokens, kv_usage=self.blocks.usage())
 
     def adapters_in_flight(self) -> tuple[set[str], set[str]]:
         """The adapter names of the running sequences, and of the waiting ones."""
@@ -237,8 +267,10 @@ class Engine:
     # -- internals ------------------------------------------------------------------------
 
     def _try_admit(self, seq: Sequence) -> Admission:
-        if not self._free_cache_slots:
-            return Admission.WAIT
+        """Adapter slots for a sequence the scheduler would admit (it places the KV blocks).
+        A preempted sequence kept its slots."""
+        if seq.adapter_lease is not None:
+            return Admission.ADMIT
         names = [name for name, _ in seq.request.adapter_weights]
         if names:
             try:
@@ -253,69 +285,34 @@ class Engine:
                 return Admission.WAIT
             seq.adapter_lease, seq.adapter_hold = lease, None
             seq.adapter_slots = [(slot, w) for slot, (_, w) in zip(lease.slots, seq.request.adapter_weights)]
-        seq.cache_slot = self._free_cache_slots.pop()
-        seq.admitted_time = time.monotonic()
+        seq.adapter_key = adapter_identity(seq.adapter_lease, seq.request.adapter_weights)
+        seq.admitted_time = seq.admitted_time or time.monotonic()
         return Admission.ADMIT
-
-    def _advance(self, seq: Sequence) -> StepOutput:
-        params = seq.request.sampling
-        token = seq.output_ids[-1]
-        generated = seq.output_ids
-        if not params.ignore_eos and token in self.eos_ids:
-            seq.finish_reason = FINISH_EOS
-            generated = seq.output_ids[:-1]
-        elif len(seq.output_ids) >= params.max_new_tokens or seq.num_tokens >= self.max_seq_len:
-            seq.finish_reason = FINISH_LENGTH
-        update = render(self.tokenizer, generated, params.stop, final=seq.finished)
-        if update.stopped:
-            seq.finish_reason = FINISH_STOP
-        seq.text = update.text
-        stable = len(update.text) if seq.finished else update.stable_chars
-        new_text = update.text[seq.emitted_chars:stable]
-        seq.emitted_chars = max(seq.emitted_chars, stable)
-        return StepOutput(seq.request_id, new_text, (token,), self._result(seq) if seq.finished else None)
-
-    def _fail_non_finite(self, seq: Sequence) -> StepOutput:
-        weights = seq.request.adapter_weights
-        source = (f"adapters {', '.join(f'{name}={weight:g}' for name, weight in weights)}"
-                  if weights else "the base model")
-        seq.error = NonFiniteLogits(f"engine step failed for this request: non-finite logits (inf/NaN) "
-                                    f"with {source}; the adapter weights overflow the activations")
-        seq.finish_reason, seq.scrub_cache = "error", True
-        return StepOutput(seq.request_id, "", (), error=seq.error)
-
-    def _result(self, seq: Sequence) -> GenerationResult:
-        return GenerationResult(
-            request_id=seq.request_id, text=seq.text, token_ids=tuple(seq.output_ids),
-            finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt_ids),
-            completion_tokens=len(seq.output_ids),
-            queue_seconds=(seq.admitted_time or time.monotonic()) - seq.arrival_time,
-        )
 
     def _apply_aborts(self) -> list[StepOutput]:
         outputs = []
         for request_id in self._aborted:
-            seq = self.scheduler.remove_waiting(request_id) or self.scheduler.find_running(request_id)
+            waiting = self.scheduler.remove_waiting(request_id)
+            if waiting is not None:
+                self._release_adapters(waiting)  # a preempted sequence keeps its slots while it waits
+            seq = waiting or self.scheduler.find_running(request_id)
             if seq is not None and seq.adapter_hold is not None:  # it waited for a read from disk
                 self.adapters.release_hold(seq.adapter_hold)
                 seq.adapter_hold = None
             if seq is not None and not seq.finished:
                 seq.finish_reason = FINISH_CANCELLED
-                outputs.append(StepOutput(request_id, "", (), self._result(seq)))
+                outputs.append(StepOutput(request_id, "", (), self.postprocessor.result(seq)))
         self._aborted.clear()
-        for seq in self.scheduler.remove_finished():
-            self._release(seq)
+        self._release_finished()
         return outputs
 
-    def _release(self, seq: Sequence) -> None:
-        if seq.cache_slot is not None:
-            if seq.scrub_cache:
-                self.cache.clear(seq.cache_slot)
-            self._free_cache_slots.append(seq.cache_slot)
-            self._free_cache_slots.sort(reverse=True)
-            seq.cache_slot = None
+    def _release_finished(self) -> None:
+        for seq in self.scheduler.remove_finished():
+            self.cache.clear(self.scheduler.free_blocks(seq))
+            self._release_adapters(seq)
+
+    def _release_adapters(self, seq: Sequence) -> None:
         if seq.adapter_lease is not None:
             self.adapters.release(seq.adapter_lease)
             seq.adapter_lease = None
             seq.adapter_slots = []
-

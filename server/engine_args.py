@@ -4,6 +4,7 @@ so an engine flag of `serve` means the same everywhere."""
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 from loraquilt.server.engine import EngineConfig
@@ -15,7 +16,7 @@ from loraquilt.server.model.weights import DeviceConfig
 class EngineFlag:
     dest: str  # the argparse dest (and the ReplicaConfig field of serve-ray)
     field: str  # the EngineConfig field
-    type: type
+    type: type  # bool: an on/off pair, --name and --no-name
     default: object
     help: str
 
@@ -31,6 +32,12 @@ ENGINE_FLAGS = (
     EngineFlag("max_seq_len", "max_seq_len", int, 1024, "prompt + generated tokens per request"),
     EngineFlag("max_prefill_tokens", "max_prefill_tokens", int, 128,
                "prompt tokens fed per step over all requests; longer prompts are prefilled in chunks"),
+    EngineFlag("kv_cache_mb", "kv_cache_mb", float, None,
+               "KV cache pool in MiB, shared by all requests in blocks (default: what max-batch-size "
+               "sequences of max-seq-len positions take)"),
+    EngineFlag("kv_block_size", "kv_block_size", int, 16, "positions per KV cache block"),
+    EngineFlag("prefix_cache", "prefix_cache", bool, True,
+               "reuse the KV blocks of a prompt prefix computed before on the same adapter content"),
 )
 LORA_BACKENDS = ("auto", "torch", "triton", "reference")
 
@@ -39,8 +46,14 @@ def add_engine_arguments(parser) -> None:
     """--model, --device, --dtype, --lora-backend and every ENGINE_FLAGS flag."""
     parser.add_argument("--model", help="HF folder, .gguf file or hub id (default: embedded SmolLM2)")
     for flag in ENGINE_FLAGS:
-        parser.add_argument("--" + flag.dest.replace("_", "-"), dest=flag.dest, type=flag.type,
-                            default=flag.default, help=f"{flag.help} (default {flag.default})")
+        name = "--" + flag.dest.replace("_", "-")
+        if flag.type is bool:
+            parser.add_argument(name, dest=flag.dest, action=argparse.BooleanOptionalAction,
+                                default=flag.default, help=f"{flag.help} (default {'on' if flag.default else 'off'})")
+            continue
+        default = "auto" if flag.default is None else flag.default
+        parser.add_argument(name, dest=flag.dest, type=flag.type, default=flag.default,
+                            help=f"{flag.help} (default {default})")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     add_dtype_argument(parser)
     parser.add_argument("--lora-backend", default="auto", choices=LORA_BACKENDS)

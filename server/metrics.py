@@ -15,7 +15,7 @@ import time
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -139,8 +139,20 @@ class _EngineCollector:
             "loraquilt_lora_requests_info", "Adapters of the running and the waiting requests (comma-separated) "
             "and the device slots, as the Gateway API inference extension reads them; value: when they last "
             "changed (Unix seconds)", labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
+        kv_usage = GaugeMetricFamily("loraquilt_kv_cache_usage_ratio",
+                                     "Fraction of the KV block pool held by running sequences")
+        preemptions = CounterMetricFamily("loraquilt_preemptions", "Sequences preempted for KV blocks "
+                                          "(their tokens recomputed when readmitted)")
+        prefix_queries = CounterMetricFamily("loraquilt_prefix_cache_queries", "Prompt tokens looked up in the "
+                                             "prefix cache (full blocks before each prompt's last token)")
+        prefix_hits = CounterMetricFamily("loraquilt_prefix_cache_hits", "Prompt tokens served from the "
+                                          "prefix cache (their KV not computed again)")
         if engine is not None:
             stats = engine.stats()
+            kv_usage.add_metric([], stats.kv_usage)
+            preemptions.add_metric([], stats.preemptions)
+            prefix_queries.add_metric([], stats.prefix_queries_tokens)
+            prefix_hits.add_metric([], stats.prefix_hit_tokens)
             running.add_metric([], stats.running)
             waiting.add_metric([], stats.waiting)
             batch.add_metric([], stats.last_batch_size)
@@ -165,4 +177,4 @@ class _EngineCollector:
         memory.add_metric(["process_rss"], process_rss_bytes())
         yield from (running, waiting, batch, adapters, slots, memory)
         if engine is not None:
-            yield lora_info
+            yield from (lora_info, kv_usage, preemptions, prefix_queries, prefix_hits)

@@ -1,7 +1,7 @@
 """Turns a step plan into tensors, runs the model once, and picks each sequence's next token.
 
-Makes no policy decisions: which sequences run is the scheduler's call, which slots they
-use is the registry's."""
+Makes no policy decisions: which sequences run and which KV blocks they use is the
+scheduler's call, which adapter slots they use is the registry's."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ class ModelRunner:
 
     def execute(self, decodes: tuple[Sequence, ...], prefills: tuple[Sequence, ...]) -> list[int | None]:
         """One forward over every sequence; returns the next token of each, decodes first.
-        None for a sequence that gets no token this step: a prompt chunk that does not end
-        its prompt (no logits are computed for it and its random stream is not touched), or
+        None for a sequence that gets no token this step: a chunk that does not reach its
+        last token (no logits are computed for it and its random stream is not touched), or
         one whose logits are not finite (rows never mix, so one request's overflow leaves
         the others' tokens intact)."""
         sequences = decodes + prefills
@@ -30,14 +30,13 @@ class ModelRunner:
         sampling = [seq.samples_this_step for seq in sequences]
         batch = build_forward_batch(
             prefill_tokens=prefill_tokens,
-            prefill_slots=[seq.cache_slot for seq in prefills],
+            prefill_tables=[seq.block_table.block_ids for seq in prefills],
             prefill_starts=[seq.next_position() for seq in prefills],
-            decode_tokens=[seq.output_ids[-1] for seq in decodes],
-            decode_slots=[seq.cache_slot for seq in decodes],
+            decode_tokens=[seq.token_ids[-1] for seq in decodes],
+            decode_tables=[seq.block_table.block_ids for seq in decodes],
             decode_positions=[seq.next_position() for seq in decodes],
+            block_size=self.cache.block_size,
             prefill_logits=sampling[len(decodes):],
-            sliding_window=self.model.config.sliding_window,
-            dtype=self.model.dtype,
             device=self.model.device,
         )
         lora = self._begin_lora(decodes, prefills, prefill_tokens)

@@ -1,12 +1,19 @@
-"""Continuous batching policy: who runs in the next step (no torch, no tensors).
+"""Continuous batching policy: who runs in the next step, and where its KV lives (no torch).
 
-Every prefilled running sequence decodes one token per step. Prompts are prefilled in
-chunks, beside those decodes: a step feeds at most `max_prefill_tokens` prompt tokens in
-all, first the next chunks of prompts already admitted (in admission order), then the
-first chunks of waiting sequences. Those are admitted first come first served while the
-batch has room, the budget has tokens left and the engine can give them a KV cache row
-and adapter slots (`try_admit`). A long prompt thus takes several steps and never stalls
-the running decodes for more than one budget's worth of prompt tokens per step.
+Every decoding running sequence decodes one token per step; it first gets room for that
+token in the KV block pool. When the pool has none left (after evicting cached prefix
+blocks), the newest running sequence is preempted: its blocks go back to the pool and it
+returns to the front of the queue, to recompute its tokens when readmitted (its generated
+tokens are kept; recomputation gives the same KV). A request is never failed for memory.
+
+Prompts are prefilled in chunks, beside those decodes: a step feeds at most
+`max_prefill_tokens` prompt tokens in all, first the next chunks of sequences already
+admitted (in admission order), then the first chunks of waiting sequences. Those are
+admitted first come first served while the batch has room, the budget has tokens left, the
+pool holds blocks for all of their tokens (keeping one block per running sequence in
+reserve, so that admissions do not immediately preempt) and the engine can give them
+adapter slots (`try_admit`). At admission the prompt's leading full blocks that are in the
+prefix cache under the same adapter identity are reused, and only the rest is prefilled.
 
 Head of line: a waiting sequence whose adapters are still being read from disk
 (Admission.DEFER) keeps its place in line, but the ones behind it may be admitted
@@ -22,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
+from loraquilt.server.block_manager import BlockManager
 from loraquilt.server.sequence import Sequence
 
 
@@ -48,6 +56,7 @@ class StepPlan:
     decodes: tuple[Sequence, ...]
     prefills: tuple[Sequence, ...]  # each with num_scheduled_tokens set: this step's chunk
     rejected: tuple[Sequence, ...] = ()
+    preempted: tuple[Sequence, ...] = ()  # back in the queue, their blocks freed
 
     @property
     def sequences(self) -> tuple[Sequence, ...]:
@@ -66,10 +75,13 @@ class QueueFull(RuntimeError):
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig):
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager | None = None):
+        """blocks: the KV block pool (default: one that never runs out for this batch size)."""
         self.config = config
+        self.blocks = blocks or BlockManager(num_blocks=config.max_batch_size * 4096, block_size=16)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order; prefilling ones included
+        self.num_preemptions = 0
 
     def add(self, sequence: Sequence) -> None:
         if len(self.waiting) >= self.config.max_waiting:
@@ -80,12 +92,26 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self, try_admit: Callable[[Sequence], Admission]) -> StepPlan:
-        """The next step's decodes and prompt chunks. try_admit grabs engine resources, so it
-        is asked only about sequences that would run this step if admitted."""
-        decodes = tuple(seq for seq in self.running if seq.prefilled and not seq.finished)
+        """The next step's decodes and chunks. try_admit grabs engine resources, so it is
+        asked only about sequences that would run this step if admitted (a preempted
+        sequence keeps what it got, only its blocks go back)."""
+        preempted: list[Sequence] = []
+        decodes: list[Sequence] = []
+        for seq in list(self.running):
+            if seq.finished or not seq.prefilled or seq in preempted:
+                continue
+            while not self.blocks.can_append(seq.block_table, seq.num_tokens):
+                victim = next(s for s in reversed(self.running) if not s.finished)  # the newest
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                self.blocks.append(seq.block_table, seq.num_tokens)
+                decodes.append(seq)
         budget = self.config.max_prefill_tokens
         prefills: list[Sequence] = []
-        for seq in self.running:  # prompts already admitted continue first
+        for seq in self.running:  # chunks of sequences already admitted continue first
             if budget == 0:
                 break
             if not seq.prefilled and not seq.finished:
@@ -94,7 +120,10 @@ class Scheduler:
         rejected: list[Sequence] = []
         deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_batch_size:
-            candidate = self.waiting.popleft()
+            candidate = self.waiting[0]
+            if not self.blocks.can_allocate(candidate.num_tokens, reserve=len(self.running)):
+                break  # the pool is full: wait for blocks to free (never for a lone sequence)
+            self.waiting.popleft()
             verdict = try_admit(candidate)
             if verdict is Admission.WAIT:
                 self.waiting.appendleft(candidate)  # resources are busy: retry next step
@@ -105,15 +134,39 @@ class Scheduler:
             if verdict is Admission.REJECT:
                 rejected.append(candidate)
                 continue
+            candidate.block_table = self.blocks.allocate(candidate.token_ids, candidate.adapter_key)
+            candidate.num_computed_tokens = candidate.num_cached_tokens = candidate.block_table.cached_tokens
             self.running.append(candidate)
             budget -= self._schedule_chunk(candidate, budget)
             prefills.append(candidate)
         self.waiting.extendleft(reversed(deferred))  # back at the front, in arrival order
-        return StepPlan(decodes=decodes, prefills=tuple(prefills), rejected=tuple(rejected))
+        return StepPlan(decodes=tuple(decodes), prefills=tuple(prefills), rejected=tuple(rejected),
+                        preempted=tuple(preempted))
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.block_table)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)  # it was admitted before everything that waits
+        self.num_preemptions += 1
+
+    def after_step(self, sequences) -> None:
+        """Seal the blocks the step's chunks filled (they become findable prefixes)."""
+        for seq in sequences:
+            if seq.block_table is not None:
+                self.blocks.seal_full_blocks(seq.block_table, seq.token_ids, seq.num_computed_tokens)
+
+    def free_blocks(self, seq: Sequence) -> list[int]:
+        """Release a finished sequence's blocks; returns those to zero (see BlockManager.free)."""
+        if seq.block_table is None:
+            return []
+        dirty = self.blocks.free(seq.block_table, scrub=seq.scrub_cache)
+        seq.block_table = None
+        return dirty
 
     @staticmethod
     def _schedule_chunk(seq: Sequence, budget: int) -> int:
-        seq.num_scheduled_tokens = min(seq.remaining_prompt, budget)
+        seq.num_scheduled_tokens = min(seq.remaining_tokens, budget)
         return seq.num_scheduled_tokens
 
     def remove_finished(self) -> list[Sequence]:

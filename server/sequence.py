@@ -1,4 +1,11 @@
-"""One request's running state inside the engine (no torch)."""
+"""One request's running state inside the engine (no torch).
+
+A sequence is its tokens (prompt, then generated) and how many of them have their KV in
+the cache (`num_computed_tokens`). Every step feeds it the next chunk of the tokens not yet
+computed: a prompt chunk, the whole prompt and generated tokens again after a preemption
+(recomputation), or, once only the last token is left, that one token (a decode). The step
+whose chunk reaches the last token samples the next one.
+"""
 
 from __future__ import annotations
 
@@ -14,22 +21,29 @@ class Sequence:
     request: Request
     prompt_ids: list[int]
     output_ids: list[int] = field(default_factory=list)
-    cache_slot: int | None = None  # KV cache row while admitted
+    token_ids: list[int] = field(default_factory=list)  # prompt_ids + output_ids (set in __post_init__)
+    block_table: Any = None  # the block manager's BlockTable while admitted
+    adapter_key: str = ""  # what its KV depends on besides the tokens: its adapters' content hashes
     adapter_slots: list[tuple[int, float]] = field(default_factory=list)  # pinned (slot, weight)
     adapter_lease: Any = None  # the registry's Lease behind adapter_slots
     adapter_hold: Any = None  # while waiting: the registry's HostHold (its adapters are being read)
-    num_computed_tokens: int = 0  # prompt tokens already in the KV cache
-    num_scheduled_tokens: int = 0  # prompt tokens of this step's chunk (set by the scheduler)
-    prefilled: bool = False  # the whole prompt is in the cache and the first token was sampled
+    num_computed_tokens: int = 0  # leading tokens whose KV is in the cache
+    num_scheduled_tokens: int = 0  # tokens of this step's chunk (set by the scheduler)
+    num_cached_tokens: int = 0  # leading prompt tokens found in the prefix cache at the last admission
+    preemptions: int = 0  # times its blocks were taken back and its tokens recomputed
     finish_reason: str | None = None
     error: Exception | None = None  # why it was rejected or failed, if it was
-    scrub_cache: bool = False  # its KV row may hold non-finite values: zero it on release
+    scrub_cache: bool = False  # its KV blocks may hold non-finite values: zero them on release
+    detokenizer: Any = None  # the postprocessor's IncrementalDetokenizer (made at the first token)
     text: str = ""  # generated text so far (stop strings cut)
-    emitted_chars: int = 0  # text already handed out
     generator: Any = None  # random stream of a sampled request (made by the runner at its first draw)
     arrival_time: float = field(default_factory=time.monotonic)
     admitted_time: float | None = None
     first_token_time: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = [*self.prompt_ids, *self.output_ids]
 
     @property
     def request_id(self) -> str:
@@ -37,40 +51,53 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.token_ids)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
     @property
-    def remaining_prompt(self) -> int:
-        """Prompt tokens not yet in the KV cache."""
-        return len(self.prompt_ids) - self.num_computed_tokens
+    def remaining_tokens(self) -> int:
+        """Tokens not yet in the KV cache (at least 1 while it runs)."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def prefilled(self) -> bool:
+        """Decoding: a token was generated and every token before the last is in the cache."""
+        return bool(self.output_ids) and self.remaining_tokens == 1
+
+    def append_token(self, token: int) -> None:
+        self.output_ids.append(token)
+        self.token_ids.append(token)
 
     def next_input(self) -> list[int]:
-        """Tokens to feed this step: the scheduled chunk of the prompt (the rest of it when
-        no chunk was scheduled), then the last generated token."""
-        if self.prefilled:
-            return [self.output_ids[-1]]
+        """Tokens to feed this step: the scheduled chunk (all remaining tokens when none was
+        scheduled)."""
         start = self.num_computed_tokens
-        end = start + self.num_scheduled_tokens if self.num_scheduled_tokens else len(self.prompt_ids)
-        return self.prompt_ids[start:end]
+        end = start + (self.num_scheduled_tokens or self.remaining_tokens)
+        return self.token_ids[start:end]
 
     def next_position(self) -> int:
         """Cache position of the first token next_input() feeds."""
-        return self.num_tokens - 1 if self.prefilled else self.num_computed_tokens
+        return self.num_computed_tokens
 
     @property
     def samples_this_step(self) -> bool:
-        """Whether this step's forward yields a token for it: a decode, or the prompt chunk
-        that completes the prompt (an earlier chunk only fills the KV cache)."""
-        return self.prefilled or self.num_computed_tokens + len(self.next_input()) >= len(self.prompt_ids)
+        """Whether this step's forward yields a token for it: its chunk reaches the last
+        token (an earlier chunk only fills the KV cache)."""
+        return self.num_computed_tokens + len(self.next_input()) >= self.num_tokens
 
     def finish_chunk(self) -> bool:
-        """Record that this step's prompt chunk is in the cache; True when that completed
-        the prompt (the step's sampled token is then the first generated token; for an
-        earlier chunk it is discarded)."""
+        """Record that this step's chunk is in the cache; True when that reached the last
+        token (the step's sampled token is then the next generated token; for an earlier
+        chunk it is discarded)."""
         self.num_computed_tokens += len(self.next_input())
         self.num_scheduled_tokens = 0
-        return self.num_computed_tokens >= len(self.prompt_ids)
+        return self.num_computed_tokens >= self.num_tokens
+
+    def reset_for_recompute(self) -> None:
+        """Preempted: no KV left; every token is fed again when it is readmitted."""
+        self.num_computed_tokens = self.num_scheduled_tokens = 0
+        self.block_table = None
+        self.preemptions += 1

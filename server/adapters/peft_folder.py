@@ -7,6 +7,7 @@ with the module's scaling (alpha/r, or alpha/sqrt(r) for rsLoRA) already folded 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -73,6 +74,7 @@ class LoadedAdapter:
     modules: dict[tuple[int, str], LoraModule] = field(repr=False)
     size_bytes: int
     warnings: tuple[str, ...] = ()
+    content_hash: str = ""  # of every module's name, shape and scaled weights: what its KV depends on
 
     def nbytes_in(self, dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
@@ -241,12 +243,18 @@ def load_peft_adapter(folder: Path | str, model: ModelConfig, *, max_rank: int,
     if not (math.isfinite(low) and math.isfinite(high)):
         raise _non_finite_error(checked, dtype)
     targets = tuple(p for p in PROJECTIONS if any(proj == p for _, proj in modules))
+    digest = hashlib.blake2b(digest_size=16)
+    for (layer, proj), module in modules.items():
+        digest.update(f"{layer}.{proj}:{tuple(module.a.shape)}:{tuple(module.b.shape)};".encode())
+    digest.update(str(dtype).encode())
+    digest.update(flat.view(torch.uint8).numpy().data)
     return LoadedAdapter(
         path=folder,
         rank=max(m.rank for m in modules.values()),
         target_modules=targets,
         modules=modules,
         size_bytes=weights_path.stat().st_size,
+        content_hash=digest.hexdigest(),
     )
 
 

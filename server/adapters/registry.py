@@ -61,6 +61,7 @@ class AdapterRecord:
     target_modules: tuple[str, ...]
     size_bytes: int
     fingerprint: tuple | None = field(default=None, repr=False)  # the files as registered
+    content_hash: str = ""  # of the weights as registered (the prefix cache's adapter identity)
     host: LoadedAdapter | None = field(default=None, repr=False)
     slot: int | None = None
     pins: int = 0
@@ -145,7 +146,8 @@ class AdapterRegistry:
         if file_fingerprint(path) != before:
             raise AdapterError(f"the files under {path} changed while they were being read; retry")
         record = AdapterRecord(name=name, path=path, rank=adapter.rank, target_modules=adapter.target_modules,
-                               size_bytes=adapter.size_bytes, fingerprint=before)
+                               size_bytes=adapter.size_bytes, fingerprint=before,
+                               content_hash=adapter.content_hash)
         return record, adapter
 
     def _check_room(self, name: str) -> None:

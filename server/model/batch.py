@@ -17,40 +17,37 @@ class LoraHook(Protocol):
 
 @dataclass(frozen=True)
 class PrefillSpan:
-    """Prompt tokens token_start:token_end of the step belong to one sequence whose
-    cache slot is `cache_slot`; the first of them sits at position `cache_start`."""
+    """Tokens token_start:token_end of the step are one sequence's chunk; the first of them
+    sits at position `cache_start`; block_table: [blocks] int64, that sequence's blocks
+    covering every position up to the chunk's end."""
 
     token_start: int
     token_end: int
-    cache_slot: int
     cache_start: int
+    block_table: torch.Tensor
 
 
 @dataclass(frozen=True)
 class ForwardBatch:
-    """Flattened tokens of every sequence in the step (prefills and single-token decodes).
+    """Flattened tokens of every sequence in the step (single-token decodes, then chunks).
 
-    input_ids:          [T] int64
-    positions:          [T] int64   position of each token in its sequence
-    token_cache_slots:  [T] int64   KV cache slot of each token's sequence
-    prefills:           host spans, one per prefilling sequence
-    decode_rows:        [D] int64   token index of each decoding sequence's token
-    decode_local_slots: [D] int64   its cache slot minus decode_slot_lo
-    decode_mask:        [S, 1, 1, L] additive float mask over cache slots
-                        decode_slot_lo:decode_slot_lo+S and the first L positions
-                        (0 where attended, -inf elsewhere; empty slots see position 0)
-    decode_slot_lo:     first cache slot of the decode window (host int)
-    logits_rows:        [N] int64   token rows whose next-token logits are wanted
+    input_ids:            [T] int64
+    positions:            [T] int64   position of each token in its sequence
+    slot_mapping:         [T] int64   flat KV cache slot each token's key/value is written to
+                                      (block * block_size + position % block_size)
+    prefills:             host spans, one per chunk (a sequence fed more than its last token)
+    decode_block_tables:  [D, B] int64  each decode's blocks, padded with block 0 to the
+                                      B blocks the longest decode context needs
+    decode_context_lens:  [D] int64   positions each decode attends (its token's position + 1)
+    logits_rows:          [N] int64   token rows whose next-token logits are wanted
     """
 
     input_ids: torch.Tensor
     positions: torch.Tensor
-    token_cache_slots: torch.Tensor
+    slot_mapping: torch.Tensor
     prefills: tuple[PrefillSpan, ...]
-    decode_rows: torch.Tensor
-    decode_local_slots: torch.Tensor
-    decode_mask: torch.Tensor
-    decode_slot_lo: int
+    decode_block_tables: torch.Tensor
+    decode_context_lens: torch.Tensor
     logits_rows: torch.Tensor
 
     @property
@@ -59,74 +56,77 @@ class ForwardBatch:
 
     @property
     def num_decodes(self) -> int:
-        return int(self.decode_rows.shape[0])
+        return int(self.decode_context_lens.shape[0])
 
 
 def build_forward_batch(
     *,
     prefill_tokens: list[list[int]],
-    prefill_slots: list[int],
+    prefill_tables: list[list[int]],
     prefill_starts: list[int],
     decode_tokens: list[int],
-    decode_slots: list[int],
+    decode_tables: list[list[int]],
     decode_positions: list[int],
+    block_size: int,
     prefill_logits: list[bool] | None = None,
-    sliding_window: int | None,
-    dtype: torch.dtype,
     device: torch.device,
 ) -> ForwardBatch:
-    """Lay out one step: decodes first (one token each), then each prefill's tokens.
+    """Lay out one step: decodes first (one token each), then each chunk's tokens.
 
-    Logits rows: one per sequence in the same order (decodes, then prefills' last token),
-    leaving out the prefills whose `prefill_logits` is False (a chunk that does not end the
-    prompt needs no next token).
+    A table lists a sequence's block ids in position order; it must cover every position
+    the step writes. Logits rows: one per sequence in the same order (decodes, then
+    chunks' last token), leaving out the chunks whose `prefill_logits` is False (a chunk
+    that does not end the prompt needs no next token).
     """
     wants_logits = prefill_logits if prefill_logits is not None else [True] * len(prefill_tokens)
     decode_count = len(decode_tokens)
     ids: list[int] = list(decode_tokens)
     positions: list[int] = list(decode_positions)
-    slots: list[int] = list(decode_slots)
+    slots = [table[p // block_size] * block_size + p % block_size
+             for table, p in zip(decode_tables, decode_positions)]
     spans: list[PrefillSpan] = []
     logits_rows = list(range(decode_count))
-    for tokens, slot, start, wanted in zip(prefill_tokens, prefill_slots, prefill_starts, wants_logits):
+    for tokens, table, start, wanted in zip(prefill_tokens, prefill_tables, prefill_starts, wants_logits):
         if not tokens:
             raise ValueError("a prefill needs at least one token")
+        end = start + len(tokens)
+        if len(table) * block_size < end:
+            raise ValueError(f"a block table of {len(table)} blocks cannot hold {end} positions")
         first = len(ids)
         ids.extend(tokens)
-        positions.extend(range(start, start + len(tokens)))
-        slots.extend([slot] * len(tokens))
-        spans.append(PrefillSpan(first, len(ids), slot, start))
+        positions.extend(range(start, end))
+        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
+        used = -(-end // block_size)
+        spans.append(PrefillSpan(first, len(ids), start, torch.tensor(table[:used], dtype=torch.int64).to(device)))
         if wanted:
             logits_rows.append(len(ids) - 1)
 
-    if decode_count:
-        lo, hi = min(decode_slots), max(decode_slots) + 1
-        context = max(decode_positions) + 1
-        lens = torch.ones(hi - lo, dtype=torch.int64)  # [S] empty slots: attend position 0
-        lens[torch.tensor(decode_slots) - lo] = torch.tensor(decode_positions) + 1
-        key_pos = torch.arange(context).unsqueeze(0)  # [1, L]
-        visible = key_pos < lens.unsqueeze(1)  # [S, L]
-        if sliding_window is not None:
-            visible &= key_pos > lens.unsqueeze(1) - 1 - sliding_window
-        decode_mask = torch.zeros(hi - lo, 1, 1, context, dtype=dtype)
-        decode_mask.masked_fill_(~visible.view(hi - lo, 1, 1, context), float("-inf"))
-        local = torch.tensor(decode_slots, dtype=torch.int64) - lo
-    else:
-        lo = 0
-        decode_mask = torch.zeros(0, 1, 1, 0, dtype=dtype)
-        local = torch.zeros(0, dtype=torch.int64)
+    width = max((-(-(p + 1) // block_size) for p in decode_positions), default=0)
+    tables = torch.zeros(decode_count, width, dtype=torch.int64)
+    for row, table in enumerate(decode_tables):
+        used = table[:width]
+        tables[row, : len(used)] = torch.tensor(used, dtype=torch.int64)
 
-    def t(values, kind=torch.int64):
-        return torch.tensor(values, dtype=kind).to(device)
+    def t(values):
+        return torch.tensor(values, dtype=torch.int64).to(device)
 
     return ForwardBatch(
         input_ids=t(ids),
         positions=t(positions),
-        token_cache_slots=t(slots),
+        slot_mapping=t(slots),
         prefills=tuple(spans),
-        decode_rows=t(list(range(decode_count))),
-        decode_local_slots=local.to(device),
-        decode_mask=decode_mask.to(device),
-        decode_slot_lo=lo,
+        decode_block_tables=tables.to(device),
+        decode_context_lens=t([p + 1 for p in decode_positions]),
         logits_rows=t(logits_rows),
     )
+
+
+def contiguous_tables(lengths: list[int], block_size: int) -> list[list[int]]:
+    """Block tables for sequences of `lengths` positions laid out one after another from
+    block 0 (tests and one-off forwards that own the whole cache)."""
+    tables, next_block = [], 0
+    for length in lengths:
+        count = -(-length // block_size)
+        tables.append(list(range(next_block, next_block + count)))
+        next_block += count
+    return tables

@@ -1,4 +1,10 @@
-"""Key/value cache preallocated once: one row of max_seq_len positions per sequence slot."""
+"""Key/value cache: one pool of fixed-size blocks, allocated once, shared by every sequence.
+
+Which blocks a sequence's positions live in is the block manager's business
+(server/block_manager.py); this module holds the tensors and turns block tables into
+flat slots. Position p of a sequence with block table `table` is stored at flat slot
+table[p // block_size] * block_size + p % block_size.
+"""
 
 from __future__ import annotations
 
@@ -6,41 +12,65 @@ from dataclasses import dataclass
 
 import torch
 
+MIB = 2**20
+
+
+def kv_bytes_per_position(*, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes one token position takes in the cache (keys and values, every layer)."""
+    return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
 
 @dataclass(frozen=True)
 class KVCacheConfig:
-    num_slots: int  # sequences that can run at once
-    max_seq_len: int  # prompt + generated tokens per sequence
+    num_blocks: int
+    block_size: int = 16  # positions per block
 
     def __post_init__(self) -> None:
-        if self.num_slots < 1 or self.max_seq_len < 2:
-            raise ValueError(
-                f"KV cache needs num_slots >= 1 and max_seq_len >= 2, got {self.num_slots}, "
-                f"{self.max_seq_len}"
-            )
+        if self.num_blocks < 1 or self.block_size < 1:
+            raise ValueError(f"KV cache needs num_blocks >= 1 and block_size >= 1, got {self.num_blocks}, "
+                             f"{self.block_size}")
+
+    @classmethod
+    def for_budget(cls, budget_bytes: float, bytes_per_position: int, block_size: int) -> KVCacheConfig:
+        """As many whole blocks as `budget_bytes` holds (at least one)."""
+        return cls(max(1, int(budget_bytes // (bytes_per_position * block_size))), block_size)
+
+    @property
+    def num_positions(self) -> int:
+        return self.num_blocks * self.block_size
 
 
 class KVCache:
-    """keys, values: [layers, num_slots, kv_heads, max_seq_len, head_dim], never reallocated."""
+    """keys, values: [layers, num_blocks, block_size, kv_heads, head_dim], never reallocated."""
 
     def __init__(self, config: KVCacheConfig, *, num_layers: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device):
         self.config = config
-        shape = (num_layers, config.num_slots, num_kv_heads, config.max_seq_len, head_dim)
+        shape = (num_layers, config.num_blocks, config.block_size, num_kv_heads, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
 
-    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor,
-              k: torch.Tensor, v: torch.Tensor) -> None:
-        """slots, positions: [T]; k, v: [T, kv_heads, head_dim]"""
-        self.keys[layer, slots, :, positions] = k
-        self.values[layer, slots, :, positions] = v
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
 
-    def clear(self, slot: int) -> None:
-        """Zero one slot's row: later sequences in the slot read finite values even where
-        they are masked out (a masked NaN still poisons softmax(scores) @ values)."""
-        self.keys[:, slot].zero_()
-        self.values[:, slot].zero_()
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys, values of one layer: [num_blocks, block_size, kv_heads, head_dim] each."""
+        return self.keys[layer], self.values[layer]
+
+    def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """slot_mapping: [T] flat slots; k, v: [T, kv_heads, head_dim]"""
+        heads, dim = self.keys.shape[-2:]
+        self.keys[layer].view(-1, heads, dim)[slot_mapping] = k
+        self.values[layer].view(-1, heads, dim)[slot_mapping] = v
+
+    def clear(self, block_ids: list[int]) -> None:
+        """Zero some blocks: later sequences in them read finite values even where they are
+        masked out (a masked NaN still poisons softmax(scores) @ values)."""
+        if block_ids:
+            index = torch.tensor(block_ids, dtype=torch.int64, device=self.keys.device)
+            self.keys[:, index] = 0
+            self.values[:, index] = 0
 
     @property
     def num_bytes(self) -> int:

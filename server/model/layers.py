@@ -1,4 +1,4 @@
-"""Decoder building blocks: RMSNorm, rotary embedding, attention over the slot KV cache, MLP.
+"""Decoder building blocks: RMSNorm, rotary embedding, attention over the paged KV cache, MLP.
 
 Every projection is an NF4Linear followed by the step's LoRA hook:
 `y = proj(x); lora.add_(y, x, layer, name)`; projections that read the same input (q/k/v,
@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraquilt.kernels.paged_dispatch import paged_decode, paged_prefill
 from loraquilt.server.model.batch import ForwardBatch, LoraHook
 from loraquilt.server.model.config import ModelConfig
 from loraquilt.server.model.kv_cache import KVCache
@@ -108,54 +109,23 @@ class Attention(nn.Module):
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        cache.write(self.layer, batch.token_cache_slots, batch.positions, k, v)
+        cache.write(self.layer, batch.slot_mapping, k, v)
+        k_cache, v_cache = cache.layer(self.layer)  # [blocks, block_size, KVH, D] each
 
+        decodes = batch.num_decodes
+        if decodes == tokens:  # a decode-only step: no copy of the output
+            out = paged_decode(q, k_cache, v_cache, batch.decode_block_tables, batch.decode_context_lens,
+                               self.sliding_window)
+            return _project(self.o_proj, out.reshape(tokens, -1), lora, self.layer, "o_proj")
         out = torch.empty_like(q)  # [T, H, D]
-        if batch.num_decodes:
-            out[: batch.num_decodes] = self._decode(q[: batch.num_decodes], batch, cache)
+        if decodes:
+            out[:decodes] = paged_decode(q[:decodes], k_cache, v_cache, batch.decode_block_tables,
+                                         batch.decode_context_lens, self.sliding_window)
         for span in batch.prefills:
             rows = slice(span.token_start, span.token_end)
-            out[rows] = self._prefill(q[rows], k[rows], v[rows], span.cache_slot, span.cache_start, cache)
+            out[rows] = paged_prefill(q[rows], k[rows], v[rows], k_cache, v_cache, span.block_table,
+                                      span.cache_start, self.sliding_window)
         return _project(self.o_proj, out.view(tokens, -1), lora, self.layer, "o_proj")
-
-    def _prefill(self, q, k, v, slot: int, start: int, cache: KVCache) -> torch.Tensor:
-        """One sequence's new tokens. q: [n, H, D]; k, v: [n, KVH, D] -> [n, H, D]"""
-        n = q.shape[0]
-        window = self.sliding_window
-        query = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-        if start == 0 and (window is None or n <= window):
-            keys, values, mask, causal = k.transpose(0, 1), v.transpose(0, 1), None, True
-        else:
-            keys = cache.keys[self.layer, slot, :, : start + n]  # [KVH, L, D]
-            values = cache.values[self.layer, slot, :, : start + n]
-            q_pos = torch.arange(start, start + n, device=q.device).unsqueeze(1)  # [n, 1]
-            k_pos = torch.arange(start + n, device=q.device).unsqueeze(0)  # [1, L]
-            mask = k_pos <= q_pos
-            if window is not None:
-                mask &= k_pos > q_pos - window
-            causal = False
-        out = F.scaled_dot_product_attention(
-            query, keys.unsqueeze(0), values.unsqueeze(0),
-            attn_mask=mask, is_causal=causal, enable_gqa=True,
-        )  # [1, H, n, D]
-        return out.squeeze(0).transpose(0, 1)
-
-    def _decode(self, q: torch.Tensor, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
-        """All single-token decodes at once over a window of cache slots.
-
-        q: [Dn, H, D] -> [Dn, H, D]. Slots in the window without a decode row compute a
-        throw-away row (they see position 0 only)."""
-        window_slots, context = batch.decode_mask.shape[0], batch.decode_mask.shape[-1]
-        groups = self.num_heads // self.num_kv_heads
-        lo = batch.decode_slot_lo
-        query = q.new_zeros(window_slots, self.num_kv_heads, groups, self.head_dim)  # [S, KVH, G, D]
-        query[batch.decode_local_slots] = q.view(-1, self.num_kv_heads, groups, self.head_dim)
-        keys = cache.keys[self.layer, lo : lo + window_slots, :, :context]  # [S, KVH, L, D]
-        values = cache.values[self.layer, lo : lo + window_slots, :, :context]
-        scores = torch.matmul(query, keys.transpose(-1, -2)) * self.head_dim**-0.5  # [S, KVH, G, L]
-        probs = torch.softmax(scores + batch.decode_mask, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.matmul(probs, values)  # [S, KVH, G, D]
-        return out[batch.decode_local_slots].view(-1, self.num_heads, self.head_dim)
 
 
 class MLP(nn.Module):

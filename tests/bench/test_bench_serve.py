@@ -1,5 +1,6 @@
 """`loraquilt bench serve --quick`: runs end to end, writes the contracted JSON keys (both
-pairs of systems), and the exact pair produces the same greedy tokens."""
+pairs of systems and the KV-cache scenarios), and the exact pair produces the same greedy
+tokens."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
 THROUGHPUT = ("distinct", "same", "base", "recipe_distinct", "recipe_same")
 
 
@@ -18,6 +17,50 @@ def _fraction(value) -> bool:
     return value is not None and 0.0 <= value <= 1.0
 
 
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and value > 0
+
+
+def check_kv_scenarios(results: dict) -> None:
+    """The `prefix` and `high_concurrency` keys: figures, their runs, the ratios."""
+    prefix = results["scenarios"]["prefix"]["loraquilt"]
+    for label in ("cache_on", "cache_off"):
+        entry = prefix[label]
+        for key in ("ttft_p50_ms", "ttft_p99_ms", "tokens_per_s"):
+            assert _positive(entry[key]), (label, key)
+        assert entry["runs"] and all(_positive(run["tokens_per_s"]) for run in entry["runs"]), label
+        assert entry["served_dtype"] == "float32"
+        assert {"prefix_cache_hit_tokens", "prefix_cache_query_tokens"} <= set(entry)
+    assert prefix["adapters"] == ["heavy-0", "heavy-1", "heavy-2", "heavy-3"]
+    assert prefix["dtype"] == "float32" and _positive(prefix["requests"])
+    assert all(n > prefix["prefix_tokens"] for n in prefix["prompt_tokens_first_round"])
+    crowd = results["scenarios"]["high_concurrency"]["loraquilt"]
+    for key in ("tokens_per_s", "slots32_tokens_per_s", "kv_cache_mb", "requests"):
+        assert _positive(crowd[key]), key
+    assert crowd["paged"]["max_batch_size"] >= crowd["requests"] and crowd["slots32"]["max_batch_size"] == 32
+    assert crowd["max_request_tokens"] <= 128 and crowd["adapters"]
+    assert crowd["paged"]["runs"] and crowd["slots32"]["runs"]
+    for key in ("prefix_ttft_p50_on_over_off", "prefix_tokens_per_s_on_over_off", "high_concurrency_over_slots32"):
+        assert _positive(results["ratios"][key]), key
+
+
+@pytest.mark.slow  # 40-90 s on 2 shared cores: four servers started and run
+def test_quick_kv_scenarios(tmp_path):
+    """`--scenarios prefix,high_concurrency`: only their servers, only their keys."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "loraquilt", "bench", "serve", "--quick", "--scenarios", "prefix,high_concurrency",
+         "--json", str(out), "--workdir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "prefix ttft p50 ms on/off" in done.stdout and "high_concurrency tok/s" in done.stdout
+    results = json.loads(out.read_text())
+    assert set(results["scenarios"]) == {"prefix", "high_concurrency"}
+    check_kv_scenarios(results)
+
+
+@pytest.mark.slow
 def test_quick_bench_serve(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run(
@@ -68,8 +111,10 @@ def test_quick_bench_serve(tmp_path):
                 "latency_50pct_itl_p99_over_p50"):
         assert ratios[key] is not None and ratios[key] > 0, key
     assert results["versions"]["torch"] and settings["batch"] > 0
+    check_kv_scenarios(results)
 
 
+@pytest.mark.slow
 def test_scenarios_subset_runs_only_those(tmp_path):
     """`--scenarios base,accuracy`: both pairs on `base`, the logits check, nothing else."""
     out = tmp_path / "bench.json"

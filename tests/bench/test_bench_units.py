@@ -1,5 +1,6 @@
 """Fast checks of `bench serve`'s arithmetic and options: the workload FLOPs, the
-compute-bound fraction, `--scenarios` parsing, the systems' order and the ratios."""
+compute-bound fraction, `--scenarios` parsing, the systems' order, the ratios, the KV
+scenarios' prompts and cache size."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import pytest
 from loraquilt.bench.flops import FlopModel, RequestWork, compute_bound_fraction, workload_flops
 from loraquilt.bench.serve import add_arguments, parse_scenarios
 from loraquilt.bench.serve_report import ratios
-from loraquilt.bench.serve_scenarios import SCENARIOS, median_run
+from loraquilt.bench.serve_kv import counter_total, kv_cache_mb
+from loraquilt.bench.serve_scenarios import OTHER, SCENARIOS, THROUGHPUT, median_run
 from loraquilt.bench.serve_systems import LQ, LQ_AUTO, PEFT, PEFT_DEFAULT, Systems
-from loraquilt.bench.workload import ALL_PROJECTIONS
+from loraquilt.bench.workload import ALL_PROJECTIONS, make_bounded_prompts, make_prefix_prompts
 
 # SmolLM2-135M: hidden 576, 9 heads / 3 KV heads of 64, intermediate 1536, 30 layers, vocab 49152
 SMOL = FlopModel(
@@ -110,3 +112,79 @@ def test_ratios_of_both_pairs():
     assert got["hotload_over_warm_ttft"] == 3
     assert got["latency_50pct_itl_p99_over_p50"] == 2.5
     assert got["many_over_distinct"] is None
+
+
+def test_ratios_of_the_kv_scenarios():
+    scenarios = {
+        "prefix": {LQ: {"cache_on": {"ttft_p50_ms": 50.0, "tokens_per_s": 30.0},
+                        "cache_off": {"ttft_p50_ms": 200.0, "tokens_per_s": 20.0}}},
+        "high_concurrency": {LQ: {"tokens_per_s": 90.0, "slots32_tokens_per_s": 30.0}},
+    }
+    got = ratios(scenarios)
+    assert got["prefix_ttft_p50_on_over_off"] == 0.25
+    assert got["prefix_tokens_per_s_on_over_off"] == 1.5
+    assert got["high_concurrency_over_slots32"] == 3
+    empty = ratios({})
+    assert empty["prefix_ttft_p50_on_over_off"] is None and empty["high_concurrency_over_slots32"] is None
+
+
+def test_kv_scenarios_are_other_scenarios_by_default():
+    for name in ("prefix", "high_concurrency"):
+        assert name in OTHER and name not in THROUGHPUT and name in SCENARIOS
+    assert parse_scenarios("high_concurrency,prefix") == ("prefix", "high_concurrency")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from fixtures_models import build_tokenizer
+
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text)["input_ids"]
+
+
+def test_prefix_prompts_share_one_prefix_per_adapter_and_have_unique_tails(tokenizer):
+    prompts = make_prefix_prompts(tokenizer, 12, 4, prefix_tokens=48, tail_tokens=(6, 14), seed=3)
+    assert [p.adapter for p in prompts] == [i % 4 for i in range(12)]  # round robin
+    prefixes = {p.adapter: p.prefix for p in prompts}
+    assert len(set(prefixes.values())) == 4  # one prefix per adapter, different per adapter
+    for p in prompts:
+        assert p.prefix == prefixes[p.adapter] and p.prompt.startswith(p.prefix + " ")
+        prefix_ids, prompt_ids = _ids(tokenizer, p.prefix), _ids(tokenizer, p.prompt)
+        assert len(prefix_ids) == 48
+        assert prompt_ids[:len(prefix_ids)] == prefix_ids  # the prefix's tokens start the prompt's
+        assert 6 <= len(prompt_ids) - len(prefix_ids) <= 14
+    tails = [p.prompt[len(p.prefix):] for p in prompts]
+    assert len(set(tails)) == len(tails)
+    again = make_prefix_prompts(tokenizer, 12, 4, prefix_tokens=48, tail_tokens=(6, 14), seed=3)
+    assert again == prompts  # seeded
+    other = make_prefix_prompts(tokenizer, 12, 4, prefix_tokens=48, tail_tokens=(6, 14), seed=4)
+    assert {p.prefix for p in other}.isdisjoint(prefixes.values())
+
+
+def test_bounded_prompts_stay_within_their_token_range(tokenizer):
+    prompts = make_bounded_prompts(tokenizer, 20, seed=1, min_tokens=10, max_tokens=16)
+    assert all(10 <= len(_ids(tokenizer, p)) <= 16 for p in prompts)
+    assert len(set(prompts)) == len(prompts)
+
+
+def test_kv_cache_mb_is_32_sequences_of_1024_float32_positions(tmp_path):
+    import json
+
+    # SmolLM2-135M's shape: 30 layers, 3 KV heads of 576 / 9 = 64
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 576,
+        "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+        "num_key_value_heads": 3, "vocab_size": 49152, "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "tie_word_embeddings": True}))
+    assert kv_cache_mb(tmp_path, 32, 1024) == pytest.approx(32 * 1024 * 2 * 30 * 3 * 64 * 4 / 2**20)
+
+
+def test_counter_total_sums_label_sets_and_knows_missing_metrics():
+    samples = {("loraquilt_prefix_cache_hits_total", (("kind", "a"),)): 3.0,
+               ("loraquilt_prefix_cache_hits_total", (("kind", "b"),)): 4.0,
+               ("loraquilt_preemptions_created", ()): 1e9}
+    assert counter_total(samples, "loraquilt_prefix_cache_hits_total") == 7.0
+    assert counter_total(samples, "loraquilt_preemptions_total") is None

@@ -213,7 +213,7 @@ def _prefill_logits(engine) -> torch.Tensor:
     """One forward over the 10 prompts (one prefill batch, each row on its adapters):
     the last position's logits per prompt, [10, vocab] float32."""
     from loraquilt.server.adapters.slots import LoraSpan
-    from loraquilt.server.model.batch import build_forward_batch
+    from loraquilt.server.model.batch import build_forward_batch, contiguous_tables
 
     requests = _requests()
     prompts = [engine.encode(r) for r in requests]
@@ -222,10 +222,11 @@ def _prefill_logits(engine) -> torch.Tensor:
     try:
         for lease in leases:  # the warm-up batch put every adapter in memory and on the device
             assert lease is None or hasattr(lease, "slots"), f"adapters not resident: {lease!r}"
+        block_size = engine.cache.block_size
         batch = build_forward_batch(
-            prefill_tokens=prompts, prefill_slots=list(range(len(prompts))),
-            prefill_starts=[0] * len(prompts), decode_tokens=[], decode_slots=[], decode_positions=[],
-            sliding_window=None, dtype=engine.model.dtype, device=engine.model.device,
+            prefill_tokens=prompts, prefill_tables=contiguous_tables([len(p) for p in prompts], block_size),
+            prefill_starts=[0] * len(prompts), decode_tokens=[], decode_tables=[], decode_positions=[],
+            block_size=block_size, device=engine.model.device,
         )
         spans = [LoraSpan(len(ids), tuple(zip(lease.slots if lease else (), (w for _, w in request.adapter_weights))))
                  for request, lease, ids in zip(requests, leases, prompts)]

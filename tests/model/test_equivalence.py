@@ -15,7 +15,7 @@ from peft import PeftModel
 
 from loraquilt.server.adapters.slots import LoraSpan
 from loraquilt.server.engine import Engine, EngineConfig
-from loraquilt.server.model.batch import build_forward_batch
+from loraquilt.server.model.batch import build_forward_batch, contiguous_tables
 from loraquilt.server.request import Request, SamplingParams
 from loraquilt.server.model.weights import DeviceConfig
 
@@ -131,10 +131,11 @@ def test_prefill_logits_match_within_1e3(setup, reference):
     leases = [engine.adapters.acquire(n) if n else None for n in names]
     slots_per_request = [list(lease.slots) if lease else [] for lease in leases]
     try:
+        block_size = engine.cache.block_size
         batch = build_forward_batch(
-            prefill_tokens=prompts, prefill_slots=list(range(len(prompts))),
-            prefill_starts=[0] * len(prompts), decode_tokens=[], decode_slots=[], decode_positions=[],
-            sliding_window=None, dtype=engine.model.dtype, device=engine.model.device,
+            prefill_tokens=prompts, prefill_tables=contiguous_tables([len(p) for p in prompts], block_size),
+            prefill_starts=[0] * len(prompts), decode_tokens=[], decode_tables=[], decode_positions=[],
+            block_size=block_size, device=engine.model.device,
         )
         spans = [LoraSpan(len(ids), tuple(zip(slots, (w for _, w in request.adapter_weights))))
                  for request, slots, ids in zip(requests, slots_per_request, prompts)]
@@ -171,3 +172,56 @@ def test_mistral_sliding_window_and_sharded_checkpoint(tmp_path):
         with torch.no_grad():
             expected, _ = _greedy(forward, ids)
         assert list(result.token_ids) == expected
+
+
+INSTRUCTION = "You are a careful assistant. Answer in one short sentence, plainly and without lists:"
+
+
+def _shared_prefix_requests() -> list[tuple[Request, str | None]]:
+    """The 10 requests again, each prompt behind one of two instruction prefixes, and 6 more
+    on a0 and on the base model behind the same prefixes, so that rows on one adapter share
+    a prefix a cache can reuse; with the PEFT adapter each is compared to."""
+    requests = []
+    for index, request in enumerate(_requests()):
+        prefix = INSTRUCTION if index % 2 == 0 else INSTRUCTION.upper()
+        requests.append((Request(prompt=f"{prefix} {request.prompt}", adapter=request.adapter, mix=request.mix,
+                                 sampling=request.sampling), _reference_adapter(index)))
+    greedy = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    for index, prompt in enumerate(PROMPTS[1:7]):
+        adapter = "a0" if index % 2 == 0 else None
+        requests.append((Request(prompt=f"{INSTRUCTION} {prompt}", adapter=adapter, sampling=greedy), adapter))
+    return requests
+
+
+@pytest.fixture(scope="module")
+def shared_prefix_expected(setup, reference) -> list[list[int]]:
+    engine, _, _ = setup
+    return [reference(engine.encode(r), adapter)[0] for r, adapter in _shared_prefix_requests()]
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False], ids=["prefix_cache_on", "prefix_cache_off"])
+def test_greedy_tokens_equal_peft_with_small_blocks_preemption_and_prefix_reuse(setup, shared_prefix_expected,
+                                                                                prefix_cache):
+    """A pool of 4-position blocks too small for the batch: sequences are preempted and
+    recomputed, and (with the cache on) rows on one adapter reuse their shared prefix.
+    Every row still answers exactly as PEFT does alone."""
+    engine, base, adapters = setup
+    pairs = _shared_prefix_requests()
+    requests = [request for request, _ in pairs]
+    lengths = [len(engine.encode(r)) + NEW_TOKENS for r in requests]
+    per_position = engine.cache.num_bytes / engine.cache.config.num_positions
+    small = Engine(EngineConfig(
+        device=EXACT, model=str(base), max_batch_size=16, max_active_adapters=8, max_lora_rank=16,
+        lora_backend="torch", progress=False, kv_block_size=4, max_prefill_tokens=32, prefix_cache=prefix_cache,
+        max_seq_len=max(lengths) + 1, kv_cache_mb=2 * max(lengths) * per_position / 2**20,
+    ))
+    for index, folder in enumerate(adapters):
+        small.register_adapter(f"a{index}", folder)
+    expected = shared_prefix_expected
+    results = small.generate(requests)
+    for index, result in enumerate(results):
+        assert list(result.token_ids) == expected[index], f"row {index}"
+    stats = small.stats()
+    assert stats.preemptions > 0
+    assert (stats.prefix_hit_tokens > 0) == prefix_cache
+    small.blocks.check()

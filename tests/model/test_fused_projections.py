@@ -7,7 +7,7 @@ from fixtures_models import build_tiny_model, make_adapter_zoo
 
 from loraquilt.server.adapters.slots import LoraSpan
 from loraquilt.server.engine import Engine, EngineConfig
-from loraquilt.server.model.batch import build_forward_batch
+from loraquilt.server.model.batch import build_forward_batch, contiguous_tables
 from loraquilt.server.model.weights import DeviceConfig, load_causal_lm
 from loraquilt.server.request import Request, SamplingParams
 
@@ -20,14 +20,15 @@ def base(request, tmp_path_factory):
 
 
 def _logits(model, prompts):
+    block_size = 4
     batch = build_forward_batch(
-        prefill_tokens=prompts, prefill_slots=list(range(len(prompts))), prefill_starts=[0] * len(prompts),
-        decode_tokens=[], decode_slots=[], decode_positions=[], sliding_window=None,
-        dtype=model.dtype, device=model.device)
+        prefill_tokens=prompts, prefill_tables=contiguous_tables([len(p) for p in prompts], block_size),
+        prefill_starts=[0] * len(prompts), decode_tokens=[], decode_tables=[], decode_positions=[],
+        block_size=block_size, device=model.device)
     from loraquilt.server.model.kv_cache import KVCache, KVCacheConfig
 
     config = model.config
-    cache = KVCache(KVCacheConfig(num_slots=len(prompts), max_seq_len=32), num_layers=config.num_layers,
+    cache = KVCache(KVCacheConfig(num_blocks=16, block_size=block_size), num_layers=config.num_layers,
                     num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=model.dtype,
                     device=model.device)
     return model(batch, cache)

@@ -92,7 +92,7 @@ def test_a_read_from_disk_does_not_stall_the_running_rows(model_folder, referenc
     assert tokens == steps  # the running decode got a token in every step
     assert behind_admitted  # not blocked behind the request whose adapter is on disk
     assert reads.started.is_set() and list(engine.scheduler.waiting) == [waiting]
-    assert waiting.cache_slot is None and engine.adapters.get("a0").tier == "disk"
+    assert waiting.block_table is None and engine.adapters.get("a0").tier == "disk"
 
     reads.gate.set()
     result = step_until(engine, on_disk.request_id)

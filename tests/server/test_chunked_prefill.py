@@ -151,10 +151,10 @@ def test_decodes_keep_stepping_while_a_long_prompt_is_chunked(engine):
     assert results[running.request_id].token_ids == answers(engine, [running])[0]
 
 
-def test_abort_during_a_chunked_prefill_frees_its_row(engine):
+def test_abort_during_a_chunked_prefill_frees_its_blocks(engine):
     set_budget(engine, 4)
     try:
-        free_before = len(engine._free_cache_slots)
+        free_before = engine.blocks.available()
         request = Request(prompt_token_ids=prompt_ids(20, seed=5), adapter="a0", sampling=GREEDY)
         sequence = engine.add_request(request)
         engine.step()
@@ -163,7 +163,8 @@ def test_abort_during_a_chunked_prefill_frees_its_row(engine):
         engine.abort(request.request_id)
         (cancelled,) = [o.finished for o in engine.step() if o.request_id == request.request_id]
         assert cancelled.finish_reason == "cancelled" and cancelled.completion_tokens == 0
-        assert len(engine._free_cache_slots) == free_before and engine.adapters.get("a0").pins == 0
+        engine.blocks.check()
+        assert engine.blocks.available() == free_before and engine.adapters.get("a0").pins == 0
         assert not engine.has_work()
     finally:
         set_budget(engine, 1000)

@@ -119,8 +119,8 @@ def test_chat_wraps_the_prompt_in_the_template(engine):
     assert engine.tokenizer.decode(chat).startswith("<|im_start|>user")
 
 
-def test_abort_frees_the_cache_row_and_adapter_pin(engine):
-    free_before = len(engine._free_cache_slots)
+def test_abort_frees_the_kv_blocks_and_adapter_pin(engine):
+    free_before = engine.blocks.available()
     request = Request(prompt="Light", adapter="a2", sampling=SamplingParams(max_new_tokens=50, ignore_eos=True))
     engine.add_request(request)
     engine.step()
@@ -130,7 +130,8 @@ def test_abort_frees_the_cache_row_and_adapter_pin(engine):
     outputs = engine.step()
     (cancelled,) = [o.finished for o in outputs if o.request_id == request.request_id]
     assert cancelled.finish_reason == "cancelled" and cancelled.completion_tokens == 2
-    assert len(engine._free_cache_slots) == free_before and engine.adapters.get("a2").pins == 0
+    engine.blocks.check()
+    assert engine.blocks.available() == free_before and engine.adapters.get("a2").pins == 0
     assert not engine.has_work()
 
 

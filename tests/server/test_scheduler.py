@@ -39,8 +39,7 @@ def finish_prefill(plan: StepPlan) -> None:
     sequence whose prompt that completed is prefilled (its first token sampled)."""
     for seq in plan.prefills:
         if seq.finish_chunk():
-            seq.prefilled = True
-            seq.output_ids.append(0)
+            seq.append_token(0)
 
 
 def chunks(plan: StepPlan, sequences: list[Sequence]) -> list[tuple[int, int]]:
@@ -202,7 +201,8 @@ def test_every_step_keeps_the_budget_and_covers_each_prompt_in_order(seed):
             fed[id(seq)].extend(seq.next_input())
         finish_prefill(plan)
         for seq in plan.decodes:
-            seq.output_ids.append(1)
+            seq.finish_chunk()
+            seq.append_token(1)
             if len(seq.output_ids) >= 3:
                 seq.finish_reason = "length"
         scheduler.remove_finished()

@@ -1,0 +1,66 @@
+"""After a step: each sampled token -> finish checks (EOS, length, stop strings), new text
+(incremental detokenization), and the step's output; and the results of finished,
+failed and cancelled sequences. No torch, no scheduling."""
+
+from __future__ import annotations
+
+import time
+
+from loraquilt.server.detokenizer import IncrementalDetokenizer
+from loraquilt.server.request import (
+    FINISH_EOS, FINISH_LENGTH, FINISH_STOP, GenerationResult, StepOutput,
+)
+from loraquilt.server.sequence import Sequence
+
+
+class EngineStepError(RuntimeError):
+    """A forward step failed; every request in that step fails with it."""
+
+
+class NonFiniteLogits(EngineStepError):
+    """One request's logits overflowed (inf/NaN); only that request fails."""
+
+
+class Postprocessor:
+    def __init__(self, tokenizer, eos_ids: set[int] | frozenset[int], max_seq_len: int):
+        self.tokenizer, self.eos_ids, self.max_seq_len = tokenizer, eos_ids, max_seq_len
+
+    def on_token(self, seq: Sequence) -> StepOutput:
+        """The sequence's newest token was just appended: decide whether it finished, and
+        hand out the text that became stable."""
+        params = seq.request.sampling
+        token = seq.output_ids[-1]
+        text_ids: tuple[int, ...] = (token,)
+        if not params.ignore_eos and token in self.eos_ids:
+            seq.finish_reason = FINISH_EOS
+            text_ids = ()  # the end-of-sequence token is not part of the text
+        elif len(seq.output_ids) >= params.max_new_tokens or seq.num_tokens >= self.max_seq_len:
+            seq.finish_reason = FINISH_LENGTH
+        if seq.detokenizer is None:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop)
+        detokenizer = seq.detokenizer
+        new_text = detokenizer.add(text_ids, final=seq.finished)
+        if detokenizer.stopped:
+            if not seq.finished:
+                new_text += detokenizer.add((), final=True)
+            seq.finish_reason = FINISH_STOP
+        seq.text = detokenizer.text
+        return StepOutput(seq.request_id, new_text, (token,), self.result(seq) if seq.finished else None)
+
+    def non_finite(self, seq: Sequence) -> StepOutput:
+        weights = seq.request.adapter_weights
+        source = (f"adapters {', '.join(f'{name}={weight:g}' for name, weight in weights)}"
+                  if weights else "the base model")
+        seq.error = NonFiniteLogits(f"engine step failed for this request: non-finite logits (inf/NaN) "
+                                    f"with {source}; the adapter weights overflow the activations")
+        seq.finish_reason, seq.scrub_cache = "error", True
+        return StepOutput(seq.request_id, "", (), error=seq.error)
+
+    @staticmethod
+    def result(seq: Sequence) -> GenerationResult:
+        return GenerationResult(
+            request_id=seq.request_id, text=seq.text, token_ids=tuple(seq.output_ids),
+            finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt_ids),
+            completion_tokens=len(seq.output_ids),
+            queue_seconds=(seq.admitted_time or time.monotonic()) - seq.arrival_time,
+        )
