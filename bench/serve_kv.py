@@ -57,8 +57,8 @@ def round_up(value: int, step: int) -> int:
     return -(-value // step) * step
 
 
-def kv_cache_mb(model_folder: Path, sequences: int, positions: int) -> float:
-    """MiB that `sequences` x `positions` KV positions of the model take in float32."""
+def kv_cache_mb(model_folder: Path, sequences: int, positions: int, dtype: str | None = None) -> float:
+    """MiB that `sequences` x `positions` KV positions of the model take in `dtype` (float32)."""
     import torch
 
     from loraquilt.server.model.config import load_model_config
@@ -66,7 +66,7 @@ def kv_cache_mb(model_folder: Path, sequences: int, positions: int) -> float:
 
     config = load_model_config(model_folder)
     per_position = kv_bytes_per_position(num_layers=config.num_layers, num_kv_heads=config.num_kv_heads,
-                                         head_dim=config.head_dim, dtype=getattr(torch, DTYPE))
+                                         head_dim=config.head_dim, dtype=getattr(torch, dtype or DTYPE))
     return sequences * positions * per_position / MIB
 
 

@@ -4,8 +4,10 @@ Concurrent clients send greedy requests (base, stable adapters, 2-adapter mixes,
 adapters, a few deliberately bad ones) while a cycler registers and unregisters
 `cycles` distinct adapters. Every answer is checked against the single-request answer
 for its weights, computed first on the same server one request at a time. At the end
-the server must hold no leaked adapter slot and no running request, and its RSS must
-not have grown past the limit since warm-up. JSON out; exit code 1 unless it passed.
+the server must hold no leaked adapter slot, no running request and no KV block, and its
+RSS must not have grown past the limit since warm-up. The KV pool is kept small
+(`kv_cache_positions` in blocks of `kv_block_size`), so that sequences are preempted and
+recomputed under the traffic; a run without a preemption fails. JSON out; exit code 1 unless it passed.
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ class TortureConfig:
     max_active_adapters: int = 32  # device slots
     max_cpu_adapters: int = 64
     max_seq_len: int = 128
+    kv_cache_positions: int = 256  # the server's KV pool: far fewer than the batch wants, so it preempts
+    kv_block_size: int = 4
+    # float32: greedy answers are independent of the batch a request ran in (the contract
+    # checked here); in bfloat16 a row's rounding depends on its batch's shapes, so its
+    # greedy answer may differ from the single-request one where two logits are close
+    dtype: str = "float32"
     warmup_cycle_fraction: float = 0.1  # warm-up ends after this share of cycles...
     warmup_s: float = 30.0  # ...and this much traffic time
     rss_growth_limit_pct: float = 5.0
@@ -52,6 +60,8 @@ class TortureConfig:
                              "prompts_per_target must be >= 1")
         if self.stable_adapters < 0 or self.duration_s <= 0:
             raise ValueError("stable_adapters must be >= 0 and duration_s > 0")
+        if self.kv_cache_positions < self.max_seq_len:
+            raise ValueError("kv_cache_positions must hold one request of max_seq_len")
         if self.max_active_adapters < 2:
             raise ValueError("max_active_adapters must be >= 2 (a mix pins two slots)")
 
@@ -59,7 +69,7 @@ class TortureConfig:
     def quick(cls) -> TortureConfig:
         return cls(clients=8, cycles=40, duration_s=300.0, stable_adapters=4, pool_size=8, live_cycled=4,
                    cycle_patience_s=20.0, prompts=8, max_batch_size=8, max_active_adapters=6,
-                   max_cpu_adapters=16, warmup_s=1.0, progress_every_s=5.0, request_timeout_s=60.0)
+                   max_cpu_adapters=16, kv_cache_positions=128, warmup_s=1.0, progress_every_s=5.0, request_timeout_s=60.0)
 
 
 def _progress(message: str) -> None:
@@ -70,6 +80,8 @@ def run_torture(model: str | None, config: TortureConfig, workdir: Path, quick: 
                 port: int | None = None) -> dict:
     from transformers import AutoTokenizer
 
+    from loraquilt.bench.serve_kv import kv_cache_mb
+    from loraquilt.bench.serve_systems import resolve_auto_dtype
     from loraquilt.bench.server_side import ServedLoraQuilt, free_port
     from loraquilt.bench.torture_traffic import build_plan
     from loraquilt.bench.workload import ModelShapes, build_tiny_model, make_prompts, write_adapter
@@ -93,12 +105,16 @@ def run_torture(model: str | None, config: TortureConfig, workdir: Path, quick: 
             write_adapter(root / f"stable-{index}", shapes, "recipe", config.seed * 100_003 + index)
         for index in range(config.pool_size):
             write_adapter(root / f"pool-{index}", shapes, "recipe", config.seed * 100_003 + 50_000 + index)
-        _progress("starting loraquilt serve")
+        dtype = resolve_auto_dtype()[0] if config.dtype == "auto" else config.dtype
+        kv_mb = kv_cache_mb(model_folder, 1, config.kv_cache_positions, dtype) * 1.0001  # whole blocks
+        _progress(f"starting loraquilt serve --dtype {config.dtype} (KV pool {config.kv_cache_positions} positions "
+                  f"in blocks of {config.kv_block_size}: {kv_mb:.2f} MiB)")
         server = ServedLoraQuilt(
             served_model, root, port=port or free_port(), max_batch_size=config.max_batch_size,
             max_active_adapters=config.max_active_adapters, max_cpu_adapters=config.max_cpu_adapters,
             max_seq_len=config.max_seq_len, log=_progress, metrics_port=free_port(),
-            extra_args=("--default-max-new-tokens", str(config.max_new_tokens)))
+            extra_args=("--default-max-new-tokens", str(config.max_new_tokens), "--kv-cache-mb", f"{kv_mb:.6f}",
+                        "--kv-block-size", str(config.kv_block_size), "--dtype", config.dtype))
         try:
             results = _torture(server, plan, config)
             failures = verdict(results, config)
@@ -239,12 +255,16 @@ def _settle(server, timeout_s: float = 60.0) -> dict:
             return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
         state = {"running_requests": gauge("loraquilt_running_requests"),
+                 "kv_cache_usage_ratio": gauge("loraquilt_kv_cache_usage_ratio"),
+                 "preemptions": gauge("loraquilt_preemptions_total"),
+                 "prefix_cache_hit_tokens": gauge("loraquilt_prefix_cache_hits_total"),
+                 "prefix_cache_query_tokens": gauge("loraquilt_prefix_cache_queries_total"),
                  "waiting_requests": gauge("loraquilt_waiting_requests"),
                  "slots_used": gauge("loraquilt_adapter_slots", state="used"),
                  "slots_free": gauge("loraquilt_adapter_slots", state="free"),
                  "device_adapters": gauge("loraquilt_adapters", tier="device")}
         if (state["running_requests"] == 0 and state["waiting_requests"] == 0) or time.monotonic() > deadline:
-            return {key: int(value) for key, value in state.items()}
+            return {key: value if key == "kv_cache_usage_ratio" else int(value) for key, value in state.items()}
         time.sleep(0.5)
 
 
@@ -269,6 +289,10 @@ def verdict(results: dict, config: TortureConfig) -> list[str]:
     if results["leaked_slots"]:
         failures.append(f"{results['leaked_slots']} adapter slots held by unregistered adapters")
     end = results["server_at_end"]
+    if end["kv_cache_usage_ratio"]:
+        failures.append(f"KV blocks still held with no request in the server ({end['kv_cache_usage_ratio']:.1%})")
+    if not end["preemptions"]:
+        failures.append("no sequence was preempted: the small KV pool was never exhausted")
     if end["running_requests"] or end["waiting_requests"]:
         failures.append(f"requests left in the server: {end['running_requests']} running, "
                         f"{end['waiting_requests']} waiting")
@@ -293,6 +317,11 @@ def add_torture_parser(commands, name: str, help_text: str) -> None:
                         help="adapters registered for the whole run (16; quick 4)")
     parser.add_argument("--max-new-tokens", type=int, metavar="N", help="tokens per request (8)")
     parser.add_argument("--max-active-adapters", type=int, metavar="N", help="the server's device slots (32; quick 6)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "auto"),
+                        help="the server's compute dtype (float32: answers must equal the single-request ones "
+                             "exactly; in bfloat16 close logits may flip with the batch)")
+    parser.add_argument("--kv-cache-positions", type=int, metavar="N",
+                        help="the server's KV pool in positions (256: small, so that sequences are preempted)")
     parser.add_argument("--port", type=int, help="the server's gRPC port (default: a free one)")
     parser.add_argument("--workdir", type=Path, help="where the tiny model and adapters go (default: a cache folder)")
     parser.set_defaults(run=_run_command)
@@ -303,7 +332,8 @@ def _run_command(args: argparse.Namespace) -> int:
 
     config = TortureConfig.quick() if args.quick else TortureConfig()
     overrides = {key: getattr(args, key) for key in ("clients", "cycles", "duration_s", "stable_adapters",
-                                                      "max_new_tokens", "max_active_adapters")}
+                                                      "max_new_tokens", "max_active_adapters", "dtype",
+                                                      "kv_cache_positions")}
     config = replace(config, **{key: value for key, value in overrides.items() if value is not None})
     workdir = args.workdir or default_cache_dir() / ("torture-quick" if args.quick else "torture")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -323,4 +353,7 @@ def _summarise(results: dict) -> None:
               f"errors {results['errors_by_status']}, mismatches {results['mismatches']}, "
               f"p50/p99 {results['latency_ms']['p50']:.0f}/{results['latency_ms']['p99']:.0f} ms, "
               f"RSS {rss['start']:.0f} -> {rss['after_warmup']:.0f} -> {rss['end']:.0f} MB "
-              f"({rss['growth_pct']:+.1f}%), cycles {results['cycles_done']}, leaked slots {results['leaked_slots']}")
+              f"({rss['growth_pct']:+.1f}%), cycles {results['cycles_done']}, leaked slots {results['leaked_slots']}, "
+              f"preemptions {results['server_at_end']['preemptions']}, prefix cache hits "
+              f"{results['server_at_end']['prefix_cache_hit_tokens']}/{results['server_at_end']['prefix_cache_query_tokens']}"
+              " tokens")

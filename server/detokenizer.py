@@ -62,8 +62,8 @@ class IncrementalDetokenizer:
     is partial or invalid: there render's text (and its stable part) shrinks meanwhile,
     whereas here characters completed earlier stay; the text handed out is the same, and
     so is `text` at the end, whenever every run ends up valid UTF-8. (With an invalid run,
-    rendering hands out characters its own final text no longer has; here the text handed
-    out is always `text`.) Tokenizers that clean up spaces across tokens (WordPiece with
+    rendering hands out characters its own final text no longer has; here `text` keeps
+    them.) Tokenizers that clean up spaces across tokens (WordPiece with
     clean_up_tokenization_spaces) can differ from render at window edges.
     """
 

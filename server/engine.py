@@ -97,7 +97,7 @@ class Engine:
         started = time.perf_counter()
         self.model = load_causal_lm(source.folder, config.device, progress=config.progress)
         self.tokenizer = load_tokenizer(source.folder)
-        self.eos_ids = stop_token_ids(source.folder, self.tokenizer)
+        eos_ids = stop_token_ids(source.folder, self.tokenizer)
         model_config = self.model.config
         self.max_seq_len = min(config.max_seq_len, model_config.max_position_embeddings)
         shape = dict(num_layers=model_config.num_layers, num_kv_heads=model_config.num_kv_heads,
@@ -125,7 +125,7 @@ class Engine:
         self.scheduler = Scheduler(SchedulerConfig(config.max_batch_size, config.max_prefill_tokens,
                                                    config.max_waiting), self.blocks)
         self.runner = ModelRunner(self.model, self.cache, self.slots)
-        self.postprocessor = Postprocessor(self.tokenizer, self.eos_ids, self.max_seq_len)
+        self.postprocessor = Postprocessor(self.tokenizer, eos_ids, self.max_seq_len)
         self._lock = threading.RLock()
         self._aborted: set[str] = set()
         self.last_batch_size = 0
@@ -136,6 +136,15 @@ class Engine:
             f"positions; prefix cache {'on' if config.prefix_cache else 'off'}), adapter slots {self.slots.num_bytes / 2**20:.1f} MiB")
         if self.model.nf4_paths:
             log(f"NF4 paths measured per weight shape: {self.model.nf4_paths}")
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        """Token ids that end a generation (unless a request ignores them)."""
+        return self.postprocessor.eos_ids
+
+    @eos_ids.setter
+    def eos_ids(self, ids) -> None:
+        self.postprocessor.eos_ids = frozenset(ids)
 
     # -- adapters -------------------------------------------------------------------------
 

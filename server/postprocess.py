@@ -44,7 +44,6 @@ class Postprocessor:
             if not seq.finished:
                 new_text += detokenizer.add((), final=True)
             seq.finish_reason = FINISH_STOP
-        seq.text = detokenizer.text
         return StepOutput(seq.request_id, new_text, (token,), self.result(seq) if seq.finished else None)
 
     def non_finite(self, seq: Sequence) -> StepOutput:
@@ -59,7 +58,7 @@ class Postprocessor:
     @staticmethod
     def result(seq: Sequence) -> GenerationResult:
         return GenerationResult(
-            request_id=seq.request_id, text=seq.text, token_ids=tuple(seq.output_ids),
+            request_id=seq.request_id, text=seq.detokenizer.text if seq.detokenizer else "", token_ids=tuple(seq.output_ids),
             finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt_ids),
             completion_tokens=len(seq.output_ids),
             queue_seconds=(seq.admitted_time or time.monotonic()) - seq.arrival_time,

@@ -35,7 +35,6 @@ class Sequence:
     error: Exception | None = None  # why it was rejected or failed, if it was
     scrub_cache: bool = False  # its KV blocks may hold non-finite values: zero them on release
     detokenizer: Any = None  # the postprocessor's IncrementalDetokenizer (made at the first token)
-    text: str = ""  # generated text so far (stop strings cut)
     generator: Any = None  # random stream of a sampled request (made by the runner at its first draw)
     arrival_time: float = field(default_factory=time.monotonic)
     admitted_time: float | None = None

@@ -102,10 +102,8 @@ def build_forward_batch(
             logits_rows.append(len(ids) - 1)
 
     width = max((-(-(p + 1) // block_size) for p in decode_positions), default=0)
-    tables = torch.zeros(decode_count, width, dtype=torch.int64)
-    for row, table in enumerate(decode_tables):
-        used = table[:width]
-        tables[row, : len(used)] = torch.tensor(used, dtype=torch.int64)
+    padded = [table[:width] + [0] * (width - len(table[:width])) for table in decode_tables]
+    tables = torch.tensor(padded, dtype=torch.int64).view(decode_count, width)
 
     def t(values):
         return torch.tensor(values, dtype=torch.int64).to(device)

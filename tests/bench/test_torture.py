@@ -1,6 +1,7 @@
 """`loraquilt torture --quick` at small scale: a real server process, concurrent clients
 and adapters cycling under traffic; the run passes, every greedy answer equals its
-single-request answer and no adapter slot leaks."""
+single-request answer (through preemptions in a small KV pool and prefix cache hits), no
+adapter slot leaks and no KV block stays held."""
 
 from __future__ import annotations
 
@@ -40,5 +41,7 @@ def test_quick_torture(tmp_path):
     assert rss["start"] > 0 and rss["after_warmup"] > 0 and rss["end"] > 0 and rss["growth_pct"] <= 5
     end = results["server_at_end"]
     assert end["running_requests"] == 0 and end["waiting_requests"] == 0
+    assert end["preemptions"] > 0 and end["kv_cache_usage_ratio"] == 0  # the small pool preempted, then emptied
+    assert 0 < end["prefix_cache_hit_tokens"] <= end["prefix_cache_query_tokens"]
     assert end["registered_adapters"] == sorted(f"stable-{i}" for i in range(4))
     assert end["slots_used"] + end["slots_free"] == results["settings"]["max_active_adapters"]

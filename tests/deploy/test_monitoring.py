@@ -44,7 +44,7 @@ def exported_names() -> set[str]:
         names.update(sample.name for sample in family.samples)
     # the engine gauges come from a collector that needs an engine; take their names from the code
     source = (REPO / "server" / "metrics.py").read_text()
-    names.update(re.findall(r'GaugeMetricFamily\(\s*"([a-z_]+)"', source))
+    names.update(re.findall(r'(?:Gauge|Counter)MetricFamily\(\s*"([a-z_]+)"', source))
     expanded = set(names)
     for name in names:
         expanded.update({f"{name}_total", f"{name}_bucket", f"{name}_sum", f"{name}_count"})
@@ -62,7 +62,8 @@ def test_every_dashboard_query_names_an_exported_metric():
     covered = " ".join(queries)
     for needed in ("generated_tokens", "time_to_first_token", "inter_token", "request_latency", "waiting_requests",
                    "batch_size", "loraquilt_adapters", "adapter_slots", "adapter_loads", "adapter_evictions",
-                   "memory_bytes", "adapter_generated_tokens"):
+                   "memory_bytes", "adapter_generated_tokens", "kv_cache_usage_ratio", "preemptions",
+                   "prefix_cache_hits", "prefix_cache_queries"):
         assert needed in covered, needed
 
 

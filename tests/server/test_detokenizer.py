@@ -214,10 +214,11 @@ def test_streamed_text_is_never_taken_back(tokenizer, text, stop):
 
 # -- incremental detokenizer ------------------------------------------------------------------
 #
-# IncrementalDetokenizer must hand out, step by step, exactly what the engine handed out
-# when it re-rendered the whole output at every step (`replay_render` below), on a byte-level
-# BPE (the fixture tokenizer, and the real SmolLM2 one) and on SentencePiece-style BPEs with
-# byte fallback, whose decoders drop the leading space of their input.
+# IncrementalDetokenizer must hand out, step by step, what the engine handed out when it
+# re-rendered the whole output at every step (`replay_render` below), on a byte-level BPE
+# (the fixture tokenizer, and the real SmolLM2 one) and on SentencePiece-style BPEs with
+# byte fallback (there, as long as every run of byte tokens is valid UTF-8), whose decoders
+# drop the leading space of their input.
 
 SP_CORPUS = (
     "The little town sat at the bend of a slow river. Every morning the baker opened his shop",
@@ -288,7 +289,7 @@ SENTENCEPIECE_KINDS = ("sp-strip", "sp-metaspace")
 
 
 @pytest.fixture(scope="module")
-def tokenizers(tokenizer):
+def tokenizer_of(tokenizer):
     built = {"bpe": tokenizer}
 
     def get(kind):
@@ -301,13 +302,13 @@ def tokenizers(tokenizer):
 
 
 @pytest.fixture(params=TOKENIZER_KINDS)
-def any_tokenizer(request, tokenizers):
-    return tokenizers(request.param)
+def any_tokenizer(request, tokenizer_of):
+    return tokenizer_of(request.param)
 
 
 @pytest.fixture(params=SENTENCEPIECE_KINDS)
-def sp_tokenizer(request, tokenizers):
-    return tokenizers(request.param)
+def sp_tokenizer(request, tokenizer_of):
+    return tokenizer_of(request.param)
 
 
 Step = tuple[tuple[int, ...], bool]  # the ids one add() receives, and `final`
@@ -354,13 +355,8 @@ def byte_ids(tokenizer) -> set[int]:
     return {i for token, i in tokenizer.get_vocab().items() if re.fullmatch(r"<0x[0-9A-F]{2}>", token)}
 
 
-def random_ids(tokenizer, rng: random.Random, length: int, lone_bytes: bool) -> list[int]:
-    """At least `length` random single tokens, encoded snippets and special tokens.
-    lone_bytes=False leaves out single <0xNN> tokens, so that every byte-fallback run is
-    valid UTF-8."""
-    specials = special_ids(tokenizer)
-    excluded = set(specials) | (set() if lone_bytes else byte_ids(tokenizer))
-    plain = [i for i in range(len(tokenizer)) if i not in excluded]
+def random_ids(tokenizer, rng: random.Random, length: int, plain: list[int], specials: list[int]) -> list[int]:
+    """At least `length` ids: random ones from `plain`, encoded snippets, special tokens."""
     ids: list[int] = []
     while len(ids) < length:
         pick = rng.random()
@@ -403,9 +399,14 @@ def random_stops(rng: random.Random, text: str) -> tuple[str, ...]:
 
 
 def random_cases(tokenizer, seed: int, count: int, lone_bytes: bool):
+    """`count` (ids, steps, stop strings). lone_bytes=False leaves out single <0xNN> tokens,
+    so that every byte-fallback run is valid UTF-8."""
     rng = random.Random(seed)
+    specials = special_ids(tokenizer)
+    excluded = set(specials) | (set() if lone_bytes else byte_ids(tokenizer))
+    plain = [i for i in range(len(tokenizer)) if i not in excluded]
     for _ in range(count):
-        ids = random_ids(tokenizer, rng, rng.randint(1, 60), lone_bytes)
+        ids = random_ids(tokenizer, rng, rng.randint(1, 60), plain, specials)
         stop = random_stops(rng, tokenizer.decode(ids, skip_special_tokens=True))
         yield ids, random_steps(rng, ids), stop
 
@@ -434,11 +435,11 @@ def assert_hands_out_as_render(tokenizer, steps: list[Step], stop: tuple[str, ..
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("kind", ["bpe", "smollm2"])
-def test_incremental_equals_rendering_everything_at_every_step(tokenizers, kind, seed):
+def test_incremental_equals_rendering_everything_at_every_step(tokenizer_of, kind, seed):
     """Byte-level BPE, random ids (lone byte tokens included, so also invalid UTF-8), random
     stop strings: the same text handed out at the same step, the same `text` at every step,
     `stopped` at the same step."""
-    tokenizer = tokenizers(kind)
+    tokenizer = tokenizer_of(kind)
     for ids, steps, stop in random_cases(tokenizer, seed, 40, lone_bytes=True):
         expected = replay_render(tokenizer, steps, stop)
         assert replay_incremental(tokenizer, steps, stop) == expected, (ids, steps, stop)
@@ -484,8 +485,11 @@ def test_incremental_hands_out_a_growing_prefix_of_the_final_text(any_tokenizer,
         assert all(final_text.text.startswith(text) for text in so_far)
 
 
-@pytest.mark.parametrize("text", ["naïve 日本語", "日本語のテキスト", "a🙂b 🎉👍🏽", "prix: 10 € net 日本 🙂🎉 done"])
+@pytest.mark.parametrize("text", ["naïve 日本語", "日本語のテキスト", "a🙂b 🎉👍🏽",
+                                  "prix: 10 € net 日本 🙂🎉 done"])
 def test_incremental_multibyte_characters_split_across_tokens(any_tokenizer, text):
+    """Fed one id at a time, a character split over several tokens is held back until it is
+    complete, and no U+FFFD is ever handed out."""
     ids = any_tokenizer.encode(text, add_special_tokens=False)
     assert len(ids) > len(text.split()), "expected characters spanning several tokens"
     detokenizer = IncrementalDetokenizer(any_tokenizer)
@@ -619,10 +623,10 @@ def test_invalid_byte_fallback_run_keeps_the_characters_handed_out(sp_tokenizer)
 
 
 @pytest.mark.parametrize("kind", TOKENIZER_KINDS)
-def test_incremental_decodes_a_few_tokens_per_step(tokenizers, kind, monkeypatch):
+def test_incremental_decodes_a_few_tokens_per_step(tokenizer_of, kind, monkeypatch):
     """Over a 500-token output, no decode call sees more than a handful of ids, and a step
     makes at most two calls: the cost of a step does not grow with the output."""
-    tokenizer = tokenizers(kind)
+    tokenizer = tokenizer_of(kind)
     paragraph = " ".join(SNIPPETS) + " " + " ".join(SP_CORPUS) + "\n\n"
     ids = (tokenizer.encode(paragraph * 20, add_special_tokens=False))[:500]
     assert len(ids) == 500
