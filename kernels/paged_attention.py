@@ -35,7 +35,10 @@ import torch
 import torch.nn.functional as F
 
 
-def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 sliding_window: int | None) -> None:
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(
             "k_cache and v_cache must both be [num_blocks, block_size, kv_heads, head_dim], "
@@ -70,7 +73,7 @@ def paged_attention_reference(
     token_positions: [T] the query's position (it attends keys 0..pos, or the window)
     returns          [T, H, D] in q's dtype
     """
-    _check_cache(q, k_cache, v_cache)
+    _check_cache(q, k_cache, v_cache, sliding_window)
     num_tokens, num_heads, head_dim = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // kv_heads
@@ -113,15 +116,15 @@ def paged_decode_attention(
     Gathers blocks first_block..last_block of every row (last: the longest sequence's;
     first: 0, or the earliest block any row's window reaches), so the work is
     S x the longest context; shorter rows are masked, their padding blocks read anyway.
-    Measured (AMD EPYC, 1 thread; S=32, H=9, KVH=3, D=64, block_size 16, contexts up to
-    64/256/512, least of 80 calls), per call:
-        this (K gathered and transposed, one bmm; V through embedding_bag):
-            fp32 ~0.3 / 1.5 / 4.2 ms, bf16 ~0.25 / 0.6 / 1.5 ms
+    Measured (AMD EPYC, 2 cores, a noisy shared VM: least of 80 interleaved calls; S=32,
+    H=9, KVH=3, D=64, block_size 16, contexts up to 64 / 256 / 512), per call:
+        this (K gathered, transposed, one bmm; V through embedding_bag), 1 | 2 threads:
+            fp32 0.43 / 2.4 / 5.6 | 0.43 / 2.4 / 4.2 ms; bf16 0.32 / 1.0 / 2.7 | 0.31 / 1.0 / 2.2 ms
         K and V both gathered and transposed, two bmm:
-            fp32 ~0.4 / 2.1 / 6.0 ms, bf16 ~0.25 / 0.7 / 1.7 ms
-    (Gathering from a kv-head-major view of the cache copies the whole pool first: 2-3x
-    slower. A block-diagonal query against [S, L, KVH*D] keys matches the transposed
-    gather at KVH=3 but costs KVH times the flops.)
+            fp32 0.48 / 3.7 / 7.9 | 0.47 / 3.2 / 6.4 ms; bf16 0.32 / 1.1 / 3.2 | 0.29 / 1.2 / 2.8 ms
+    Slower still: gathering from a kv-head-major view of the cache (index_select copies the
+    whole pool first: fp32 9-11 ms at 512), and a block-diagonal query against [S, L, KVH*D]
+    keys (close at KVH=3, but KVH times the flops).
 
     q:               [S, H, D]
     k_cache/v_cache: [num_blocks, block_size, KVH, D] contiguous
@@ -129,7 +132,7 @@ def paged_decode_attention(
     context_lens:    [S] >= 1
     returns          [S, H, D] in q's dtype
     """
-    _check_cache(q, k_cache, v_cache)
+    _check_cache(q, k_cache, v_cache, sliding_window)
     num_seqs, num_heads, head_dim = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // kv_heads
@@ -199,7 +202,7 @@ def paged_prefill_attention(
     block_table:     [max_blocks] the sequence's blocks
     returns          [n, H, D] in q's dtype
     """
-    _check_cache(q, k_cache, v_cache)
+    _check_cache(q, k_cache, v_cache, sliding_window)
     num_tokens, num_heads, head_dim = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     scale = head_dim**-0.5 if scale is None else scale

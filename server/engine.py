@@ -24,7 +24,7 @@ from pathlib import Path
 from loraquilt.server.adapters.registry import AdapterRecord, AdapterRegistry, HostHold, Lease, RegistryEvents
 from loraquilt.server.adapters.slots import LoraSlots, SlotConfig
 from loraquilt.server.block_manager import BlockManager
-from loraquilt.server.model.kv_cache import MIB, KVCache, KVCacheConfig, kv_bytes_per_position
+from loraquilt.server.model.kv_cache import KVCache, kv_bytes_per_position, plan_kv_cache
 from loraquilt.server.model.sources import resolve_model
 from loraquilt.server.model.weights import DeviceConfig, load_causal_lm
 from loraquilt.server.postprocess import EngineStepError, NonFiniteLogits, Postprocessor
@@ -102,14 +102,10 @@ class Engine:
         self.max_seq_len = min(config.max_seq_len, model_config.max_position_embeddings)
         shape = dict(num_layers=model_config.num_layers, num_kv_heads=model_config.num_kv_heads,
                      head_dim=model_config.head_dim)
-        per_position = kv_bytes_per_position(**shape, dtype=self.model.dtype)
-        budget = (config.max_batch_size * self.max_seq_len * per_position if config.kv_cache_mb is None
-                  else config.kv_cache_mb * MIB)
-        cache_config = KVCacheConfig.for_budget(budget, per_position, config.kv_block_size)
-        if cache_config.num_positions < self.max_seq_len:
-            raise ValueError(
-                f"--kv-cache-mb {budget / MIB:g} holds {cache_config.num_positions} positions, fewer than one "
-                f"request of --max-seq-len {self.max_seq_len} needs ({self.max_seq_len * per_position / MIB:.2f} MiB)")
+        cache_config = plan_kv_cache(
+            budget_mb=config.kv_cache_mb, default_positions=config.max_batch_size * self.max_seq_len,
+            bytes_per_position=kv_bytes_per_position(**shape, dtype=self.model.dtype),
+            block_size=config.kv_block_size, max_seq_len=self.max_seq_len)
         self.cache = KVCache(cache_config, **shape, dtype=self.model.dtype, device=self.model.device)
         self.slots = LoraSlots(
             model_config, SlotConfig(config.max_active_adapters, config.max_lora_rank, config.lora_backend),
@@ -131,9 +127,9 @@ class Engine:
         self.last_batch_size = 0
         log(f"model {self.model_name} ready in {time.perf_counter() - started:.1f}s on "
             f"{self.model.device} ({str(self.model.dtype).removeprefix('torch.')}; {self.model.dtype_reason}): "
-            f"{self.model.quantized_bytes() / 2**20:.1f} MiB NF4 weights, KV cache "
-            f"{self.cache.num_bytes / 2**20:.1f} MiB ({cache_config.num_blocks} blocks of {cache_config.block_size} "
-            f"positions; prefix cache {'on' if config.prefix_cache else 'off'}), adapter slots {self.slots.num_bytes / 2**20:.1f} MiB")
+            f"{self.model.quantized_bytes() / 2**20:.1f} MiB NF4 weights, KV cache {self.cache.num_bytes / 2**20:.1f} "
+            f"MiB ({cache_config.num_blocks} blocks of {cache_config.block_size} positions, prefix cache "
+            f"{'on' if config.prefix_cache else 'off'}), adapter slots {self.slots.num_bytes / 2**20:.1f} MiB")
         if self.model.nf4_paths:
             log(f"NF4 paths measured per weight shape: {self.model.nf4_paths}")
 

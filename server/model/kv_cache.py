@@ -40,6 +40,19 @@ class KVCacheConfig:
         return self.num_blocks * self.block_size
 
 
+def plan_kv_cache(*, budget_mb: float | None, default_positions: int, bytes_per_position: int,
+                  block_size: int, max_seq_len: int) -> KVCacheConfig:
+    """The pool for `--kv-cache-mb` (None: `default_positions` positions' worth); refused
+    when it cannot hold one request of `max_seq_len` positions."""
+    budget = default_positions * bytes_per_position if budget_mb is None else budget_mb * MIB
+    config = KVCacheConfig.for_budget(budget, bytes_per_position, block_size)
+    if config.num_positions < max_seq_len:
+        raise ValueError(
+            f"--kv-cache-mb {budget / MIB:g} holds {config.num_positions} positions, fewer than one request of "
+            f"--max-seq-len {max_seq_len} needs ({max_seq_len * bytes_per_position / MIB:.2f} MiB)")
+    return config
+
+
 class KVCache:
     """keys, values: [layers, num_blocks, block_size, kv_heads, head_dim], never reallocated."""
 

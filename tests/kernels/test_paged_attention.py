@@ -217,6 +217,16 @@ def test_decode_padding_blocks_are_never_attended():
     assert out.abs().max() < 10
 
 
+def test_bad_shapes_and_windows_raise():
+    q, k_cache, v_cache, tables, lens = decode_case(2, 4, 2, 16, 4, [3, 5], torch.float32, 12)
+    with pytest.raises(ValueError, match="sliding_window"):
+        paged_decode_attention(q, k_cache, v_cache, tables, lens, sliding_window=0)
+    with pytest.raises(ValueError, match="multiple"):
+        paged_decode_attention(q[:, :3], k_cache, v_cache, tables, lens)
+    with pytest.raises(ValueError):
+        paged_decode_attention(q[..., :8], k_cache, v_cache, tables, lens)
+
+
 def test_decode_empty_batch():
     q, k_cache, v_cache, tables, lens = decode_case(1, 4, 2, 16, 4, [3], torch.float32, 5)
     out = paged_decode_attention(q[:0], k_cache, v_cache, tables[:0], lens[:0])
