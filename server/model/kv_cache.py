@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from loraquilt.kernels.paged_attention import write_kv
+
 MIB = 2**20
 
 
@@ -73,9 +75,7 @@ class KVCache:
 
     def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """slot_mapping: [T] flat slots; k, v: [T, kv_heads, head_dim]"""
-        heads, dim = self.keys.shape[-2:]
-        self.keys[layer].view(-1, heads, dim)[slot_mapping] = k
-        self.values[layer].view(-1, heads, dim)[slot_mapping] = v
+        write_kv(self.keys[layer], self.values[layer], slot_mapping, k, v)
 
     def clear(self, block_ids: list[int]) -> None:
         """Zero some blocks: later sequences in them read finite values even where they are
