@@ -46,7 +46,11 @@ def one_thread_off_main() -> None:
     if threading.current_thread() is threading.main_thread() or getattr(_local, "limited", False):
         return
     _local.limited = True
-    torch.zeros(4).add_(1)  # torch's lazy per-thread setup first, so that it does not undo the limit
+    # torch's lazy per-thread setup first, so that it does not undo the limit later: it runs
+    # on a thread's first get_num_threads or parallel region and re-applies the process-wide
+    # count once torch.set_num_threads has been called anywhere
+    torch.get_num_threads()
+    torch.zeros(4).add_(1)
     runtime = _openmp_runtime()
     if runtime is not None:
         runtime.omp_set_num_threads(1)

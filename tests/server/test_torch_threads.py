@@ -38,3 +38,21 @@ def test_threads_started_later_keep_the_process_default():
     thread.start()
     thread.join()
     assert later["threads"] == default
+
+
+def test_the_limit_holds_after_the_process_wide_count_was_set():
+    # once torch.set_num_threads has run anywhere, torch's lazy per-thread setup re-applies
+    # that count on a thread's first get_num_threads: the limit must come after it
+    torch.set_num_threads(torch.get_num_threads())
+    seen = {}
+
+    def side():
+        one_thread_off_main()
+        seen["threads"] = torch.get_num_threads()
+        seen["sum"] = float(torch.arange(100_000, dtype=torch.float64).sum())
+        seen["after"] = torch.get_num_threads()
+
+    worker = threading.Thread(target=side)
+    worker.start()
+    worker.join()
+    assert seen == {"threads": 1, "sum": 100_000 * 99_999 / 2, "after": 1}
