@@ -83,27 +83,10 @@ def _compiler() -> str | None:
 @functools.cache
 def native_kernel() -> NativeKernel | None:
     """The compiled kernel, built on first call; None (after one warning line) if it cannot be."""
-    if os.environ.get(NATIVE_ENV, "1") == "0":
+    built = build_native_library(SOURCE, "nf4", _warn)
+    if built is None:
         return None
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        _warn(f"no native NF4 kernel for {platform.system()} {platform.machine()}")
-        return None
-    missing = [flag for flag in REQUIRED_FLAGS if flag not in cpu_flags()]
-    if missing:
-        _warn(f"the CPU lacks {', '.join(missing)}")
-        return None
-    compiler = _compiler()
-    if compiler is None:
-        _warn("no C compiler (cc, gcc or clang) on PATH")
-        return None
-    openmp = _torch_uses_gomp()
-    flags = [*BASE_FLAGS, *(("-fopenmp",) if openmp else ())]
-    try:
-        path = _build(compiler, flags)
-        library = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as error:
-        _warn(f"building {SOURCE.name} failed ({str(error).strip().splitlines()[-1][:200]})")
-        return None
+    library, path, openmp = built
     for name, out_type in (("nf4_dequantize_f32", ctypes.c_void_p), ("nf4_dequantize_bf16", ctypes.c_void_p)):
         function = getattr(library, name)
         function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, out_type, ctypes.c_int64]
@@ -111,12 +94,41 @@ def native_kernel() -> NativeKernel | None:
     return NativeKernel(library, path, openmp)
 
 
-def _build(compiler: str, flags: list[str]) -> Path:
+def build_native_library(source: Path, stem: str, warn) -> tuple[ctypes.CDLL, Path, bool] | None:
+    """Compile one of the project's C sources (AVX2/FMA, OpenMP when torch uses libgomp)
+    into the cache once and load it: (library, path, openmp), or None after one `warn`
+    line when `LORAQUILT_NATIVE_KERNELS=0`, the CPU or platform cannot run it, no compiler
+    is found or the build fails."""
+    if os.environ.get(NATIVE_ENV, "1") == "0":
+        return None
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        warn(f"no native kernel for {platform.system()} {platform.machine()}")
+        return None
+    missing = [flag for flag in REQUIRED_FLAGS if flag not in cpu_flags()]
+    if missing:
+        warn(f"the CPU lacks {', '.join(missing)}")
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        warn("no C compiler (cc, gcc or clang) on PATH")
+        return None
+    openmp = _torch_uses_gomp()
+    flags = [*BASE_FLAGS, *(("-fopenmp",) if openmp else ())]
+    try:
+        path = _build(compiler, flags, source, stem)
+        library = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as error:
+        warn(f"building {source.name} failed ({str(error).strip().splitlines()[-1][:200]})")
+        return None
+    return library, path, openmp
+
+
+def _build(compiler: str, flags: list[str], source: Path, stem: str) -> Path:
     """Compile into the cache once (a lock serializes processes building at the same time)."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
-    folder = cache_root() / "kernels" / f"nf4-{key}"
-    target = folder / "libloraquilt_nf4.so"
+    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
+    folder = cache_root() / "kernels" / f"{stem}-{key}"
+    target = folder / f"libloraquilt_{stem}.so"
     if target.exists():
         return target
     folder.mkdir(parents=True, exist_ok=True)
@@ -126,7 +138,7 @@ def _build(compiler: str, flags: list[str]) -> Path:
             return target
         with tempfile.TemporaryDirectory(dir=folder) as scratch:
             built = Path(scratch) / target.name
-            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)],
+            result = subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm"],
                                     capture_output=True, text=True, timeout=300)
             if result.returncode != 0:
                 raise subprocess.SubprocessError(result.stderr or f"{compiler} exited {result.returncode}")

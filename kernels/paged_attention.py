@@ -98,6 +98,14 @@ def paged_attention_reference(
     return out
 
 
+def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """cache: [num_blocks, block_size, KVH, D] contiguous; blocks: [n] int64 ->
+    [n, block_size, KVH, D], a copy. index_select over a 2-D view of the pool: on a 4-D
+    tensor it copies element by element, 5x slower (Intel Xeon, 2 cores: 2.0 against 0.41
+    ms for 896 blocks of 16 x 3 x 64 fp32)."""
+    return cache.view(cache.shape[0], -1).index_select(0, blocks).view(-1, *cache.shape[1:])
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -147,7 +155,7 @@ def paged_decode_attention(
     blocks = block_tables[:, first_block:end_block].to(torch.int64)  # [S, nb]
     length = blocks.shape[1] * block_size  # L
 
-    keys = k_cache.index_select(0, blocks.reshape(-1))  # [S*nb, block_size, KVH, D]
+    keys = gather_blocks(k_cache, blocks.reshape(-1))  # [S*nb, block_size, KVH, D]
     keys = keys.view(num_seqs, length, kv_heads, head_dim).transpose(1, 2)  # [S, KVH, L, D] view
     keys = keys.reshape(num_seqs * kv_heads, length, head_dim)  # [S*KVH, L, D]
     queries = q.reshape(num_seqs * kv_heads, group, head_dim).to(k_cache.dtype)  # [S*KVH, G, D]
@@ -221,8 +229,8 @@ def paged_prefill_attention(
     first_block, end_block = first_key // block_size, -(-end // block_size)
     blocks = block_table[first_block:end_block].to(device=k_cache.device, dtype=torch.int64)  # [nb]
     lo, hi = first_key - first_block * block_size, end - first_block * block_size
-    keys = k_cache.index_select(0, blocks).view(-1, kv_heads, head_dim)[lo:hi]  # [L, KVH, D]
-    values = v_cache.index_select(0, blocks).view(-1, kv_heads, head_dim)[lo:hi]  # [L, KVH, D]
+    keys = gather_blocks(k_cache, blocks).view(-1, kv_heads, head_dim)[lo:hi]  # [L, KVH, D]
+    values = gather_blocks(v_cache, blocks).view(-1, kv_heads, head_dim)[lo:hi]  # [L, KVH, D]
 
     query_pos = torch.arange(start, end, device=q.device)  # [n]
     key_pos = torch.arange(first_key, end, device=q.device)  # [L]

@@ -1,9 +1,11 @@
-"""The one place that picks a paged attention kernel: Triton for CUDA tensors, torch otherwise."""
+"""The one place that picks a paged attention kernel: Triton for CUDA tensors; on the CPU the
+compiled decode kernel where it builds (fp32/bf16 pools), torch otherwise."""
 
 from __future__ import annotations
 
 import torch
 
+from loraquilt.kernels import paged_native
 from loraquilt.kernels.paged_attention import paged_decode_attention, paged_prefill_attention
 
 
@@ -15,6 +17,9 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         from loraquilt.kernels.triton_paged_attention import paged_decode_attention_triton
 
         return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, sliding_window)
+    if paged_native.supports(q, k_cache, v_cache):
+        return paged_native.paged_decode_attention_native(q, k_cache, v_cache, block_tables, context_lens,
+                                                          sliding_window)
     return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, sliding_window)
 
 

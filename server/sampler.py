@@ -26,7 +26,9 @@ def sample_next_tokens(
     """logits: [N, vocab] float32 (any device) -> N token ids. A sampled row without a
     generator gets the greedy token (the runner passes None for rows whose logits are not
     finite: their token is not used, and their stream is not advanced)."""
-    chosen = torch.argmax(logits, dim=-1).tolist()  # greedy for everyone, replaced below
+    # greedy for everyone, replaced below. max(dim) picks the same (first) maximum as argmax,
+    # 4x faster on CPU (Intel Xeon, 2 cores, [128, 49152]: 2.0 against 8.1 ms)
+    chosen = torch.max(logits, dim=-1).indices.tolist()
     for row, (param, generator) in enumerate(zip(params, generators)):
         if not param.greedy and generator is not None:  # None: the caller discards this row
             chosen[row] = _sample_row(logits[row].cpu(), param, generator)
