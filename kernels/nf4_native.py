@@ -1,5 +1,6 @@
-"""The project's own compiled CPU kernel: NF4 dequantization with AVX2 over OpenMP threads
-(`kernels/csrc/nf4_dequant.c`).
+"""The project's compiled CPU kernels: NF4 dequantization with AVX2 over OpenMP threads
+(`kernels/csrc/nf4_dequant.c`), and the builder that the paged decode attention
+(`kernels/paged_native.py`) shares.
 
 Built at first use with the system C compiler into the cache (`$LORAQUILT_CACHE` or
 `~/.cache/loraquilt`, under `kernels/`, keyed by the source, the flags and the compiler),
