@@ -140,9 +140,10 @@ def test_a_pool_smaller_than_one_request_is_refused_at_start(model):
 
 
 def test_block_accounting_after_random_traffic_with_aborts(model):
-    """1,000 random requests (shared prefixes, adapters, lengths) arrive, some are aborted while
-    waiting, prefilling or decoding, through a pool small enough to preempt; every block
-    ends free or cached, none referenced, and the completed answers match a roomy engine."""
+    """1,000 random requests (shared prefixes, adapters, lengths) arrive, some are aborted
+    while waiting, prefilling or decoding, through a pool small enough to preempt; every
+    block ends free or cached, none referenced, and the completed answers match a roomy
+    engine."""
     base, adapters = model
     rng = random.Random(7)
     engine = make_engine(base, adapters[:3], kv_cache_mb=pool_mb(base, 192), max_prefill_tokens=24)
