@@ -13,8 +13,8 @@
  *   q      [S, H, D] float32          out    [S, H, D] float32
  *   k, v   [num_blocks, block_size, KVH, D] float32 or bf16 (uint16 bits)
  *   tables [S, max_blocks] int64      lens   [S] int64, >= 1
- * Work: one task per sequence (its blocks read whole, every head at once), spread over the
- * caller's OpenMP threads.
+ * Work: one task per sequence (its rows read whole, every head at once, a few positions
+ * prefetched ahead), spread over the caller's OpenMP threads.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -38,12 +38,20 @@ static inline float scalar_bf16(const uint16_t *p) {
     return value;
 }
 
+/* Pull one position's row (all kv heads) towards the cache ahead of its use: rows of
+ * consecutive positions jump between far-apart blocks every block_size positions. */
+static inline void prefetch_row(const void *row, int64_t bytes) {
+    for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch((const char *)row + offset, _MM_HINT_T0);
+}
+
 static inline float horizontal_sum(__m256 v) {
     __m128 low = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     low = _mm_hadd_ps(low, low);
     low = _mm_hadd_ps(low, low);
     return _mm_cvtss_f32(low);
 }
+
+#define AHEAD 4 /* positions prefetched ahead */
 
 #define DEFINE_PAGED_DECODE(NAME, T, LOAD8, SCALAR)                                              \
     void NAME(const float *q, const T *k, const T *v, const int64_t *tables, int64_t max_blocks,  \
@@ -70,6 +78,11 @@ static inline float horizontal_sum(__m256 v) {
                 for (int64_t i = 0; i < n; i++) { /* scores: every head against position i */    \
                     const int64_t pos = start + i;                                                \
                     const T *keys = k + (table[pos / block_size] * block_size + pos % block_size) * row;\
+                    if (i + AHEAD < n) {                                                          \
+                        const int64_t next = pos + AHEAD;                                         \
+                        prefetch_row(k + (table[next / block_size] * block_size + next % block_size) * row,\
+                                     row * (int64_t)sizeof(T));                                   \
+                    }                                                                             \
                     for (int64_t h = 0; h < num_heads; h++) {                                     \
                         const float *qh = qs + h * head_dim;                                      \
                         const T *key = keys + (h / group) * head_dim;                             \
@@ -95,6 +108,11 @@ static inline float horizontal_sum(__m256 v) {
                 for (int64_t i = 0; i < n; i++) { /* acc[h] += p[h, i] * V[i, h / G] */          \
                     const int64_t pos = start + i;                                                \
                     const T *values = v + (table[pos / block_size] * block_size + pos % block_size) * row;\
+                    if (i + AHEAD < n) {                                                          \
+                        const int64_t next = pos + AHEAD;                                         \
+                        prefetch_row(v + (table[next / block_size] * block_size + next % block_size) * row,\
+                                     row * (int64_t)sizeof(T));                                   \
+                    }                                                                             \
                     for (int64_t h = 0; h < num_heads; h++) {                                     \
                         float *ah = acc + h * head_dim;                                           \
                         const T *value = values + (h / group) * head_dim;                         \
