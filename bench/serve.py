@@ -60,7 +60,9 @@ class BenchConfig:
 
 
 def _progress(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    # one write per line: servers started side by side report from their own threads
+    sys.stderr.write(f"[bench {time.strftime('%H:%M:%S')}] {message}\n")
+    sys.stderr.flush()
 
 
 def parse_scenarios(text: str) -> tuple[str, ...]:
