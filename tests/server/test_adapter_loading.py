@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+import weakref
 
 import pytest
 from fixtures_models import build_tiny_model, make_adapter_zoo, tiny_engine
@@ -60,11 +61,22 @@ class GatedReads:
         return self.real(path)
 
 
+_ENDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> {request id: last output}
+
+
 def step_until(engine: Engine, request_id: str, limit: int = 200):
+    """Step until the request ends and return its last output; requests that ended while
+    stepping for another one are remembered (reads finish on their own thread, so which
+    request ends first can vary)."""
+    ended = _ENDED.setdefault(engine, {})
     for _ in range(limit):
+        if request_id in ended:
+            return ended.pop(request_id)
         for output in engine.step():
-            if output.request_id == request_id and (output.finished or output.error):
-                return output
+            if output.finished or output.error:
+                ended[output.request_id] = output
+    if request_id in ended:
+        return ended.pop(request_id)
     raise AssertionError(f"{request_id} did not finish in {limit} steps")
 
 
