@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  sliding_window: int | None) -> None:
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
@@ -73,7 +73,7 @@ def paged_attention_reference(
     token_positions: [T] the query's position (it attends keys 0..pos, or the window)
     returns          [T, H, D] in q's dtype
     """
-    _check_cache(q, k_cache, v_cache, sliding_window)
+    check_cache(q, k_cache, v_cache, sliding_window)
     num_tokens, num_heads, head_dim = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // kv_heads
@@ -140,7 +140,7 @@ def paged_decode_attention(
     context_lens:    [S] >= 1
     returns          [S, H, D] in q's dtype
     """
-    _check_cache(q, k_cache, v_cache, sliding_window)
+    check_cache(q, k_cache, v_cache, sliding_window)
     num_seqs, num_heads, head_dim = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // kv_heads
@@ -210,7 +210,7 @@ def paged_prefill_attention(
     block_table:     [max_blocks] the sequence's blocks
     returns          [n, H, D] in q's dtype
     """
-    _check_cache(q, k_cache, v_cache, sliding_window)
+    check_cache(q, k_cache, v_cache, sliding_window)
     num_tokens, num_heads, head_dim = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     scale = head_dim**-0.5 if scale is None else scale

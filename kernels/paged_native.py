@@ -75,9 +75,9 @@ def paged_decode_attention_native(
     context_lens:    [S] >= 1
     returns          [S, H, D] in q's dtype
     """
-    from loraquilt.kernels.paged_attention import _check_cache
+    from loraquilt.kernels.paged_attention import check_cache
 
-    _check_cache(q, k_cache, v_cache, sliding_window)
+    check_cache(q, k_cache, v_cache, sliding_window)
     library = _library()
     if library is None or not supports(q, k_cache, v_cache):
         raise RuntimeError("the compiled paged decode kernel does not take these tensors (see supports())")

@@ -25,15 +25,17 @@ class ModelRunner:
         last token (no logits are computed for it and its random stream is not touched), or
         one whose logits are not finite (rows never mix, so one request's overflow leaves
         the others' tokens intact)."""
+        # decode rows grouped by adapter slot: the LoRA kernels then read each slot's rows
+        # as one contiguous slice (no gather of x, no scatter into y)
         order = sorted(range(len(decodes)), key=lambda i: decodes[i].adapter_slots)
-        if order != list(range(len(decodes))):
-            # rows grouped by adapter slot: the LoRA kernels then read each slot's rows as
-            # one contiguous slice (no gather of x, no scatter into y)
-            tokens = self.execute(tuple(decodes[i] for i in order), prefills)
-            result: list[int | None] = [None] * len(decodes)
-            for position, index in enumerate(order):
-                result[index] = tokens[position]
-            return result + tokens[len(decodes):]
+        tokens = self._execute(tuple(decodes[i] for i in order), prefills)
+        result: list[int | None] = [None] * len(decodes)
+        for position, index in enumerate(order):
+            result[index] = tokens[position]
+        return result + tokens[len(decodes):]
+
+    def _execute(self, decodes: tuple[Sequence, ...], prefills: tuple[Sequence, ...]) -> list[int | None]:
+        """`execute` on decodes in the order given."""
         sequences = decodes + prefills
         prefill_tokens = [seq.next_input() for seq in prefills]
         sampling = [seq.samples_this_step for seq in sequences]

@@ -50,7 +50,6 @@ def one_thread_off_main() -> None:
     # on a thread's first get_num_threads or parallel region and re-applies the process-wide
     # count once torch.set_num_threads has been called anywhere
     torch.get_num_threads()
-    torch.zeros(4).add_(1)
     runtime = _openmp_runtime()
     if runtime is not None:
         runtime.omp_set_num_threads(1)

@@ -44,6 +44,11 @@ static inline void prefetch_row(const void *row, int64_t bytes) {
     for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch((const char *)row + offset, _MM_HINT_T0);
 }
 
+/* Elements from the pool's start to position pos's row (all kv heads) in a sequence's table. */
+static inline int64_t row_offset(const int64_t *table, int64_t pos, int64_t block_size, int64_t row) {
+    return (table[pos / block_size] * block_size + pos % block_size) * row;
+}
+
 static inline float horizontal_sum(__m256 v) {
     __m128 low = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     low = _mm_hadd_ps(low, low);
@@ -77,12 +82,9 @@ static inline float horizontal_sum(__m256 v) {
                 const int64_t *table = tables + s * max_blocks;                                   \
                 for (int64_t i = 0; i < n; i++) { /* scores: every head against position i */    \
                     const int64_t pos = start + i;                                                \
-                    const T *keys = k + (table[pos / block_size] * block_size + pos % block_size) * row;\
-                    if (i + AHEAD < n) {                                                          \
-                        const int64_t next = pos + AHEAD;                                         \
-                        prefetch_row(k + (table[next / block_size] * block_size + next % block_size) * row,\
-                                     row * (int64_t)sizeof(T));                                   \
-                    }                                                                             \
+                    const T *keys = k + row_offset(table, pos, block_size, row);                   \
+                    if (i + AHEAD < n)                                                            \
+                        prefetch_row(k + row_offset(table, pos + AHEAD, block_size, row), row * (int64_t)sizeof(T)); \
                     for (int64_t h = 0; h < num_heads; h++) {                                     \
                         const float *qh = qs + h * head_dim;                                      \
                         const T *key = keys + (h / group) * head_dim;                             \
@@ -107,12 +109,9 @@ static inline float horizontal_sum(__m256 v) {
                 memset(acc, 0, sizeof(float) * num_heads * head_dim);                             \
                 for (int64_t i = 0; i < n; i++) { /* acc[h] += p[h, i] * V[i, h / G] */          \
                     const int64_t pos = start + i;                                                \
-                    const T *values = v + (table[pos / block_size] * block_size + pos % block_size) * row;\
-                    if (i + AHEAD < n) {                                                          \
-                        const int64_t next = pos + AHEAD;                                         \
-                        prefetch_row(v + (table[next / block_size] * block_size + next % block_size) * row,\
-                                     row * (int64_t)sizeof(T));                                   \
-                    }                                                                             \
+                    const T *values = v + row_offset(table, pos, block_size, row);                 \
+                    if (i + AHEAD < n)                                                            \
+                        prefetch_row(v + row_offset(table, pos + AHEAD, block_size, row), row * (int64_t)sizeof(T)); \
                     for (int64_t h = 0; h < num_heads; h++) {                                     \
                         float *ah = acc + h * head_dim;                                           \
                         const T *value = values + (h / group) * head_dim;                         \
