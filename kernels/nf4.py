@@ -77,11 +77,21 @@ def can_concat(parts: list[NF4Weight]) -> bool:
 
 
 class DequantScratch:
-    """One reusable buffer per (device, dtype) for dequantized weights. Not thread-safe:
-    one per model, used by its forward only."""
+    """One reusable buffer per (device, dtype) for dequantized weights, and named float32
+    CPU buffers for the fused kernel (`get`). Not thread-safe: one per model, used by its
+    forward only."""
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._named: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, numel: int) -> torch.Tensor:
+        """A float32 CPU buffer of at least `numel` values, kept under `name`."""
+        buffer = self._named.get(name)
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(max(numel, 1), dtype=torch.float32)
+            self._named[name] = buffer
+        return buffer
 
     def view(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         key = (device, dtype)

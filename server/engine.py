@@ -24,6 +24,7 @@ from pathlib import Path
 from loraquilt.server.adapters.registry import AdapterRecord, AdapterRegistry, HostHold, Lease, RegistryEvents
 from loraquilt.server.adapters.slots import LoraSlots, SlotConfig
 from loraquilt.server.block_manager import BlockManager
+from loraquilt.server.cpu_contention import EngineThreads
 from loraquilt.server.model.kv_cache import KVCache, kv_bytes_per_position, plan_kv_cache
 from loraquilt.server.model.sources import resolve_model
 from loraquilt.server.model.weights import DeviceConfig, load_causal_lm
@@ -73,6 +74,7 @@ class EngineConfig:
     kv_cache_mb: float | None = None  # KV block pool; None: what max_batch_size x max_seq_len positions take
     kv_block_size: int = 16  # positions per KV block
     prefix_cache: bool = True  # reuse KV blocks of prompt prefixes (keyed by adapter content)
+    threads: int | None = None  # OpenMP threads of the stepping thread; None = auto (cpu_contention.py)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -84,6 +86,8 @@ class EngineConfig:
             raise ValueError(f"kv_block_size must be a power of two, got {self.kv_block_size}")
         if self.kv_cache_mb is not None and not self.kv_cache_mb > 0:
             raise ValueError(f"kv_cache_mb must be > 0, got {self.kv_cache_mb}")
+        if self.threads is not None and (type(self.threads) is not int or self.threads < 1):
+            raise ValueError(f"threads must be an integer >= 1 or None (auto), got {self.threads!r}")
 
 
 class Engine:
@@ -125,13 +129,14 @@ class Engine:
         self._lock = threading.RLock()
         self._aborted: set[str] = set()
         self.last_batch_size = 0
+        self.threads = EngineThreads(config.threads, log)  # applied on whichever thread steps
         log(f"model {self.model_name} ready in {time.perf_counter() - started:.1f}s on "
             f"{self.model.device} ({str(self.model.dtype).removeprefix('torch.')}; {self.model.dtype_reason}): "
             f"{self.model.quantized_bytes() / 2**20:.1f} MiB NF4 weights, KV cache {self.cache.num_bytes / 2**20:.1f} "
             f"MiB ({cache_config.num_blocks} blocks of {cache_config.block_size} positions, prefix cache "
             f"{'on' if config.prefix_cache else 'off'}), adapter slots {self.slots.num_bytes / 2**20:.1f} MiB")
         if self.model.nf4_paths:
-            log(f"NF4 paths measured per weight shape: {self.model.nf4_paths}")
+            log(f"NF4 plan: {self.model.nf4_paths}")
 
     @property
     def eos_ids(self) -> frozenset[int]:
@@ -199,6 +204,7 @@ class Engine:
     def step(self) -> list[StepOutput]:
         """One scheduling round and one forward. New requests and aborts may arrive from
         other threads meanwhile; the forward itself runs outside the lock."""
+        self.threads.on_step()  # between steps: the thread count for this one (cpu_contention.py)
         with self._lock:
             self._progress.clear()  # whatever happens from here on is seen by the next step
             outputs = self._apply_aborts()

@@ -10,6 +10,7 @@ import torch
 
 from loraquilt.kernels import LoraBatchMeta, build_lora_meta, lora_add_
 from loraquilt.kernels.cpu import needs_grouped
+from loraquilt.kernels.nf4_lora import FusedLora, LoraPairs, LoraPart, PairsArgs
 from loraquilt.kernels.segments import NO_ADAPTER
 from loraquilt.server.adapters.peft_folder import LoadedAdapter
 from loraquilt.server.model.config import PROJECTIONS, ModelConfig
@@ -50,8 +51,10 @@ RowParts = tuple[tuple[int, int, LoraBatchMeta], ...]
 class LoraSlots:
     """A[layer][proj]: [num_slots, R, in], B[layer][proj]: [num_slots, out, R].
 
-    A slot's projections the adapter does not target stay zero, and rows on that slot
-    skip those projections altogether (a per-projection view of the step's rows)."""
+    On CPU, B is a view of storage laid out [num_slots, R, out] (`bt`): the fused NF4 +
+    LoRA kernel reads a vector of outputs in one load, and the torch kernels' B[slot].T is
+    contiguous. A slot's projections the adapter does not target stay zero, and rows on
+    that slot skip those projections altogether (a per-projection view of the step's rows)."""
 
     def __init__(self, model: ModelConfig, config: SlotConfig, dtype: torch.dtype, device: torch.device):
         self.model, self.config = model, config
@@ -59,19 +62,25 @@ class LoraSlots:
         rank = config.padded_rank
         self.a: list[dict[str, torch.Tensor]] = []
         self.b: list[dict[str, torch.Tensor]] = []
+        transposed = device.type == "cpu"
         for _ in range(model.num_layers):
             a_layer, b_layer = {}, {}
             for proj in PROJECTIONS:
                 out_features, in_features = model.projection_shape(proj)
                 a_layer[proj] = torch.zeros(config.num_slots, rank, in_features, dtype=dtype, device=device)
-                b_layer[proj] = torch.zeros(config.num_slots, out_features, rank, dtype=dtype, device=device)
+                if transposed:  # [S, R, out] storage, seen as [S, out, R]
+                    b_layer[proj] = torch.zeros(config.num_slots, rank, out_features, dtype=dtype,
+                                                device=device).transpose(1, 2)
+                else:
+                    b_layer[proj] = torch.zeros(config.num_slots, out_features, rank, dtype=dtype, device=device)
             self.a.append(a_layer)
             self.b.append(b_layer)
         self.targets: list[frozenset[str]] = [frozenset()] * config.num_slots
         self._generation = 0  # bumped whenever a slot's contents change (tables depend on targets)
-        self._step_meta: dict[str, RowParts] = {}
+        self._spans: tuple[LoraSpan, ...] = ()
+        self._step: _StepTables | None = None
         self._last_key: tuple | None = None  # the previous step's spans, and its tables
-        self._last_meta: dict[str, RowParts] = {}
+        self._fused_parts: dict[tuple, FusedLora] = {}  # (layer, parts) -> the kernel's static arguments
 
     @property
     def num_bytes(self) -> int:
@@ -108,24 +117,20 @@ class LoraSlots:
     def begin_step(self, spans: Sequence[LoraSpan]) -> None:
         """The step's LoRA tables, from its row spans (one per sequence, in row order).
 
-        Built once per step per distinct target mask, shared by every layer; a step with
-        the same spans as the previous one (steady decoding) reuses its tables as they are."""
+        Built on first use, once per step per distinct target mask, shared by every layer;
+        a step with the same spans as the previous one (steady decoding) reuses its tables
+        as they are."""
         key = (tuple(spans), self._generation)
-        if key != self._last_key:
-            self._last_key, self._last_meta = key, self._build_meta(spans)
-        self._step_meta = self._last_meta
+        if key != self._last_key or self._step is None:
+            self._last_key, self._step = key, _StepTables(self, tuple(spans))
 
-    def _build_meta(self, spans: Sequence[LoraSpan]) -> dict[str, RowParts]:
-        by_mask: dict[tuple, RowParts] = {}
-        metas: dict[str, RowParts] = {}
-        for proj in PROJECTIONS:
-            # each span's pairs whose slot holds this projection (others skip it entirely)
-            masked = tuple(tuple(pair for pair in span.pairs if proj in self.targets[pair[0]])
-                           for span in spans)
-            if masked not in by_mask:
-                by_mask[masked] = self._row_parts(masked, [span.rows for span in spans])
-            metas[proj] = by_mask[masked]
-        return metas
+    def step_row_parts(self, proj: str) -> RowParts:
+        """The current step's LoRA kernel tables for one projection (built on first use)."""
+        return self._step.row_parts(proj) if self._step is not None else ()
+
+    def masked_pairs(self, spans: Sequence[LoraSpan], proj: str) -> tuple[tuple[tuple[int, float], ...], ...]:
+        """Each span's pairs whose slot holds this projection (others skip it entirely)."""
+        return tuple(tuple(pair for pair in span.pairs if proj in self.targets[pair[0]]) for span in spans)
 
     def _row_parts(self, span_pairs: tuple[tuple[tuple[int, float], ...], ...], rows: list[int]) -> RowParts:
         """The tables for all rows; on CPU, when that step would need grouped_mm (a prefill
@@ -160,14 +165,63 @@ class LoraSlots:
                                num_slots=self.config.num_slots, device=self.device)  # rows [T, K]
 
     def end_step(self) -> None:
-        self._step_meta = {}
+        pass  # the tables stay for the next step, which reuses them when its spans are the same
 
     def add_(self, y: torch.Tensor, x: torch.Tensor, layer: int, projection: str) -> None:
         """y: [T, out] += this step's LoRA deltas of x: [T, in] (nothing for rows without one)."""
-        parts = self._step_meta.get(projection, ())
+        parts = self.step_row_parts(projection)
         a, b = self.a[layer][projection], self.b[layer][projection]
         if len(parts) == 1 and parts[0][1] - parts[0][0] == y.shape[0]:
             lora_add_(y, x, a, b, parts[0][2], self.config.backend)
             return
         for start, end, meta in parts:
             lora_add_(y[start:end], x[start:end], a, b, meta, self.config.backend)
+
+    def fused_args(self, layer: int, parts: tuple[tuple[str, int], ...]) -> tuple[FusedLora, PairsArgs] | None:
+        """The fused NF4 + LoRA kernel's LoRA arguments for one NF4 weight of `layer` whose
+        columns are `parts` ((projection, width) in order); None when no row uses them."""
+        if self._step is None:
+            return None
+        pairs = self._step.pairs_args(parts)
+        if pairs is None:
+            return None
+        key = (layer, parts)
+        fused = self._fused_parts.get(key)
+        if fused is None:
+            columns, start = [], 0
+            for name, width in parts:
+                columns.append(LoraPart(start, start + width, self.a[layer][name],
+                                        self.b[layer][name].transpose(1, 2)))
+                start += width
+            fused = self._fused_parts[key] = FusedLora(columns)
+        return fused, pairs
+
+
+class _StepTables:
+    """One step's LoRA tables, each built on first use: the LoRA kernels' metadata per
+    projection (`row_parts`) and the fused kernel's pair tables per projection group."""
+
+    def __init__(self, slots: LoraSlots, spans: tuple[LoraSpan, ...]):
+        self.slots, self.spans = slots, spans
+        self.rows = [span.rows for span in spans]
+        self._metas: dict[tuple, RowParts] = {}  # by target mask
+        self._pairs: dict[tuple, LoraPairs | None] = {}  # by target mask
+        self._args: dict[tuple, PairsArgs | None] = {}  # by parts
+
+    def row_parts(self, proj: str) -> RowParts:
+        masked = self.slots.masked_pairs(self.spans, proj)
+        if masked not in self._metas:
+            self._metas[masked] = self.slots._row_parts(masked, self.rows)
+        return self._metas[masked]
+
+    def pairs_args(self, parts: tuple[tuple[str, int], ...]) -> PairsArgs | None:
+        if parts not in self._args:
+            tables = []
+            for name, _ in parts:
+                masked = self.slots.masked_pairs(self.spans, name)
+                if masked not in self._pairs:
+                    self._pairs[masked] = LoraPairs.from_spans(masked, self.rows) if any(masked) else None
+                tables.append(self._pairs[masked])
+            rank = self.slots.config.padded_rank
+            self._args[parts] = PairsArgs(tables, [rank] * len(tables)) if any(tables) else None
+        return self._args[parts]

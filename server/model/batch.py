@@ -9,10 +9,16 @@ import torch
 
 
 class LoraHook(Protocol):
-    """What the model asks of the adapter layer: add this step's LoRA deltas in place."""
+    """What the model asks of the adapter layer: add this step's LoRA deltas in place, or
+    hand them to the fused NF4 + LoRA kernel."""
 
     def add_(self, y: torch.Tensor, x: torch.Tensor, layer: int, projection: str) -> None:
         """y: [T, out] projection output, x: [T, in] its input."""
+
+    def fused_args(self, layer: int, parts: tuple[tuple[str, int], ...]):
+        """(FusedLora, PairsArgs) of `kernels.nf4_lora` for one NF4 weight whose output
+        columns are `parts` ((projection, width) in order), or None when no row of the
+        step uses any of them."""
 
 
 @dataclass(frozen=True)

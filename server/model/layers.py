@@ -1,8 +1,9 @@
 """Decoder building blocks: RMSNorm, rotary embedding, attention over the paged KV cache, MLP.
 
-Every projection is an NF4Linear followed by the step's LoRA hook:
-`y = proj(x); lora.add_(y, x, layer, name)`; projections that read the same input (q/k/v,
-gate/up) run as one fused NF4 GEMM, each output still getting its own LoRA delta.
+Every projection is an NF4Linear that adds the step's LoRA deltas itself: `y = proj(x, lora)`
+(on CPU one fused NF4 + LoRA kernel call; else a GEMM, then the LoRA hook per output).
+Projections that read the same input (q/k/v, gate/up) run as one NF4 weight, each output
+still getting its own LoRA delta.
 """
 
 from __future__ import annotations
@@ -56,13 +57,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + _rotate_half(x) * sin
 
 
-def _project(proj: NF4Linear, x: torch.Tensor, lora: LoraHook | None, layer: int, name: str):
-    y = proj(x)
-    if lora is not None:
-        lora.add_(y, x, layer, name)
-    return y
-
-
 class ProjectionGroup(nn.Module):
     """Projections that read the same input (q/k/v, gate/up): one fused NF4 GEMM when their
     blocks align (bit-identical values), else one GEMM each. Each output then gets its own
@@ -74,19 +68,18 @@ class ProjectionGroup(nn.Module):
         self.names = tuple(name for linear in linears for name, _ in linear.parts)
         fused = NF4Linear.fuse(linears) if fuse and len(linears) > 1 else None
         self.linears = nn.ModuleList([fused] if fused is not None else linears)
+        for linear in self.linears:
+            linear.layer = layer
 
     def forward(self, x: torch.Tensor, lora: LoraHook | None) -> list[torch.Tensor]:
         """x: [T, in] -> one [T, out_i] output per projection, in `names` order (column
-        views of one [T, sum(out_i)] tensor when fused)."""
+        views of one [T, sum(out_i)] tensor when fused), LoRA deltas included."""
         outputs = []
         for linear in self.linears:
-            y = linear(x)  # [T, sum of its parts' out]
+            y = linear(x, lora)  # [T, sum of its parts' out]
             start = 0
-            for name, size in linear.parts:
-                part = y[:, start : start + size] if len(linear.parts) > 1 else y
-                if lora is not None:
-                    lora.add_(part, x, self.layer, name)
-                outputs.append(part)
+            for _, size in linear.parts:
+                outputs.append(y[:, start : start + size] if len(linear.parts) > 1 else y)
                 start += size
         return outputs
 
@@ -100,6 +93,7 @@ class Attention(nn.Module):
         self.sliding_window = config.sliding_window
         self.qkv = ProjectionGroup(layer, [projections[n] for n in ("q_proj", "k_proj", "v_proj")], fuse)
         self.o_proj = projections["o_proj"]
+        self.o_proj.layer = layer
 
     def forward(self, x, cos, sin, batch: ForwardBatch, cache: KVCache, lora: LoraHook | None):
         """x: [T, hidden] -> [T, hidden]"""
@@ -116,7 +110,7 @@ class Attention(nn.Module):
         if decodes == tokens:  # a decode-only step: no copy of the output
             out = paged_decode(q, k_cache, v_cache, batch.decode_block_tables, batch.decode_context_lens,
                                self.sliding_window)
-            return _project(self.o_proj, out.reshape(tokens, -1), lora, self.layer, "o_proj")
+            return self.o_proj(out.reshape(tokens, -1), lora)
         out = torch.empty_like(q)  # [T, H, D]
         if decodes:
             out[:decodes] = paged_decode(q[:decodes], k_cache, v_cache, batch.decode_block_tables,
@@ -125,7 +119,7 @@ class Attention(nn.Module):
             rows = slice(span.token_start, span.token_end)
             out[rows] = paged_prefill(q[rows], k[rows], v[rows], k_cache, v_cache, span.block_table,
                                       span.cache_start, self.sliding_window)
-        return _project(self.o_proj, out.view(tokens, -1), lora, self.layer, "o_proj")
+        return self.o_proj(out.view(tokens, -1), lora)
 
 
 class MLP(nn.Module):
@@ -134,11 +128,12 @@ class MLP(nn.Module):
         self.layer = layer
         self.gate_up = ProjectionGroup(layer, [projections["gate_proj"], projections["up_proj"]], fuse)
         self.down_proj = projections["down_proj"]
+        self.down_proj.layer = layer
 
     def forward(self, x: torch.Tensor, lora: LoraHook | None) -> torch.Tensor:
         """x: [T, hidden] -> [T, hidden]"""
         gate, up = self.gate_up(x, lora)  # [T, inter] each
-        return _project(self.down_proj, F.silu(gate) * up, lora, self.layer, "down_proj")
+        return self.down_proj(F.silu(gate) * up, lora)
 
 
 class DecoderLayer(nn.Module):

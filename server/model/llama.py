@@ -33,7 +33,7 @@ class CausalLM(nn.Module):
         self.lm_head = self.embed_tokens if lm_head is None else nn.Parameter(lm_head, requires_grad=False)
         self.rotary = RotaryEmbedding(config).to(embed_tokens.device)
         self.dtype_reason = ""  # why this compute dtype was chosen (set by the loader)
-        self.nf4_paths = ""  # the NF4 path chosen per weight shape (set by the loader, CPU)
+        self.nf4_paths = ""  # the NF4 plan in words (set by the loader, CPU)
 
     @property
     def dtype(self) -> torch.dtype:

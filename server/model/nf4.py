@@ -1,9 +1,11 @@
 """NF4 projections: weights quantized once at load time with bitsandbytes.
 
-Blocksize 64, double quantization. The forward pass is `kernels.nf4.nf4_linear`:
-bitsandbytes' own `matmul_4bit` on CUDA; on CPU the same dequantize-then-GEMM arithmetic
-(bit-identical) into a scratch buffer the whole model shares, with the per-block absmax
-held in float32 (0.56 bytes per parameter instead of 0.52, for half the step time).
+Blocksize 64, double quantization; one 4-bit copy of every weight in every compute dtype.
+On CUDA the forward is bitsandbytes' own `matmul_4bit`. On CPU the plan (`kernels.nf4_plan`,
+a rule of the CPU and dtype) sends a step either to the fused NF4 + LoRA kernel (one call
+per projection group, LoRA deltas included) or to dequantize-then-GEMM into a scratch
+buffer the whole model shares (bit-identical to bitsandbytes), followed by the LoRA
+kernels. The per-block absmax is held in float32 (0.5625 bytes per parameter in all).
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loraquilt.kernels.nf4 import DequantScratch, NF4Weight, can_concat, nf4_linear
-from loraquilt.kernels.nf4_plan import BnbFusedWeight, NF4PathChoice, repack_for_bnb_fused, run_path
+from loraquilt.kernels import nf4_lora
+from loraquilt.kernels.nf4 import DequantScratch, NF4Weight, can_concat, nf4_linear, nf4_linear_cpu
+from loraquilt.kernels.nf4_plan import NF4Plan
+from loraquilt.server.model.batch import LoraHook
 
 
 class NF4Linear(nn.Module):
@@ -50,8 +54,8 @@ class NF4Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.to(compute_dtype), requires_grad=False)
         self.compute_dtype = compute_dtype
         self.scratch = scratch or DequantScratch()
-        self.path_choice: NF4PathChoice | None = None  # CPU: measured path per row count
-        self.fused_bnb: BnbFusedWeight | None = None  # repacked copy, only for the bnb_fused path
+        self.plan: NF4Plan | None = None  # CPU: the path per row count (set by the loader)
+        self.layer = -1  # the decoder layer it belongs to (the LoRA slots are looked up by it)
 
     @classmethod
     def fuse(cls, linears: list[NF4Linear]) -> NF4Linear | None:
@@ -65,20 +69,29 @@ class NF4Linear(nn.Module):
         return cls(NF4Weight.concat_rows(weights), bias, linears[0].compute_dtype, linears[0].scratch,
                    parts=parts)
 
-    def use_paths(self, choice: NF4PathChoice) -> None:
-        """Take the measured CPU path per row count (repacking the weight for bitsandbytes'
-        fused kernel only where that path was chosen)."""
-        self.path_choice = choice
-        self.fused_bnb = repack_for_bnb_fused(self.weight) if "bnb_fused" in choice.paths else None
-        if "bnb_fused" in choice.paths and self.fused_bnb is None:
-            self.path_choice = choice.replacing("bnb_fused", "dequant_native")
+    def use_plan(self, plan: NF4Plan) -> None:
+        """Take the CPU plan: the path per row count."""
+        self.plan = plan
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [T, in] -> [T, out]"""
-        if self.on_cpu and self.path_choice is not None:
-            path = self.path_choice.path_for(x.shape[0])
-            return run_path(path, x, self.weight, self.bias, self.scratch, self.fused_bnb)
-        return nf4_linear(x, self.weight, self.bias, self.scratch)
+    def forward(self, x: torch.Tensor, lora: LoraHook | None = None) -> torch.Tensor:
+        """x: [T, in] -> [T, out]: the projection (every part side by side) plus this step's
+        LoRA deltas of each part."""
+        if self.on_cpu and self.plan is not None:
+            path = self.plan.path_for(x.shape[0])
+            if path == "fused" and nf4_lora.supports(x, self.weight):
+                fused = lora.fused_args(self.layer, self.parts) if lora is not None else None
+                return nf4_lora.nf4_lora_linear(x, self.weight, self.bias, *(fused or (None, ())),
+                                                scratch=self.scratch)
+            dequantizer = "bnb" if path == "dequant_bnb" else "auto"
+            y = nf4_linear_cpu(x, self.weight, self.bias, self.scratch, dequantizer)
+        else:
+            y = nf4_linear(x, self.weight, self.bias, self.scratch)
+        if lora is not None:
+            start = 0
+            for name, size in self.parts:
+                lora.add_(y[:, start : start + size] if len(self.parts) > 1 else y, x, self.layer, name)
+                start += size
+        return y
 
     def dequantized(self) -> torch.Tensor:
         """[out, in] in compute dtype: the exact values the forward multiplies by."""
@@ -95,8 +108,6 @@ class NF4Linear(nn.Module):
         if state.nested:
             total += state.state2.absmax.numel() * state.state2.absmax.element_size()
             total += state.state2.code.numel() * state.state2.code.element_size()
-        if self.fused_bnb is not None:  # the repacked copy for bitsandbytes' fused kernel
-            total += self.fused_bnb.packed.numel() + self.fused_bnb.state.absmax.numel() * 2
         return total + state.code.numel() * state.code.element_size()
 
     @property

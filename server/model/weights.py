@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from loraquilt.kernels.nf4 import DequantScratch
-from loraquilt.kernels.nf4_plan import describe_plans, plan_nf4_paths
+from loraquilt.kernels.nf4_plan import plan_nf4
 from loraquilt.server.model.dtype import DTYPE_CHOICES, resolve_compute_dtype
 from loraquilt.server.model.config import PROJECTIONS, ModelConfig, load_model_config
 from loraquilt.server.model.layers import DecoderLayer
@@ -83,10 +83,10 @@ class CheckpointReader:
 
 
 def load_causal_lm(folder: Path, device_config: DeviceConfig = DeviceConfig(),
-                   progress: bool = True, fuse_projections: bool = True, plan_nf4: bool = True) -> CausalLM:
-    """fuse_projections: q/k/v and gate/up as one NF4 GEMM each (same values, fewer calls).
-    plan_nf4: on CPU, time the NF4 paths per weight shape and give each projection the
-    fastest for its row count (`kernels.nf4_plan`); else the native dequantize + GEMM."""
+                   progress: bool = True, fuse_projections: bool = True, fused_kernel: bool = True) -> CausalLM:
+    """fuse_projections: q/k/v and gate/up as one NF4 weight each (same values, fewer calls).
+    fused_kernel: on CPU, the plan of `kernels.nf4_plan` (the fused NF4 + LoRA kernel for the
+    row counts where this CPU runs it fastest); False: dequantize + GEMM for every step."""
     folder = Path(folder)
     config: ModelConfig = load_model_config(folder)
     device, dtype, dtype_reason = device_config.resolve_with_reason()
@@ -117,12 +117,11 @@ def load_causal_lm(folder: Path, device_config: DeviceConfig = DeviceConfig(),
         lm_head = None if head is None else head.to(device=device, dtype=dtype)
     model = CausalLM(config, embed, layers, dense("model.norm.weight"), lm_head)
     model.dtype_reason = dtype_reason  # why this compute dtype (logged, shown by `info`)
-    if device.type == "cpu" and plan_nf4:
-        linears = list(model.quantized_linears())
-        plans = plan_nf4_paths([linear.weight.shape for linear in linears], dtype)
-        for linear in linears:
-            linear.use_paths(plans[linear.weight.shape])
-        model.nf4_paths = describe_plans(plans)
+    if device.type == "cpu":
+        plan = plan_nf4(dtype) if fused_kernel else plan_nf4(dtype, fused_available=False)
+        for linear in model.quantized_linears():
+            linear.use_plan(plan)
+        model.nf4_paths = plan.describe()
     return model
 
 

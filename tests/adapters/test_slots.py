@@ -49,7 +49,7 @@ def test_decodes_beside_a_prefill_split_into_parts_with_the_same_deltas(slots, d
     slots.begin_step(spans)
     try:
         for proj in PROJECTIONS:
-            parts = slots._step_meta[proj]
+            parts = slots.step_row_parts(proj)
             whole = slots._span_meta([s.pairs for s in spans], [s.rows for s in spans])
             if parts and needs_grouped(slots._span_meta(
                     tuple(tuple(p for p in s.pairs if proj in slots.targets[p[0]]) for s in spans),
@@ -67,13 +67,13 @@ def test_decodes_beside_a_prefill_split_into_parts_with_the_same_deltas(slots, d
     finally:
         slots.end_step()
     if decodes == 15:  # projections every zoo recipe targets: 15+ segments, too uneven for slot_range
-        assert any(len(parts) == 2 for parts in slots._last_meta.values())
+        assert any(len(parts) == 2 for parts in (slots.step_row_parts(p) for p in PROJECTIONS))
 
 
 def test_few_segments_keep_one_table(slots):
     spans = [LoraSpan(1, ((0, 1.0),)), LoraSpan(1, ()), LoraSpan(12, ((1, 1.0),))]
     slots.begin_step(spans)
     try:
-        assert all(len(parts) <= 1 for parts in slots._step_meta.values())
+        assert all(len(parts) <= 1 for parts in (slots.step_row_parts(p) for p in PROJECTIONS))
     finally:
         slots.end_step()

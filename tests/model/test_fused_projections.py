@@ -6,6 +6,7 @@ import torch
 from fixtures_models import build_tiny_model, make_adapter_zoo
 
 from loraquilt.server.adapters.slots import LoraSpan
+from loraquilt.server.model.config import PROJECTIONS
 from loraquilt.server.engine import Engine, EngineConfig
 from loraquilt.server.model.batch import build_forward_batch, contiguous_tables
 from loraquilt.server.model.weights import DeviceConfig, load_causal_lm
@@ -34,11 +35,11 @@ def _logits(model, prompts):
     return model(batch, cache)
 
 
-def test_fused_model_is_bit_identical_to_unfused(base):
-    # one GEMM orientation for both (the measured plan may pick a weight-major GEMM for
-    # one shape and not for another, which changes the summation order, not the values)
-    fused = load_causal_lm(base, EXACT, progress=False, plan_nf4=False)
-    plain = load_causal_lm(base, EXACT, progress=False, fuse_projections=False, plan_nf4=False)
+@pytest.mark.parametrize("fused_kernel", [False, True], ids=["dequant_gemm", "fused_kernel"])
+def test_fused_model_is_bit_identical_to_unfused(base, fused_kernel):
+    # each output column is summed the same way whatever columns share its weight, on both paths
+    fused = load_causal_lm(base, EXACT, progress=False, fused_kernel=fused_kernel)
+    plain = load_causal_lm(base, EXACT, progress=False, fuse_projections=False, fused_kernel=fused_kernel)
     assert len(list(fused.quantized_linears())) == 4 * fused.config.num_layers
     assert len(list(plain.quantized_linears())) == 7 * plain.config.num_layers
     assert fused.quantized_params() == plain.quantized_params()
@@ -66,7 +67,7 @@ def test_span_tables_equal_per_token_tables_and_are_reused(base, tmp_path):
         a0, a1 = lease.slots
         spans = [LoraSpan(1, ((a0, 1.0),)), LoraSpan(1, ()), LoraSpan(3, ((a1, 0.5), (a0, 0.25)))]
         slots.begin_step(spans)
-        first = dict(slots._step_meta)
+        first = {p: slots.step_row_parts(p) for p in PROJECTIONS}
         assert any(first.values())
         for proj, parts in first.items():  # each projection: the pairs whose slot targets it, row by row
             assert len(parts) <= 1  # few segments: one table for every row
@@ -82,11 +83,11 @@ def test_span_tables_equal_per_token_tables_and_are_reused(base, tmp_path):
             assert meta.row_weights.tolist() == [[w for _, w in row] for row in padded], proj
         slots.end_step()
         slots.begin_step(list(spans))  # the same spans next step: the same tables, not rebuilt
-        assert all(slots._step_meta[p] is first[p] for p in first)
+        assert all(slots.step_row_parts(p) is first[p] for p in first)
         slots.end_step()
         slots.load(slots.config.num_slots - 1, engine.adapters._read(engine.adapters.get("a2").path))
         slots.begin_step(list(spans))  # a slot changed: tables are rebuilt
-        assert any(slots._step_meta[p] is not first[p] for p in first if first[p])
+        assert any(slots.step_row_parts(p) is not first[p] for p in first if first[p])
         slots.end_step()
     finally:
         engine.adapters.release(lease)
