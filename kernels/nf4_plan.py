@@ -13,9 +13,14 @@ Paths (every one computes y = x @ dequantize_nf4(W).T + b, plus the step's LoRA 
 - `dequant_bnb`: the same with bitsandbytes' C dequantize kernel, where the native kernels
   could not be built.
 
-Measured per row count with `loraquilt bench kernels --nf4` (see README): the fused kernel
-wins at every row count in float32, and for bf16 up to FUSED_MAX_ROWS_AMX rows on CPUs
-with AMX tiles (oneDNN's AMX GEMM pulls ahead on longer prefill chunks).
+The rules, from one projection call timed per row count (Intel Xeon with AMX, 2026-12, one
+thread; SmolLM2's shapes): float32: the fused kernel is 1.5-2.5x faster than dequantize +
+GEMM up to 64 rows and even at 160. bf16 on a CPU with AMX tiles: oneDNN's AMX GEMM after
+the dequantize is faster from ~32 rows on; below, the fused kernel is 1.2-4x faster. There
+the fused kernel multiplies with float32 FMAs (bf16 values widened: the same products):
+`vdpbf16ps` ran 1.5x slower than FMA on that core. On AVX512-BF16 CPUs without AMX (AMD
+Zen 4/5), `vdpbf16ps` does twice the work of an FMA per instruction, so it is used there
+(not measured on this project's machines yet).
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ import torch
 
 PATHS = ("fused", "dequant_native", "dequant_bnb")
 # bf16 steps with more rows than this go to dequantize + oneDNN where the CPU has AMX tiles
-FUSED_MAX_ROWS_AMX = 48
-UNBOUNDED = 1 << 62
+FUSED_MAX_ROWS_AMX = 32
+# other steps with more rows than this (long prefills) go to dequantize + oneDNN
+FUSED_MAX_ROWS = 160
 
 
 @dataclass(frozen=True)
@@ -44,10 +50,10 @@ class NF4Plan:
         return "fused" if rows <= self.fused_max_rows else self.fallback
 
     def describe(self) -> str:
-        limit = "every step" if self.fused_max_rows >= UNBOUNDED else f"steps of <= {self.fused_max_rows} rows"
         if self.fused_max_rows <= 0:
             return f"{self.fallback} ({self.reason})"
-        return f"fused NF4+LoRA kernel ({self.isa}) for {limit}, else {self.fallback} ({self.reason})"
+        return (f"fused NF4+LoRA kernel ({self.isa}) for steps of <= {self.fused_max_rows} rows, "
+                f"else {self.fallback} ({self.reason})")
 
 
 def plan_nf4(dtype: torch.dtype, flags: frozenset[str] | None = None, fused_available: bool | None = None) -> NF4Plan:
@@ -66,5 +72,6 @@ def plan_nf4(dtype: torch.dtype, flags: frozenset[str] | None = None, fused_avai
         return NF4Plan(0, fallback, "", why)
     isa = nf4_lora.active_isa()
     if dtype == torch.bfloat16 and "amx_bf16" in flags:
-        return NF4Plan(FUSED_MAX_ROWS_AMX, fallback, isa, "bf16 with AMX: oneDNN's AMX GEMM for longer steps")
-    return NF4Plan(UNBOUNDED, fallback, isa, f"{str(dtype).removeprefix('torch.')} without AMX tiles")
+        isa = "avx512" if isa == "avx512_bf16" else isa  # FMA beat vdpbf16ps on such cores
+        return NF4Plan(FUSED_MAX_ROWS_AMX, fallback, isa, "bf16 with AMX tiles: oneDNN's AMX GEMM for longer steps")
+    return NF4Plan(FUSED_MAX_ROWS, fallback, isa, f"{str(dtype).removeprefix('torch.')}, no AMX tiles")

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraquilt.kernels.layer_ops import add_rms_norm, rotary
 from loraquilt.kernels.paged_dispatch import paged_decode, paged_prefill
 from loraquilt.server.model.batch import ForwardBatch, LoraHook
 from loraquilt.server.model.config import ModelConfig
@@ -27,9 +28,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, hidden]; normalised in float32, scaled in x's dtype (as transformers)."""
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return add_rms_norm(x, None, self.weight, self.eps)
+
+    def add_and_norm(self, residual: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """residual += delta (in place), then the norm of it: [T, hidden] each."""
+        return add_rms_norm(residual, delta, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -44,17 +47,6 @@ class RotaryEmbedding(nn.Module):
         freqs = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
         return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, D]; cos, sin: [T, D]"""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + _rotate_half(x) * sin
 
 
 class ProjectionGroup(nn.Module):
@@ -102,7 +94,7 @@ class Attention(nn.Module):
         q = q.view(tokens, self.num_heads, self.head_dim)
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = rotary(q, k, cos, sin)  # in place on the projection's output where it can
         cache.write(self.layer, batch.slot_mapping, k, v)
         k_cache, v_cache = cache.layer(self.layer)  # [blocks, block_size, KVH, D] each
 
@@ -151,7 +143,11 @@ class DecoderLayer(nn.Module):
         return [*self.self_attn.qkv.linears, self.self_attn.o_proj, *self.mlp.gate_up.linears,
                 self.mlp.down_proj]
 
-    def forward(self, hidden, cos, sin, batch, cache, lora):
-        """hidden: [T, hidden] -> [T, hidden]"""
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, batch, cache, lora)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden), lora)
+    def forward(self, residual, normed, cos, sin, batch, cache, lora, next_norm: RMSNorm) -> torch.Tensor:
+        """residual: [T, hidden], the stream, updated in place (+ attention, + MLP);
+        normed: this layer's input norm of it. Returns next_norm of the updated stream (the
+        next layer's input norm, or the final norm): each residual add shares a call with
+        the norm that follows it."""
+        normed = self.post_attention_layernorm.add_and_norm(
+            residual, self.self_attn(normed, cos, sin, batch, cache, lora))
+        return next_norm.add_and_norm(residual, self.mlp(normed, lora))

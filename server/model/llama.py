@@ -51,11 +51,13 @@ class CausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: KVCache, lora: LoraHook | None = None) -> torch.Tensor:
         """Run one step; returns next-token logits [N, vocab] (float32) for batch.logits_rows."""
-        hidden = self.embed_tokens[batch.input_ids]  # [T, hidden]
-        cos, sin = self.rotary(batch.positions, hidden.dtype)  # [T, head_dim] each
-        for layer in self.layers:
-            hidden = layer(hidden, cos, sin, batch, cache, lora)
-        last = self.norm(hidden[batch.logits_rows])  # [N, hidden]
+        residual = self.embed_tokens[batch.input_ids]  # [T, hidden], the residual stream
+        cos, sin = self.rotary(batch.positions, residual.dtype)  # [T, head_dim] each
+        normed = self.layers[0].input_layernorm(residual)  # [T, hidden]
+        for index, layer in enumerate(self.layers):
+            following = self.layers[index + 1].input_layernorm if index + 1 < len(self.layers) else self.norm
+            normed = layer(residual, normed, cos, sin, batch, cache, lora, following)
+        last = normed[batch.logits_rows]  # [N, hidden], final-normed
         if last.shape[0] > VOCAB_MAJOR_MAX_ROWS:
             return torch.mm(last, self.lm_head.t()).float()  # [N, vocab]
         # vocab-major GEMM for a few rows: streams the [vocab, hidden] head once (much faster

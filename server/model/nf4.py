@@ -81,7 +81,7 @@ class NF4Linear(nn.Module):
             if path == "fused" and nf4_lora.supports(x, self.weight):
                 fused = lora.fused_args(self.layer, self.parts) if lora is not None else None
                 return nf4_lora.nf4_lora_linear(x, self.weight, self.bias, *(fused or (None, ())),
-                                                scratch=self.scratch)
+                                                scratch=self.scratch, isa=self.plan.isa)
             dequantizer = "bnb" if path == "dequant_bnb" else "auto"
             y = nf4_linear_cpu(x, self.weight, self.bias, self.scratch, dequantizer)
         else:
