@@ -43,6 +43,18 @@ class FlopModel:
         """Parameters of every quantized projection, all layers."""
         return self.num_layers * sum(out * in_ for out, in_ in self.projection_shapes.values())
 
+    def token_gemms(self) -> list[tuple[int, int, int]]:
+        """(out, in, count) of every distinct weight shape one token's forward multiplies by:
+        the projections (count = layers x projections of that shape) and the lm_head (once).
+        Timing these at the decode batch's rows gives the GEMM rate this model can reach."""
+        counts: dict[tuple[int, int], int] = {}
+        for shape in self.projection_shapes.values():
+            counts[shape] = counts.get(shape, 0) + self.num_layers
+        hidden = self.projection_shapes["q_proj"][1]
+        head = (self.lm_head_params // hidden, hidden)
+        counts[head] = counts.get(head, 0) + 1
+        return [(out, in_, count) for (out, in_), count in counts.items()]
+
     def lora_flops_per_token(self, rank: int, targets: Sequence[str]) -> int:
         """2 * rank * (in + out) per targeted projection, summed over layers."""
         return self.num_layers * sum(2 * rank * sum(self.projection_shapes[p]) for p in targets)

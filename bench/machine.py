@@ -7,7 +7,9 @@ batches. Reporting them next to tokens/s lets results from different machines be
 
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
 import sys
 import time
 from typing import Callable
@@ -58,6 +60,55 @@ def matmul_gflops(m: int, k: int, n: int, inner: int = 1, dtype: torch.dtype = t
     out = torch.empty(m, n, dtype=dtype)
     seconds = _median_seconds(lambda: torch.mm(x, w.t(), out=out), inner=inner, budget_s=budget_s)
     return 2 * m * k * n / seconds / 1e9
+
+
+def gemm_mix_gflops(rows: int, shapes: list[tuple[int, int, int]], dtype: torch.dtype = torch.float32,
+                    budget_s: float = 1.0) -> tuple[float, dict[str, float]]:
+    """The GEMM rate of a forward made of these weights at ``rows`` rows: every (out, in,
+    count) timed as ``x[rows, in] @ w[out, in].T``, the rate = sum of count x flops over sum
+    of count x seconds. Returns it and the rate per shape (``"32x2048->5632"``)."""
+    flops = seconds = 0.0
+    per_shape: dict[str, float] = {}
+    for out, in_, count in shapes:
+        rate = matmul_gflops(rows, in_, out, inner=_inner_calls(rows, in_, out), dtype=dtype, budget_s=budget_s)
+        per_shape[f"{rows}x{in_}->{out}"] = round(rate, 1)
+        flops += count * 2 * rows * in_ * out
+        seconds += count * 2 * rows * in_ * out / (rate * 1e9)
+    return flops / seconds / 1e9, per_shape
+
+
+def _inner_calls(m: int, k: int, n: int) -> int:
+    """Calls per sample, so that a sample lasts ~10 ms at 100 GFLOP/s (small GEMMs are
+    otherwise timed below the clock's resolution)."""
+    return max(1, round(1e9 / (2 * m * k * n)))
+
+
+def measure_model_gemm(shapes: list[tuple[int, int, int]], rows: int, log: Callable[[str], None] = _stderr,
+                       quick: bool = False) -> dict:
+    """fp32 and bf16 GEMM rates at a model's weight shapes (``FlopModel.token_gemms``) and
+    ``rows`` rows (the decode batch): the rates its compute-bound fractions are taken
+    against. ~1 s per shape and dtype (quick: ~0.3 s)."""
+    started = time.perf_counter()
+    budget = 0.3 if quick else 1.0
+    result: dict = {"rows": rows, "shapes": [list(shape) for shape in shapes], "shape_fields": "out, in, count"}
+    with torch.inference_mode():
+        for prefix, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            rate, per_shape = gemm_mix_gflops(rows, shapes, dtype, budget)
+            result[f"{prefix}_gflops"] = round(rate, 1)
+            result[f"{prefix}_gflops_per_shape"] = per_shape
+    log(f"model GEMMs at {rows} rows: {result['fp32_gflops']} GFLOP/s fp32, {result['bf16_gflops']} bf16 "
+        f"[{time.perf_counter() - started:.1f} s]")
+    return result
+
+
+def measure_model_gemm_apart(shapes: list[tuple[int, int, int]], rows: int, quick: bool) -> dict:
+    """`measure_model_gemm` in a child process (its weights would raise the peak RSS of a
+    process that reports one)."""
+    code = ("import json; from loraquilt.bench.machine import measure_model_gemm; "
+            "from loraquilt.bench.serve import _progress; "
+            f"print(json.dumps(measure_model_gemm({shapes!r}, {rows}, log=_progress, quick={quick})))")
+    done = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def measure_machine(log: Callable[[str], None] = _stderr, quick: bool = False) -> dict:

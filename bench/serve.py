@@ -7,6 +7,7 @@ PEFT with the user's defaults. loraquilt runs as real `loraquilt serve` processe
 over gRPC; the peers run in this process. All get the same prompts, adapters (seeded PEFT
 folders), greedy decoding and exactly T new tokens per request. The KV-cache scenarios
 (`prefix`, `high_concurrency`: see `serve_kv`) compare pairs of float32 servers of their own.
+With `--peers`, vLLM and llama.cpp run the throughput scenarios too (see `bench/peers`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from loraquilt.bench.peers.options import PeerOptions, add_peer_arguments
 from loraquilt.bench.serve_report import draw_plot, print_table
 from loraquilt.bench.serve_scenarios import KV_SCENARIOS, SCENARIOS, THROUGHPUT
 from loraquilt.bench.workload import build_adapters, build_tiny_model, make_prompts, zipf_choices
@@ -86,11 +88,13 @@ def measure_machine_apart(quick: bool) -> dict:
 
 
 def run_bench(model: str | None, config: BenchConfig, workdir: Path, quick: bool,
-              scenarios_wanted: tuple[str, ...] = SCENARIOS, separate_auto: bool = False) -> dict:
+              scenarios_wanted: tuple[str, ...] = SCENARIOS, separate_auto: bool = False,
+              peer_options: PeerOptions | None = None) -> dict:
     from transformers import AutoTokenizer
 
     from loraquilt.bench import serve_scenarios as run
     from loraquilt.bench.flops import FlopModel
+    from loraquilt.bench.machine import measure_model_gemm_apart
     from loraquilt.bench.serve_report import add_compute_bound, identical_fractions, ratios, versions
     from loraquilt.bench.serve_systems import (LQ, LQ_AUTO, ORDER, PEFT, PEFT_DEFAULT, resolve_auto_dtype,
                                                 start_systems)
@@ -108,6 +112,7 @@ def run_bench(model: str | None, config: BenchConfig, workdir: Path, quick: bool
         model_folder = build_tiny_model(workdir / "tiny-model", source.folder, seed=config.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_folder)
     B, T = config.batch, config.new_tokens
+    machine["model_gemm"] = measure_model_gemm_apart(FlopModel.from_folder(model_folder).token_gemms(), B, quick)
     prompts = make_prompts(tokenizer, B, seed=config.seed)
     root = workdir / "adapters"
     _progress(f"writing seeded adapters under {root}")
@@ -130,7 +135,10 @@ def run_bench(model: str | None, config: BenchConfig, workdir: Path, quick: bool
     systems = start_systems(model_folder, root, want_servers=need_servers, want_peers=need_peers,
                             auto_dtype=auto_dtype, separate_auto=separate_auto, max_batch_size=B,
                             max_active_adapters=config.max_active_adapters, log=_progress)
+    engines = None
     try:
+        if peer_options and peer_options.engines:  # vLLM, llama.cpp: throughput scenarios only
+            engines = _start_engines(peer_options, systems, throughput, model_folder, workdir, heavy, recipe, B)
         peer_descriptions = {system: peer.description for system, peer in systems.peers.items()}
         served_dtypes = {system: server.served_dtype() for system, server in systems.servers.items()}
         for system in systems.distinct_servers():
@@ -163,6 +171,10 @@ def run_bench(model: str | None, config: BenchConfig, workdir: Path, quick: bool
         for system in systems.distinct_servers():
             rss, peak = systems.servers[system].memory_mb()
             memory[system] = {"rss_mb": rss, "peak_rss_mb": peak}
+        peer_engines = {}
+        if engines:  # idle check and prompt-token check before they stop; skips into the scenarios
+            peer_engines = engines.describe(sum(len(tokenizer(p)["input_ids"]) for p in prompts), scenarios)
+            engines.record_skipped(scenarios, throughput)
     finally:
         systems.stop()
 
@@ -184,6 +196,7 @@ def run_bench(model: str | None, config: BenchConfig, workdir: Path, quick: bool
         "ratios": ratios(scenarios),
         "identical_greedy_fraction": identical_fractions(tokens, LQ, PEFT),
         "identical_greedy_fraction_auto": identical_fractions(tokens, LQ_AUTO, PEFT_DEFAULT),
+        "peer_engines": peer_engines,
         "accuracy": accuracy,
         "plot": {system: {str(n): v for n, v in points.items()} for system, points in plot.items()},
         "server_memory": memory.get(LQ, {}),
@@ -204,6 +217,20 @@ def run_bench(model: str | None, config: BenchConfig, workdir: Path, quick: bool
         "versions": versions(),
         "wall_seconds": time.perf_counter() - started,
     }
+
+
+def _start_engines(options: PeerOptions, systems, throughput: list[str], model_folder: Path, workdir: Path,
+                   heavy: list[Path], recipe: list[Path], batch: int):
+    """The peer engines, beside the started systems, with the adapters `throughput` uses."""
+    from loraquilt.bench.peers.engines import adapters_for, start_engines
+    from loraquilt.bench.serve_scenarios import adapter_names, plans
+
+    folders = {**{f"heavy-{i}": f for i, f in enumerate(heavy)}, **{f"recipe-{i}": f for i, f in enumerate(recipe)}}
+    used = adapters_for([adapter_names(*plans(batch)[name]) for name in throughput], folders)
+    engines = start_engines(options, model_folder, used, workdir / "peers", batch, _progress,
+                            throughput=bool(throughput))
+    systems.engines.update(engines.running)
+    return engines
 
 
 def _run_kv_scenarios(config: BenchConfig, wanted: set[str], model_folder: Path, root: Path, heavy: list[Path],
@@ -254,7 +281,8 @@ def _link_many(folder: Path, pool: list[Path], count: int) -> list[Path]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="PATH", required=True, help="write the results here")
     parser.add_argument("--plot", metavar="PATH.png", help="tokens/s against distinct adapters")
-    parser.add_argument("--model", help="HF folder, .gguf or hub id (default: embedded SmolLM2)")
+    parser.add_argument("--model", help="HF folder, .gguf, hub id or synthetic:1b (a random-weight "
+                        "1.1B Llama; default: embedded SmolLM2)")
     parser.add_argument("--quick", action="store_true", help="tiny model, small N (a smoke run)")
     parser.add_argument("--workdir", type=Path, help="where adapters are written (default: a cache folder)")
     parser.add_argument("--scenarios", type=parse_scenarios, default=SCENARIOS, metavar="A,B,...",
@@ -264,6 +292,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default 2; --quick 1)")
     parser.add_argument("--separate-auto-server", action="store_true",
                         help="start a --dtype auto server even where auto resolves to float32")
+    add_peer_arguments(parser)
     parser.set_defaults(run=_run_command)
 
 
@@ -282,7 +311,8 @@ def _run_command(args: argparse.Namespace) -> int:
         config = replace(config, repeats=args.repeats)
     workdir = args.workdir or default_cache_dir() / ("bench-quick" if args.quick else "bench")
     workdir.mkdir(parents=True, exist_ok=True)
-    results = run_bench(args.model, config, workdir, args.quick, args.scenarios, args.separate_auto_server)
+    results = run_bench(args.model, config, workdir, args.quick, args.scenarios, args.separate_auto_server,
+                        PeerOptions.from_args(args))
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
     if args.plot:

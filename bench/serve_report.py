@@ -7,6 +7,7 @@ import platform
 from pathlib import Path
 
 from loraquilt.bench.flops import FlopModel, RequestWork, compute_bound_fraction, workload_flops
+from loraquilt.bench.peers.report import engine_ratios, print_engine_table
 from loraquilt.bench.serve_scenarios import THROUGHPUT, plans
 from loraquilt.bench.serve_systems import LQ, LQ_AUTO, PEFT, PEFT_DEFAULT
 
@@ -26,9 +27,10 @@ def identical_fractions(tokens: dict, a: str, b: str) -> dict[str, float]:
 
 def add_compute_bound(scenarios: dict, flop_model: FlopModel, prompt_tokens: list[int], new_tokens: int,
                       machine: dict, auto_dtype: str, many_count: int | None) -> None:
-    """`workload_gflop` and `compute_bound_fraction` (vs the 2048^3 GEMM rate in the system's
-    dtype) and `compute_bound_fraction_decode_shape` (vs the 32 x 576 -> 1536 rate) for the
-    loraquilt systems and the exact peer, in every throughput scenario and `many`."""
+    """`workload_gflop`, `compute_bound_fraction` and the rate it was taken against
+    (`compute_bound_rate`, `compute_bound_rate_gflops`; see `compute_bound_rate`), and
+    `compute_bound_fraction_square` (vs the 2048^3 GEMM rate) for the loraquilt systems and
+    the exact peer, in every throughput scenario and `many`, in each system's dtype."""
     batch = len(prompt_tokens)
     works: dict[str, list[RequestWork]] = {}
     for name, (kind, assignment) in plans(batch).items():
@@ -44,11 +46,24 @@ def add_compute_bound(scenarios: dict, flop_model: FlopModel, prompt_tokens: lis
             if not entry or not entry.get("wall_s"):
                 continue
             prefix = "bf16" if dtype == "bfloat16" else "fp32"
+            rate_name, rate = compute_bound_rate(machine, prefix)
             entry["workload_gflop"] = flops / 1e9
-            entry["compute_bound_fraction"] = compute_bound_fraction(
+            entry["compute_bound_fraction"] = compute_bound_fraction(flops, entry["wall_s"], rate)
+            entry["compute_bound_rate"] = rate_name
+            entry["compute_bound_rate_gflops"] = rate
+            entry["compute_bound_fraction_square"] = compute_bound_fraction(
                 flops, entry["wall_s"], machine.get(f"{prefix}_matmul_gflops"))
-            entry["compute_bound_fraction_decode_shape"] = compute_bound_fraction(
-                flops, entry["wall_s"], machine.get(f"{prefix}_matmul_gflops_decode"))
+
+
+def compute_bound_rate(machine: dict, prefix: str) -> tuple[str, float | None]:
+    """The GEMM rate (its key in the results' `machine`, GFLOP/s) a run in dtype `prefix`
+    ("fp32", "bf16") is measured against: the model's own weight shapes at the decode batch's
+    rows (`machine.model_gemm`, measured in the same run) when present, else the 2048^3 rate.
+    Prefill GEMMs have more rows, so they can run nearer the 2048^3 rate than this."""
+    model_rate = machine.get("model_gemm", {}).get(f"{prefix}_gflops")
+    if model_rate:
+        return f"model_gemm.{prefix}_gflops", model_rate
+    return f"{prefix}_matmul_gflops", machine.get(f"{prefix}_matmul_gflops")
 
 
 def ratios(scenarios: dict) -> dict:
@@ -93,6 +108,7 @@ def ratios(scenarios: dict) -> dict:
         "prefix_ttft_p50_on_over_off": ratio(on.get("ttft_p50_ms"), off.get("ttft_p50_ms")),
         "prefix_tokens_per_s_on_over_off": ratio(on.get("tokens_per_s"), off.get("tokens_per_s")),
         "high_concurrency_over_slots32": ratio(crowd.get("tokens_per_s"), crowd.get("slots32_tokens_per_s")),
+        **engine_ratios(scenarios),  # per throughput scenario: {"loraquilt_auto_vs_vllm": ..., ...}
     }
 
 
@@ -168,7 +184,9 @@ def print_table(results: dict) -> None:
     settings = results["settings"]
     print(f"auto dtype: {settings['auto_dtype']} ({settings['auto_dtype_reason']})"
           + ("; loraquilt_auto = loraquilt" if settings.get("auto_same_as_float32") else ""))
-    print("ratios: " + ", ".join(f"{k}={v:.2f}" for k, v in results["ratios"].items() if v is not None))
+    print("ratios: " + ", ".join(f"{k}={v:.2f}" for k, v in results["ratios"].items()
+                                 if isinstance(v, (int, float))))
+    print_engine_table(results)
 
 
 def draw_plot(results: dict, path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from loraquilt.bench.peers import ENGINES
 from loraquilt.bench.serve_systems import LQ, LQ_AUTO, PEERS, PEFT_DEFAULT, Systems
 
 THROUGHPUT = ("distinct", "same", "base", "recipe_distinct", "recipe_same")
@@ -47,7 +48,7 @@ def median_run(results: list):
 def summary(result) -> dict:
     out = {"tokens_per_s": result.tokens_per_s, "wall_s": result.wall_s,
            "generated_tokens": result.generated_tokens}
-    for key in ("latency_p50_ms", "latency_p99_ms", "server_rss_mb", "step_ms", "peak_rss_mb"):
+    for key in ("latency_p50_ms", "latency_p99_ms", "server_rss_mb", "step_ms", "peak_rss_mb", "prompt_tokens"):
         value = getattr(result, key, None)
         if value is not None:
             out[key] = value
@@ -93,10 +94,11 @@ def run_plot(systems: Systems, points: tuple[int, ...], prompts: list[str], new_
     """Tokens/s against the number of distinct heavy adapters in the batch (request i on
     heavy-(i mod n)); n = 1 and n = B reuse `same` and `distinct` when they ran. One run per
     point and system; not for peft_default (its runs are the slowest where bf16 is emulated,
-    and the exact peer already shows PEFT's curve)."""
+    and the exact peer already shows PEFT's curve), nor for the peer engines."""
     batch = len(prompts)
-    plotted = [system for system in systems.measured if system != PEFT_DEFAULT]
-    plot: dict[str, dict[int, float]] = {system: {} for system in systems.present if system != PEFT_DEFAULT}
+    skip = {PEFT_DEFAULT, *ENGINES}
+    plotted = [system for system in systems.measured if system not in skip]
+    plot: dict[str, dict[int, float]] = {system: {} for system in systems.present if system not in skip}
     for n in points:
         reuse = {1: "same", batch: "distinct"}.get(n)
         adapters = [f"heavy-{i % n}" for i in range(batch)]

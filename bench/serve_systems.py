@@ -13,6 +13,9 @@ system uses no CPU, so each scenario runs the systems one after another, repeat 
 When `--dtype auto` resolves to float32 the auto server would be the float32 one again:
 unless asked for a separate one, ``loraquilt_auto`` then reuses the ``loraquilt`` server and
 its figures (``settings.auto_same_as_float32``).
+
+With `--peers`, the peer engines (vLLM, llama.cpp: see ``bench/peers``) join the throughput
+scenarios after these four, each in a process of its own, idle while the others run.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from loraquilt.bench.peers import ENGINES
+
 LQ, LQ_AUTO, PEFT, PEFT_DEFAULT = "loraquilt", "loraquilt_auto", "peft", "peft_default"
-ORDER = (LQ, PEFT, LQ_AUTO, PEFT_DEFAULT)  # the order of the systems within a repeat
+ORDER = (LQ, PEFT, LQ_AUTO, PEFT_DEFAULT, *ENGINES)  # the order of the systems within a repeat
 SERVERS, PEERS = (LQ, LQ_AUTO), (PEFT, PEFT_DEFAULT)
 DTYPE_ARGS = {LQ: ("--dtype", "float32"), LQ_AUTO: ("--dtype", "auto")}
 
@@ -46,22 +51,23 @@ class Systems:
     servers: dict = field(default_factory=dict)
     peers: dict = field(default_factory=dict)
     auto_shared: bool = False
+    engines: dict = field(default_factory=dict)  # peer engines (bench/peers.engines), throughput scenarios only
 
     @property
     def measured(self) -> list[str]:
         """Systems run one after another in each repeat (a shared auto server runs once)."""
-        present = {*self.servers, *self.peers}
+        present = {*self.servers, *self.peers, *self.engines}
         return [s for s in ORDER if s in present and not (s == LQ_AUTO and self.auto_shared)]
 
     @property
     def present(self) -> list[str]:
-        return [s for s in ORDER if s in self.servers or s in self.peers]
+        return [s for s in ORDER if s in self.servers or s in self.peers or s in self.engines]
 
     def distinct_servers(self) -> list[str]:
         return [s for s in SERVERS if s in self.servers and not (s == LQ_AUTO and self.auto_shared)]
 
     def throughput(self, system: str, prompts: list[str], adapters: list[str | None], new_tokens: int):
-        runner = self.servers.get(system) or self.peers[system]
+        runner = self.servers.get(system) or self.peers.get(system) or self.engines[system]
         return runner.throughput(prompts, adapters, new_tokens)
 
     def stop(self) -> None:
@@ -70,6 +76,9 @@ class Systems:
             server.stop(wait=False)
         for server in servers:
             server.stop()
+        for engine in self.engines.values():
+            engine.stop()
+        self.engines.clear()
         self.servers.clear()
         self.peers.clear()
         gc.collect()

@@ -21,7 +21,7 @@ from loraquilt.server.adapter_admin import AdapterAdmin
 from loraquilt.server.adapters.state_file import RegistrationState, StateFileError
 from loraquilt.server.auth import AdminCheck, AuthConfigError, AuthInterceptor, TLSFiles, read_token_file
 from loraquilt.server.engine import Engine, EngineConfig
-from loraquilt.server.engine_args import add_engine_arguments, engine_config_from_args
+from loraquilt.server.engine_args import add_engine_arguments, add_threads_argument, engine_config_from_args
 from loraquilt.server.engine_loop import EngineLoop
 from loraquilt.server.generation import Generations, ServiceConfig
 from loraquilt.server.metrics import Metrics
@@ -189,6 +189,7 @@ def add_serve_parser(commands, name: str = "serve", help_text: str = "start the 
                         help="adapters (the first seen) with per-adapter series; the rest count as adapter=\"_other\"")
     parser.add_argument("--default-max-new-tokens", type=int, default=128)
     add_engine_arguments(parser)
+    add_threads_argument(parser)
     parser.add_argument("--grace-seconds", type=float, default=30.0)
     security = parser.add_argument_group("security")
     security.add_argument("--admin-token-file", type=Path,

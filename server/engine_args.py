@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from loraquilt.server.cpu_contention import parse_threads
 from loraquilt.server.engine import EngineConfig
 from loraquilt.server.model.dtype import add_dtype_argument, default_dtype_spec
 from loraquilt.server.model.weights import DeviceConfig
@@ -44,7 +45,8 @@ LORA_BACKENDS = ("auto", "torch", "triton", "reference")
 
 def add_engine_arguments(parser) -> None:
     """--model, --device, --dtype, --lora-backend and every ENGINE_FLAGS flag."""
-    parser.add_argument("--model", help="HF folder, .gguf file or hub id (default: embedded SmolLM2)")
+    parser.add_argument("--model", help="HF folder, .gguf file, hub id or synthetic:1b (a random-weight "
+                        "1.1B Llama, written once into the cache) (default: embedded SmolLM2)")
     for flag in ENGINE_FLAGS:
         name = "--" + flag.dest.replace("_", "-")
         if flag.type is bool:
@@ -59,6 +61,14 @@ def add_engine_arguments(parser) -> None:
     parser.add_argument("--lora-backend", default="auto", choices=LORA_BACKENDS)
 
 
+def add_threads_argument(parser) -> None:
+    """--threads, for commands whose engine owns the machine's cores (`serve`; a serve-ray
+    replica's count comes from --threads-per-replica, the demo has its own --threads)."""
+    parser.add_argument("--threads", type=parse_threads, default=None, metavar="N|auto",
+                        help="OpenMP threads of the engine's stepping thread; auto: every usable CPU while "
+                             "no other process keeps one busy, fewer while others do (default auto)")
+
+
 def engine_config_from_args(args, **overrides) -> EngineConfig:
     """The EngineConfig for parsed arguments (an argparse Namespace, or any object with the
     same attribute names, such as serve-ray's ReplicaConfig). A flag the object lacks takes
@@ -66,6 +76,7 @@ def engine_config_from_args(args, **overrides) -> EngineConfig:
     values = {flag.field: getattr(args, flag.dest, flag.default) for flag in ENGINE_FLAGS}
     values["model"] = getattr(args, "model", None) or None
     values["lora_backend"] = getattr(args, "lora_backend", "auto")
+    values["threads"] = getattr(args, "threads", None)  # None: auto
     device = DeviceConfig(getattr(args, "device", "auto"), getattr(args, "dtype", None) or default_dtype_spec())
     values.update(overrides)
     return EngineConfig(device=values.pop("device", device), **values)

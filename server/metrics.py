@@ -147,12 +147,19 @@ class _EngineCollector:
                                              "prefix cache (full blocks before each prompt's last token)")
         prefix_hits = CounterMetricFamily("loraquilt_prefix_cache_hits", "Prompt tokens served from the "
                                           "prefix cache (their KV not computed again)")
+        threads = GaugeMetricFamily("loraquilt_engine_threads", "OpenMP threads of the engine's stepping "
+                                    "thread (--threads; auto: fewer while other processes keep CPUs busy)")
+        others_busy = GaugeMetricFamily("loraquilt_cpu_others_busy_cores", "CPUs of the process's affinity "
+                                        "mask that other processes kept busy in the last window (--threads auto)")
         if engine is not None:
             stats = engine.stats()
             kv_usage.add_metric([], stats.kv_usage)
             preemptions.add_metric([], stats.preemptions)
             prefix_queries.add_metric([], stats.prefix_queries_tokens)
             prefix_hits.add_metric([], stats.prefix_hit_tokens)
+            threads.add_metric([], engine.threads.count)
+            if engine.threads.others_busy_cores is not None:
+                others_busy.add_metric([], engine.threads.others_busy_cores)
             running.add_metric([], stats.running)
             waiting.add_metric([], stats.waiting)
             batch.add_metric([], stats.last_batch_size)
@@ -177,4 +184,4 @@ class _EngineCollector:
         memory.add_metric(["process_rss"], process_rss_bytes())
         yield from (running, waiting, batch, adapters, slots, memory)
         if engine is not None:
-            yield from (lora_info, kv_usage, preemptions, prefix_queries, prefix_hits)
+            yield from (lora_info, kv_usage, preemptions, prefix_queries, prefix_hits, threads, others_busy)

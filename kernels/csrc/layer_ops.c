@@ -12,6 +12,7 @@
  * Rows are independent; large calls split rows over OpenMP threads.
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 static inline float bf16_to_f32(uint16_t v) {

