@@ -357,6 +357,53 @@ static float shrink_one(const call_args *c, const lora_part *part, int64_t row, 
     return dot_avx2(c->x32 + row * in, a, in, c->bf16);
 }
 
+/* dst[0..n) += s * b[0..n) for r ranks: dst[k] += sum_r t[r] * b[r * stride + k], n <= 16 */
+static void expand_row_avx2(float *dst, const float *t, const void *b, int64_t stride, int64_t rank, int64_t n,
+                            int bf16) {
+    float acc[PANEL_ROWS];
+    for (int64_t k = 0; k < n; k++) acc[k] = dst[k];
+    for (int64_t r = 0; r < rank; r++) {
+        const float s = t[r];
+        if (s == 0.0f) continue; /* padded ranks */
+        if (bf16) {
+            const uint16_t *row = (const uint16_t *)b + r * stride;
+            for (int64_t k = 0; k < n; k++) acc[k] += s * bf16_to_f32(row[k]);
+        } else {
+            const float *row = (const float *)b + r * stride;
+            for (int64_t k = 0; k < n; k++) acc[k] += s * row[k];
+        }
+    }
+    for (int64_t k = 0; k < n; k++) dst[k] = acc[k];
+}
+
+AVX512 static void expand_row_avx512(float *dst, const float *t, const void *b, int64_t stride, int64_t rank,
+                                     int64_t n, int bf16) {
+    const __mmask16 mask = (__mmask16)((1u << n) - 1);
+    __m512 acc = _mm512_maskz_loadu_ps(mask, dst), acc2 = _mm512_setzero_ps();
+    int64_t r = 0;
+    for (; r + 1 < rank; r += 2) { /* two chains, one per rank parity */
+        __m512 b0, b1;
+        if (bf16) {
+            const uint16_t *row = (const uint16_t *)b + r * stride;
+            b0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, row)), 16));
+            b1 = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, row + stride)), 16));
+        } else {
+            b0 = _mm512_maskz_loadu_ps(mask, (const float *)b + r * stride);
+            b1 = _mm512_maskz_loadu_ps(mask, (const float *)b + (r + 1) * stride);
+        }
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(t[r]), b0, acc);
+        acc2 = _mm512_fmadd_ps(_mm512_set1_ps(t[r + 1]), b1, acc2);
+    }
+    if (r < rank) {
+        __m512 b0 = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                               _mm256_maskz_loadu_epi16(mask, (const uint16_t *)b + r * stride)), 16))
+                         : _mm512_maskz_loadu_ps(mask, (const float *)b + r * stride);
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(t[r]), b0, acc);
+    }
+    _mm512_mask_storeu_ps(dst, mask, _mm512_add_ps(acc, acc2));
+}
+
 /* tile[t][c - o0] += every LoRA pair's expand over columns [o0, o0 + n) */
 static void expand_into(const call_args *c, float *tile, int64_t o0, int64_t n) {
     for (int64_t p = 0; p < c->n_parts; p++) {
@@ -367,24 +414,15 @@ static void expand_into(const call_args *c, float *tile, int64_t o0, int64_t n) 
         const int64_t hi = o0 + n < part->col_end ? o0 + n : part->col_end;
         if (lo >= hi) continue;
         const int64_t width = part->col_end - part->col_start, rank = part->rank;
+        const size_t elem = c->bf16 ? 2 : 4;
         const float *shrunk = c->shrunk + c->shrunk_offset[p];
         for (int64_t t = 0; t < c->rows; t++) {
             float *dst = tile + t * PANEL_ROWS + (lo - o0);
             for (int32_t j = pairs->row_start[t]; j < pairs->row_start[t + 1]; j++) {
                 const int64_t slot = pairs->pair_slot[j];
-                const float *tj = shrunk + (int64_t)j * rank;
-                for (int64_t r = 0; r < rank; r++) {
-                    const float s = tj[r];
-                    if (s == 0.0f) continue; /* padded ranks */
-                    const int64_t at = (slot * rank + r) * width + (lo - part->col_start);
-                    if (c->bf16) {
-                        const uint16_t *b = (const uint16_t *)part->bt + at;
-                        for (int64_t k = 0; k < hi - lo; k++) dst[k] += s * bf16_to_f32(b[k]);
-                    } else {
-                        const float *b = (const float *)part->bt + at;
-                        for (int64_t k = 0; k < hi - lo; k++) dst[k] += s * b[k];
-                    }
-                }
+                const void *b = (const char *)part->bt + ((slot * rank) * width + (lo - part->col_start)) * elem;
+                if (c->isa >= ISA_AVX512) expand_row_avx512(dst, shrunk + (int64_t)j * rank, b, width, rank, hi - lo, c->bf16);
+                else expand_row_avx2(dst, shrunk + (int64_t)j * rank, b, width, rank, hi - lo, c->bf16);
             }
         }
     }
