@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import sys
+import weakref
 from pathlib import Path
 
 import torch
@@ -45,6 +46,30 @@ def _library() -> ctypes.CDLL | None:
                              ctypes.c_float, pointer]
         function.restype = None
     return library
+
+
+class _LastChecked:
+    """The tables last found valid (every layer of a step passes the same ones): a weak
+    reference to each tensor, its version counter and the pool's size."""
+
+    key: tuple | None = None
+
+
+def _check_tables(tables: torch.Tensor, lens: torch.Tensor, num_blocks: int, block_size: int) -> None:
+    """Context lengths in 1..(table width x block_size) and every block id a context reads
+    inside the pool (the kernel reads those addresses); checked once per step."""
+    last = _LastChecked.key
+    if (last is not None and last[0]() is tables and last[1]() is lens
+            and last[2:] == (tables._version, lens._version, num_blocks, block_size)):
+        return
+    longest = int(lens.max())
+    if int(lens.min()) < 1 or longest > tables.shape[1] * block_size:
+        raise ValueError(f"context lengths must be in 1..{tables.shape[1] * block_size}, got "
+                         f"{int(lens.min())}..{longest}")
+    used = tables[:, : -(-longest // block_size)]
+    if used.numel() and (int(used.min()) < 0 or int(used.max()) >= num_blocks):
+        raise ValueError(f"block ids must be in 0..{num_blocks - 1}")
+    _LastChecked.key = (weakref.ref(tables), weakref.ref(lens), tables._version, lens._version, num_blocks, block_size)
 
 
 def available() -> bool:
@@ -92,13 +117,7 @@ def paged_decode_attention_native(
     if tables.shape[0] != num_seqs or lens.shape != (num_seqs,):
         raise ValueError(f"block_tables {tuple(tables.shape)} and context_lens {tuple(lens.shape)} "
                          f"must have one row per sequence ({num_seqs})")
-    longest = int(lens.max())
-    if int(lens.min()) < 1 or longest > tables.shape[1] * block_size:
-        raise ValueError(f"context lengths must be in 1..{tables.shape[1] * block_size}, got "
-                         f"{int(lens.min())}..{longest}")
-    used = tables[:, : -(-longest // block_size)]
-    if used.numel() and (int(used.min()) < 0 or int(used.max()) >= num_blocks):
-        raise ValueError(f"block ids must be in 0..{num_blocks - 1}")
+    _check_tables(tables, lens, num_blocks, block_size)
     out = torch.empty(num_seqs, num_heads, head_dim, dtype=torch.float32)  # [S, H, D]
     getattr(library, DTYPES[k_cache.dtype])(
         queries.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.shape[1],
