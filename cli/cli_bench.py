@@ -13,6 +13,10 @@ def add_bench_parser(commands, name: str, help_text: str) -> None:
 
     serve_bench.add_arguments(kinds.add_parser(
         "serve", help="loraquilt vs transformers + PEFT, exact (fp32) and as users get them (--dtype auto), one run"))
+    from loraquilt.bench import step as step_bench
+
+    step_bench.add_arguments(kinds.add_parser(
+        "step", help="one decode step inside the engine: µs and torch ops per step (base, same, distinct)"))
     from loraquilt.bench import scaleout as scaleout_bench
 
     scaleout_bench.add_arguments(kinds.add_parser(
