@@ -32,8 +32,8 @@ import torch
 from loraquilt.kernels.nf4 import NF4_BLOCKSIZE, DequantScratch, NF4Weight
 
 SOURCE = Path(__file__).with_name("csrc") / "nf4_lora_gemm.c"
-ISA_ENV = "LORAQUILT_NF4_ISA"  # force an instruction set (tests of the fallbacks): avx2, avx512, avx512_bf16
-ISAS = ("avx2", "avx512", "avx512_bf16")
+ISA_ENV = "LORAQUILT_NF4_ISA"  # force an instruction set (tests of the fallbacks): one of ISAS
+ISAS = ("avx2", "avx512", "avx512_bf16", "amx")  # in the C source's order (ISA_AVX2 = 0, ...)
 MAX_PARTS = 4
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -64,11 +64,29 @@ def _library() -> ctypes.CDLL | None:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     library.nf4_lora_linear.argtypes = [i64, i64, p, i64, i64, p, p, i64, p, p, i64, p, p, p, p]
     library.nf4_lora_linear.restype = ctypes.c_int
+    library.nf4_lora_amx_enable.restype = ctypes.c_int
     return library
+
+
+@functools.cache
+def amx_granted() -> bool:
+    """Whether Linux lets this process use AMX tiles (asked once; oneDNN asks the same)."""
+    library = _library()
+    return library is not None and library.nf4_lora_amx_enable() == 0
 
 
 def available() -> bool:
     return _library() is not None
+
+
+def isa_for_flags(flags: frozenset[str], amx_usable: bool = True) -> str:
+    """The widest of ISAS a CPU with these /proc/cpuinfo flags runs (AMX also needs the
+    process's permission: amx_usable)."""
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        if {"avx512_bf16", "amx_tile", "amx_bf16"} <= flags and amx_usable:
+            return "amx"
+        return "avx512_bf16" if "avx512_bf16" in flags else "avx512"
+    return "avx2"
 
 
 @functools.cache
@@ -77,9 +95,7 @@ def detected_isa() -> str:
     from loraquilt.host import cpu_flags
 
     flags = cpu_flags()
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
-        return "avx512_bf16" if "avx512_bf16" in flags else "avx512"
-    return "avx2"
+    return isa_for_flags(flags, amx_usable="amx_tile" in flags and amx_granted())
 
 
 def active_isa() -> str:
@@ -236,6 +252,8 @@ def nf4_lora_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | Non
     if weight.shape[1] != in_features:
         raise ValueError(f"x has {in_features} features, the weight {weight.shape[1]}")
     isa = isa or active_isa()
+    if isa == "amx" and not amx_granted():  # tiles without the kernel's permission: SIGILL
+        raise RuntimeError("AMX tiles are not available to this process")
     y = torch.empty(rows, out_features, dtype=x.dtype)
     scratch = scratch or DequantScratch()
     n_parts = 0 if lora is None else len(lora.parts)
@@ -244,8 +262,14 @@ def nf4_lora_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | Non
         args = pairs if isinstance(pairs, PairsArgs) else PairsArgs(pairs, [p.a.shape[1] for p in lora.parts])
         if len(args.tables) != n_parts:
             raise ValueError(f"{n_parts} parts but {len(args.tables)} pair tables")
+        for table in args.tables:  # the kernel reads row_start[0..rows] of every table
+            if table is not None and table.row_start.numel() != rows + 1:
+                raise ValueError(f"a pair table for {table.row_start.numel() - 1} rows, x has {rows}")
+    if rows == 0:  # nothing to compute (the kernel's per-thread buffers would be empty)
+        return y
     shrunk = scratch.get("shrunk", args.shrunk_numel if args is not None else 1)
-    widened = scratch.get("x32", rows * in_features) if x.dtype == torch.bfloat16 else shrunk
+    # bf16 x widened to float32, or (AMX) packed into VNNI tiles of 16 rows
+    widened = scratch.get("x32", -(-rows // 16) * 16 * in_features) if x.dtype == torch.bfloat16 else shrunk
     code = library.nf4_lora_linear(
         ISAS.index(isa), int(x.dtype == torch.bfloat16), x.data_ptr(), rows, in_features,
         weight.packed.data_ptr(), weight.absmax.data_ptr(), out_features,

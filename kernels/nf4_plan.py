@@ -14,13 +14,12 @@ Paths (every one computes y = x @ dequantize_nf4(W).T + b, plus the step's LoRA 
   could not be built.
 
 The rules, from one projection call timed per row count (Intel Xeon with AMX, 2026-12, one
-thread; SmolLM2's shapes): float32: the fused kernel is 1.5-2.5x faster than dequantize +
-GEMM up to 64 rows and even at 160. bf16 on a CPU with AMX tiles: oneDNN's AMX GEMM after
-the dequantize is faster from ~32 rows on; below, the fused kernel is 1.2-4x faster. There
-the fused kernel multiplies with float32 FMAs (bf16 values widened: the same products):
-`vdpbf16ps` ran 1.5x slower than FMA on that core. On AVX512-BF16 CPUs without AMX (AMD
-Zen 4/5), `vdpbf16ps` does twice the work of an FMA per instruction, so it is used there
-(not measured on this project's machines yet).
+thread; SmolLM2's shapes and a 1B model's 5632x2048): float32: the fused kernel is 1.2-3.6x
+faster than dequantize + GEMM up to 64 rows and about even at 160. bf16 on a CPU with AMX
+tiles: the fused kernel on tiles is 2.3-3x faster than dequantize + oneDNN's AMX GEMM at
+24-64 rows and still faster at 160. Beyond FUSED_MAX_ROWS (a long prefill in one step)
+dequantize + GEMM. On AVX512-BF16 CPUs without AMX (AMD Zen 4/5) the fused kernel uses
+`vdpbf16ps` (not measured on this project's machines yet).
 """
 
 from __future__ import annotations
@@ -30,9 +29,7 @@ from dataclasses import dataclass
 import torch
 
 PATHS = ("fused", "dequant_native", "dequant_bnb")
-# bf16 steps with more rows than this go to dequantize + oneDNN where the CPU has AMX tiles
-FUSED_MAX_ROWS_AMX = 32
-# other steps with more rows than this (long prefills) go to dequantize + oneDNN
+# steps with more rows than this (long prefills) go to dequantize + oneDNN
 FUSED_MAX_ROWS = 160
 
 
@@ -57,12 +54,11 @@ class NF4Plan:
 
 
 def plan_nf4(dtype: torch.dtype, flags: frozenset[str] | None = None, fused_available: bool | None = None) -> NF4Plan:
-    """The plan for a compute dtype on a CPU with these flags (default: this machine's)."""
-    from loraquilt.host import cpu_flags
+    """The plan for a compute dtype on a CPU with these flags (default: this machine's, and
+    `$LORAQUILT_NF4_ISA` when set)."""
     from loraquilt.kernels import nf4_lora
     from loraquilt.kernels.nf4_native import native_kernel
 
-    flags = cpu_flags() if flags is None else flags
     fallback = "dequant_native" if native_kernel() is not None and dtype in (torch.float32, torch.bfloat16) \
         else "dequant_bnb"
     if fused_available is None:
@@ -70,8 +66,7 @@ def plan_nf4(dtype: torch.dtype, flags: frozenset[str] | None = None, fused_avai
     if not fused_available or dtype not in nf4_lora.DTYPES:
         why = "the fused kernel is not built here" if not fused_available else f"no fused kernel for {dtype}"
         return NF4Plan(0, fallback, "", why)
-    isa = nf4_lora.active_isa()
-    if dtype == torch.bfloat16 and "amx_bf16" in flags:
-        isa = "avx512" if isa == "avx512_bf16" else isa  # FMA beat vdpbf16ps on such cores
-        return NF4Plan(FUSED_MAX_ROWS_AMX, fallback, isa, "bf16 with AMX tiles: oneDNN's AMX GEMM for longer steps")
-    return NF4Plan(FUSED_MAX_ROWS, fallback, isa, f"{str(dtype).removeprefix('torch.')}, no AMX tiles")
+    isa = nf4_lora.active_isa() if flags is None else nf4_lora.isa_for_flags(flags)
+    if dtype == torch.float32 and isa in ("avx512_bf16", "amx"):
+        isa = "avx512"  # float32 multiplies with FMAs whatever bf16 units the CPU has
+    return NF4Plan(FUSED_MAX_ROWS, fallback, isa, f"{str(dtype).removeprefix('torch.')} on {isa}")

@@ -23,16 +23,23 @@
  *   ISA_AVX512      16-wide FMA in float32 (likewise)
  *   ISA_AVX512_BF16 as AVX512 for float32; for bf16 the panel stays bf16 and vdpbf16ps
  *                   multiplies 32 pairs per instruction, accumulating in float32
+ *   ISA_AMX         as AVX512_BF16, but the bf16 panel is multiplied on AMX tiles: the
+ *                   panel's 16 outputs x 32 inputs are tile A as they lie in the panel,
+ *                   x is packed once per call into VNNI tiles of 16 rows (tile B), and
+ *                   TDPBF16PS accumulates a 16 outputs x 16 rows float32 tile
  * Requirements (checked by the caller): in % 64 == 0, x/y/bias/A/Bt contiguous.
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define ISA_AVX2 0
 #define ISA_AVX512 1
 #define ISA_AVX512_BF16 2
+#define ISA_AMX 3
 
 #define PANEL_ROWS 16 /* output rows decoded at once (one vector of outputs in the epilogue) */
 #define MAX_PARTS 4
@@ -329,12 +336,81 @@ AVX512BF16 static float dot_bf16_avx512(const uint16_t *x, const uint16_t *a, in
     return _mm512_reduce_add_ps(acc);
 }
 
+/* ================================================================ AMX (bf16) */
+
+#define AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")))
+#define AMX_TILE_ROWS 16 /* token rows per tile */
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+static __thread int tls_tiles_configured = 0;
+
+/* Linux hands out AMX state only to processes that ask (oneDNN asks too); 0 when granted */
+int nf4_lora_amx_enable(void) { return (int)syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); }
+
+AMX static void configure_tiles(void) {
+    tile_config config = {0};
+    config.palette_id = 1;
+    for (int t = 0; t < 3; t++) { /* 0: C (16 outputs x 16 rows fp32), 1: A (16 outputs x 32 bf16), 2: B */
+        config.rows[t] = 16;
+        config.colsb[t] = 64;
+    }
+    _tile_loadconfig(&config);
+    tls_tiles_configured = 1;
+}
+
+/* x [rows, in] bf16 -> VNNI tiles: for token tile u and input pair q, 16 dwords (one per
+ * row of the tile, zero past the last row) holding x[16u + r][2q], x[16u + r][2q + 1] */
+static void pack_x_vnni(const uint16_t *x, int64_t rows, int64_t in, uint32_t *packed) {
+    const int64_t tiles = (rows + AMX_TILE_ROWS - 1) / AMX_TILE_ROWS, pairs = in / 2;
+    for (int64_t u = 0; u < tiles; u++)
+        for (int64_t r = 0; r < AMX_TILE_ROWS; r++) {
+            const int64_t row = u * AMX_TILE_ROWS + r;
+            const uint32_t *src = (const uint32_t *)(x + row * in);
+            uint32_t *dst = packed + u * pairs * AMX_TILE_ROWS + r;
+            for (int64_t q = 0; q < pairs; q++) dst[q * AMX_TILE_ROWS] = row < rows ? src[q] : 0;
+        }
+}
+
+AMX static void panel_rows_amx(const uint32_t *x_vnni, int64_t rows, const uint16_t *panel, int64_t in, float *tile) {
+    if (!tls_tiles_configured) configure_tiles();
+    float out[PANEL_ROWS * AMX_TILE_ROWS] __attribute__((aligned(64))); /* [output][row] */
+    const int64_t pairs = in / 2;
+    for (int64_t u = 0; u * AMX_TILE_ROWS < rows; u++) {
+        const uint32_t *b = x_vnni + u * pairs * AMX_TILE_ROWS;
+        _tile_zero(0);
+        for (int64_t k = 0; k < in; k += 32) {
+            _tile_loadd(1, panel + k, in * 2);                       /* 16 outputs x 32 inputs */
+            _tile_loadd(2, b + (k / 2) * AMX_TILE_ROWS, AMX_TILE_ROWS * 4); /* 16 pairs x 16 rows */
+            _tile_dpbf16ps(0, 1, 2);
+        }
+        _tile_stored(0, out, AMX_TILE_ROWS * 4);
+        const int64_t n = rows - u * AMX_TILE_ROWS < AMX_TILE_ROWS ? rows - u * AMX_TILE_ROWS : AMX_TILE_ROWS;
+        for (int64_t r = 0; r < n; r++)
+            for (int o = 0; o < PANEL_ROWS; o++) tile[(u * AMX_TILE_ROWS + r) * PANEL_ROWS + o] = out[o * AMX_TILE_ROWS + r];
+    }
+}
+
+AMX static void release_tiles(void) {
+    if (tls_tiles_configured) {
+        _tile_release();
+        tls_tiles_configured = 0;
+    }
+}
+
 /* ================================================================ the call */
 
 typedef struct {
     int isa, bf16;
     const void *x;       /* [T, in] compute dtype */
     const float *x32;    /* [T, in] float32 view of x (x itself, or its widened copy) */
+    const uint32_t *x_vnni; /* AMX: x packed into VNNI tiles */
     int64_t rows, in, out;
     const uint8_t *packed;
     const float *absmax;
@@ -351,7 +427,7 @@ static float shrink_one(const call_args *c, const lora_part *part, int64_t row, 
     const int64_t in = c->in;
     const size_t elem = c->bf16 ? 2 : 4;
     const void *a = (const char *)part->a + ((slot * part->rank + r) * in) * elem;
-    if (c->isa == ISA_AVX512_BF16 && c->bf16)
+    if (c->isa >= ISA_AVX512_BF16 && c->bf16)
         return dot_bf16_avx512((const uint16_t *)c->x + row * in, (const uint16_t *)a, in);
     if (c->isa >= ISA_AVX512) return dot_avx512(c->x32 + row * in, a, in, c->bf16);
     return dot_avx2(c->x32 + row * in, a, in, c->bf16);
@@ -431,7 +507,7 @@ static void expand_into(const call_args *c, float *tile, int64_t o0, int64_t n) 
 static void run_panel(const call_args *c, int64_t o0) {
     const int64_t in = c->in, rows = c->rows;
     const int64_t n = c->out - o0 < PANEL_ROWS ? c->out - o0 : PANEL_ROWS;
-    const int bf16_panel = c->isa == ISA_AVX512_BF16 && c->bf16;
+    const int bf16_panel = c->isa >= ISA_AVX512_BF16 && c->bf16;
     const int64_t panel_bytes = PANEL_ROWS * in * (bf16_panel ? 2 : 4);
     void *panel = grow(&tls_panel, &tls_panel_bytes, panel_bytes);
     float *tile = grow(&tls_tile, &tls_tile_bytes, rows * PANEL_ROWS * 4);
@@ -445,7 +521,8 @@ static void run_panel(const call_args *c, int64_t o0) {
         else if (c->isa >= ISA_AVX512) decode_row_f32_avx512(packed, absmax, in, (float *)panel + r * in, c->bf16);
         else decode_row_avx2(packed, absmax, in, (float *)panel + r * in, c->bf16);
     }
-    if (bf16_panel) panel_rows_bf16_avx512((const uint16_t *)c->x, rows, (const uint16_t *)panel, in, tile);
+    if (bf16_panel && c->isa == ISA_AMX) panel_rows_amx(c->x_vnni, rows, (const uint16_t *)panel, in, tile);
+    else if (bf16_panel) panel_rows_bf16_avx512((const uint16_t *)c->x, rows, (const uint16_t *)panel, in, tile);
     else if (c->isa >= ISA_AVX512) panel_rows_f32_avx512(c->x32, rows, (const float *)panel, in, tile);
     else panel_rows_avx2(c->x32, rows, (const float *)panel, in, tile);
     expand_into(c, tile, o0, n);
@@ -468,10 +545,16 @@ int nf4_lora_linear(int64_t isa, int64_t bf16, const void *x, int64_t rows, int6
                     const float *absmax, int64_t out, const void *bias, void *y, int64_t n_parts,
                     const lora_part *parts, const lora_pairs *const *pairs, float *shrunk, float *x32_scratch) {
     if (in % 64 != 0 || n_parts > MAX_PARTS || n_parts < 0 || rows < 0) return -1;
-    call_args c = {(int)isa, (int)bf16, x, (const float *)x, rows, in, out, packed, absmax, bias, y,
-                   n_parts, parts, pairs, shrunk, {0}};
-    const int widen = bf16 && !(isa == ISA_AVX512_BF16);
+    call_args c = {.isa = (int)isa, .bf16 = (int)bf16, .x = x, .x32 = (const float *)x, .x_vnni = NULL,
+                   .rows = rows, .in = in, .out = out, .packed = packed, .absmax = absmax, .bias = bias, .y = y,
+                   .n_parts = n_parts, .parts = parts, .pairs = pairs, .shrunk = shrunk, .shrunk_offset = {0}};
+    if (isa == ISA_AMX && !bf16) c.isa = isa = ISA_AVX512; /* AMX multiplies bf16 only */
+    const int widen = bf16 && isa < ISA_AVX512_BF16;
     if (widen) c.x32 = x32_scratch;
+    if (isa == ISA_AMX) { /* x32_scratch holds ceil(rows / 16) * 16 * in / 2 dwords (the caller sizes it) */
+        pack_x_vnni((const uint16_t *)x, rows, in, (uint32_t *)x32_scratch);
+        c.x_vnni = (const uint32_t *)x32_scratch;
+    }
     int64_t items = 0; /* (part, pair, r) shrink items */
     for (int64_t p = 0, offset = 0; p < n_parts; p++) {
         c.shrunk_offset[p] = offset;
@@ -503,6 +586,7 @@ int nf4_lora_linear(int64_t isa, int64_t bf16, const void *x, int64_t rows, int6
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t panel = 0; panel < panels; panel++) run_panel(&c, panel * PANEL_ROWS);
+        if (isa == ISA_AMX) release_tiles();
     }
     return 0;
 }
