@@ -1,6 +1,7 @@
 """The project's own NF4 kernels against their references: the AVX2/OpenMP dequantize
 kernel (bit for bit against bitsandbytes and the pure-torch formula), fused row-wise
-weights, the per-shape path plan, and the fallback when the kernel cannot be built."""
+weights, the NF4 path plan (a rule of CPU flags and dtype), and the fallback when the
+kernels cannot be built."""
 
 import os
 import subprocess
@@ -14,9 +15,8 @@ from loraquilt.kernels.nf4 import (
     nf4_linear_reference,
 )
 from loraquilt.kernels.nf4_native import loaded_openmp_runtimes, native_kernel
-from loraquilt.kernels.nf4_plan import (
-    DECODE_ROWS, PATHS, ROW_KINDS, WEIGHT_MAJOR, NF4PathChoice, candidate_paths, plan_nf4_paths, run_path,
-)
+from loraquilt.kernels import nf4_lora
+from loraquilt.kernels.nf4_plan import FUSED_MAX_ROWS, PATHS, NF4Plan, plan_nf4
 
 needs_native = pytest.mark.skipif(native_kernel() is None, reason="native NF4 kernel not built on this CPU")
 
@@ -61,26 +61,6 @@ def test_native_path_linear_matches_bitsandbytes(dtype, rows, shape):
         assert torch.equal(got, nf4_linear_reference(x, weight, b))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("rows", [1, 7, 32, 133])
-@pytest.mark.parametrize("shape", [(192, 576), (1728, 576), (576, 1536), (130, 64)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_weight_major_paths_match_bitsandbytes_to_rounding(dtype, rows, shape):
-    """(W @ x.T).T: the same products in another summation order, so equal to the
-    reference within the dtype's rounding (not bit for bit), row-major, with the bias."""
-    gen = torch.Generator().manual_seed(rows * 3 + shape[0])
-    weight = NF4Weight.quantize(torch.randn(*shape, generator=gen).to(dtype))
-    x = torch.randn(rows, shape[1], generator=gen).to(dtype)
-    bias = torch.randn(shape[0], generator=gen).to(dtype)
-    tolerance = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
-    for path in (p for p in WEIGHT_MAJOR if p in candidate_paths(dtype)):
-        for b in (None, bias):
-            got = run_path(path, x, weight, b, DequantScratch())
-            expected = nf4_linear_reference(x, weight, b)
-            assert got.shape == (rows, shape[0]) and got.is_contiguous() and got.dtype == dtype
-            scale = expected.abs().max().float()
-            assert float((got.float() - expected.float()).abs().max()) <= tolerance * scale, (path, b is None)
-
-
 def test_concat_rows_is_bit_identical_to_the_parts():
     gen = torch.Generator().manual_seed(3)
     parts = [NF4Weight.quantize(torch.randn(out, 128, generator=gen)) for out in (64, 16, 16)]
@@ -103,34 +83,73 @@ def test_concat_rows_refuses_blocks_that_would_straddle_parts():
     assert not can_concat([NF4Weight.quantize(torch.randn(64, 64)), NF4Weight.quantize(torch.randn(64, 128))])
 
 
+ROW_COUNTS = [1, 2, 7, 16, 32, 133, FUSED_MAX_ROWS, FUSED_MAX_ROWS + 1, 512, 4096, 10**6]
+AVX2 = frozenset({"avx2", "fma"})
+AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
+AVX512_BF16 = AVX512 | {"avx512_bf16"}
+WITH_AMX = AVX512_BF16 | {"amx_tile", "amx_bf16", "amx_int8"}
+FLAGS = {"avx2": AVX2, "avx512": AVX512, "avx512_bf16": AVX512_BF16, "amx": WITH_AMX}
+
+
+def expected_fallback(dtype: torch.dtype) -> str:
+    return "dequant_native" if native_kernel() is not None and dtype != torch.float16 else "dequant_bnb"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_plan_is_stable(dtype):
+    """A fixed rule, no timing: ten plans on this machine are equal, so every start picks
+    the same path for every row count (and gives the same greedy tokens)."""
+    plans = [plan_nf4(dtype) for _ in range(10)]
+    assert all(plan == plans[0] for plan in plans)
+    assert all(plan.path_for(rows) == plans[0].path_for(rows) for plan in plans for rows in ROW_COUNTS)
+    assert {plans[0].path_for(rows) for rows in ROW_COUNTS} <= set(PATHS)
+    assert plans[0].fallback == expected_fallback(dtype) and plans[0].describe()
+    assert plans[0].isa in ("", *nf4_lora.ISAS)
+
+
+@pytest.mark.parametrize("cpu", list(FLAGS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_plan_picks_a_measured_candidate_per_shape_and_row_kind(dtype):
-    shapes = [(192, 576), (576, 576), (192, 576)]
-    plans = plan_nf4_paths(shapes, dtype, repeats=1)
-    assert set(plans) == {(192, 576), (576, 576)}
-    for choice in plans.values():
-        assert choice.paths <= set(candidate_paths(dtype))
-        for kind, _ in ROW_KINDS:
-            assert choice.by_kind[kind] in choice.timings_us[kind]
-            assert all(us > 0 for us in choice.timings_us[kind].values())
-    exact = plan_nf4_paths(shapes, dtype, repeats=1, exact_only=True)
-    assert all(not (choice.paths & set(WEIGHT_MAJOR)) for choice in exact.values())
+def test_plan_takes_the_fused_kernel_up_to_long_prefills(dtype, cpu):
+    """Both dtypes, whatever the CPU: fused up to FUSED_MAX_ROWS rows, then dequantize + GEMM.
+    float32 multiplies with FMAs (AVX-512 where the CPU has more); bf16 takes the widest."""
+    plan = plan_nf4(dtype, FLAGS[cpu], fused_available=True)
+    assert plan.fused_max_rows == FUSED_MAX_ROWS and plan.fallback == expected_fallback(dtype)
+    for rows in ROW_COUNTS:
+        assert plan.path_for(rows) == ("fused" if rows <= FUSED_MAX_ROWS else plan.fallback), rows
+    widest = nf4_lora.isa_for_flags(FLAGS[cpu])
+    assert widest == cpu
+    assert plan.isa == (widest if dtype == torch.bfloat16 or cpu in ("avx2", "avx512") else "avx512")
+    assert plan.describe().startswith(f"fused NF4+LoRA kernel ({plan.isa}) for steps of <= {FUSED_MAX_ROWS} rows")
 
 
-def test_path_choice_by_rows():
-    choice = NF4PathChoice({"decode": "dequant_native", "chunk": "dequant_native_wm", "prefill": "dequant_bnb"})
-    assert choice.path_for(1) == choice.path_for(DECODE_ROWS) == "dequant_native"
-    assert choice.path_for(DECODE_ROWS + 1) == choice.path_for(ROW_KINDS[1][1]) == "dequant_native_wm"
-    assert choice.path_for(ROW_KINDS[1][1] + 1) == choice.path_for(10**6) == "dequant_bnb"
-    assert choice.replacing("dequant_native_wm", "dequant_native").by_kind["chunk"] == "dequant_native"
-    assert set(WEIGHT_MAJOR) <= set(PATHS)
-    weight = NF4Weight.quantize(torch.randn(64, 64))
-    with pytest.raises(ValueError, match="unknown NF4 path"):
-        run_path("fast", torch.randn(2, 64), weight, None, DequantScratch())
-    with pytest.raises(ValueError, match="unknown NF4 path"):
-        run_path("fast_wm", torch.randn(2, 64), weight, None, DequantScratch())
-    with pytest.raises(ValueError, match="repacked"):
-        run_path("bnb_fused", torch.randn(2, 64), weight, None, DequantScratch())
+@pytest.mark.parametrize("cpu", list(FLAGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_plan_without_the_fused_kernel_takes_the_fallback_everywhere(dtype, cpu):
+    plan = plan_nf4(dtype, FLAGS[cpu], fused_available=False)
+    assert plan.fused_max_rows == 0 and plan.isa == ""
+    assert plan.fallback == expected_fallback(dtype)
+    assert all(plan.path_for(rows) == plan.fallback for rows in ROW_COUNTS)
+    assert plan.describe().startswith(f"{plan.fallback} (")
+    # no fused kernel for float16 either, even where it is built
+    float16 = plan_nf4(torch.float16, FLAGS[cpu], fused_available=True)
+    assert float16.fused_max_rows == 0 and float16.path_for(1) == "dequant_bnb"
+
+
+def test_plan_isa_on_this_machine_follows_the_forced_instruction_set(monkeypatch):
+    monkeypatch.setenv(nf4_lora.ISA_ENV, "avx2")
+    for dtype in (torch.float32, torch.bfloat16):
+        assert plan_nf4(dtype, fused_available=True).isa == "avx2"
+
+
+def test_path_for_boundaries():
+    plan = NF4Plan(32, "dequant_native", "avx2", "test")
+    assert plan.path_for(1) == plan.path_for(31) == plan.path_for(32) == "fused"
+    assert plan.path_for(33) == plan.path_for(10**9) == "dequant_native"
+    assert plan.describe() == "fused NF4+LoRA kernel (avx2) for steps of <= 32 rows, else dequant_native (test)"
+    never = NF4Plan(0, "dequant_bnb", "", "no fused kernel")
+    assert never.path_for(1) == never.path_for(10**9) == "dequant_bnb"
+    assert never.describe() == "dequant_bnb (no fused kernel)"
+    assert PATHS == ("fused", "dequant_native", "dequant_bnb")
 
 
 @needs_native
@@ -147,10 +166,15 @@ def test_fallback_when_the_native_kernel_is_off_warns_once_and_stays_exact(tmp_p
         "import torch\n"
         "from loraquilt.kernels.nf4 import NF4Weight, dequantize_nf4_into, nf4_linear_cpu, nf4_linear_reference, DequantScratch\n"
         "from loraquilt.kernels.nf4_native import native_kernel\n"
-        "from loraquilt.kernels.nf4_plan import candidate_paths\n"
+        "from loraquilt.kernels import nf4_lora\n"
+        "from loraquilt.kernels.nf4_plan import plan_nf4\n"
         "w = NF4Weight.quantize(torch.randn(192, 576)); x = torch.randn(7, 576)\n"
         "assert native_kernel() is None and native_kernel() is None\n"
-        "assert candidate_paths(torch.float32) == ['dequant_bnb', 'dequant_bnb_wm']\n"
+        "assert not nf4_lora.available() and not nf4_lora.available()\n"
+        "for dtype in (torch.float32, torch.bfloat16):\n"
+        "    plan = plan_nf4(dtype)\n"
+        "    assert (plan.fused_max_rows, plan.fallback) == (0, 'dequant_bnb'), plan\n"
+        "    assert plan.path_for(1) == plan.path_for(4096) == 'dequant_bnb'\n"
         "assert torch.equal(nf4_linear_cpu(x, w, None, DequantScratch()), nf4_linear_reference(x, w, None))\n"
         "print('ok')\n"
     )
@@ -161,7 +185,10 @@ def test_fallback_when_the_native_kernel_is_off_warns_once_and_stays_exact(tmp_p
                                 timeout=300)
         assert result.returncode == 0, result.stderr
         warnings = [line for line in result.stderr.splitlines() if "warning" in line]
-        assert len(warnings) == 1 and "no C compiler" in warnings[0], result.stderr
+        # one line per kernel library (the dequantize kernel, the fused NF4 + LoRA kernel)
+        assert len(warnings) == 2 and all("no C compiler" in line for line in warnings), result.stderr
+        assert sum("dequantize kernel instead" in line for line in warnings) == 1, result.stderr
+        assert sum("dequantize + GEMM instead" in line for line in warnings) == 1, result.stderr
     off = {**os.environ, "LORAQUILT_NATIVE_KERNELS": "0"}
     result = subprocess.run([sys.executable, "-c", script], env=off, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
