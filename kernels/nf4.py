@@ -158,20 +158,12 @@ def dequantize_nf4_into(weight: NF4Weight, out: torch.Tensor, dequantizer: str =
 
 
 def nf4_linear_cpu(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None,
-                   scratch: DequantScratch, dequantizer: str = "auto",
-                   weight_major: bool = False) -> torch.Tensor:
-    """Semantics: as `nf4_linear_reference` (dequantize, then one GEMM); bit for bit with
-    the default activation-major GEMM `x @ W.T`. weight_major computes `(W @ x.T).T`
-    instead: the same products of the same values summed in the GEMM library's other
-    blocking, so equal within float rounding but not bit for bit. For a few rows against
-    a wide weight it runs up to 1.7x faster with MKL on CPUs where that blocking suits the
-    weight layout (nf4_plan measures which, per shape).
+                   scratch: DequantScratch, dequantizer: str = "auto") -> torch.Tensor:
+    """Semantics: as `nf4_linear_reference` (dequantize, then one GEMM `x @ W.T`), bit for
+    bit.
 
     x: [T, in] -> [T, out]"""
     dense = dequantize_nf4_into(weight, scratch.view(weight.shape, x.dtype, x.device), dequantizer)  # [out, in]
-    if weight_major:
-        y = torch.mm(dense, x.t()).t().contiguous()  # [out, T] -> [T, out] row-major
-        return y if bias is None else y.add_(bias)
     if bias is None:
         return torch.mm(x, dense.t())
     return torch.addmm(bias, x, dense.t())

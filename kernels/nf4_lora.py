@@ -124,6 +124,7 @@ class LoraPairs:
     pair_weight: torch.Tensor
     row_start: torch.Tensor
     struct: LoraPairsStruct
+    max_slot: int = -1  # the largest slot any pair names (-1: no pair)
 
     @property
     def num_pairs(self) -> int:
@@ -153,7 +154,9 @@ class LoraPairs:
         row_start = torch.tensor(starts, dtype=torch.int32)
         struct = LoraPairsStruct(len(rows), pair_row.data_ptr(), pair_slot.data_ptr(), pair_weight.data_ptr(),
                                  row_start.data_ptr())
-        return cls(pair_row, pair_slot, pair_weight, row_start, struct)
+        if slots and min(slots) < 0:
+            raise ValueError(f"pair slots must be >= 0, got {min(slots)}")
+        return cls(pair_row, pair_slot, pair_weight, row_start, struct, max(slots, default=-1))
 
     @classmethod
     def from_row_table(cls, row_slots: torch.Tensor, row_weights: torch.Tensor | None = None) -> LoraPairs:
@@ -208,6 +211,8 @@ class FusedLora:
         self.parts = tuple(parts)
         self.array = (LoraPartStruct * max(1, len(parts)))(*(part.struct() for part in parts))
         self.max_rank = max((part.a.shape[1] for part in parts), default=0)
+        self.num_slots = min((part.a.shape[0] for part in parts), default=0)
+        self.dtypes = {part.a.dtype for part in parts} | {part.bt.dtype for part in parts}
 
 
 class PairsArgs:
@@ -221,6 +226,7 @@ class PairsArgs:
         self.array = array_type(*(None if t is None or t.num_pairs == 0 else ctypes.addressof(t.struct)
                                   for t in tables))
         self.shrunk_numel = sum(t.num_pairs * rank for t, rank in zip(tables, ranks) if t is not None)
+        self.max_slot = max((t.max_slot for t in tables if t is not None), default=-1)
 
 
 def supports(x: torch.Tensor, weight: NF4Weight) -> bool:
@@ -251,6 +257,8 @@ def nf4_lora_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | Non
     out_features = weight.shape[0]
     if weight.shape[1] != in_features:
         raise ValueError(f"x has {in_features} features, the weight {weight.shape[1]}")
+    if bias is not None and (bias.dtype != x.dtype or bias.shape != (out_features,) or not bias.is_contiguous()):
+        raise ValueError(f"bias must be a contiguous [{out_features}] {x.dtype} tensor")
     isa = isa or active_isa()
     if isa == "amx" and not amx_granted():  # tiles without the kernel's permission: SIGILL
         raise RuntimeError("AMX tiles are not available to this process")
@@ -262,6 +270,10 @@ def nf4_lora_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | Non
         args = pairs if isinstance(pairs, PairsArgs) else PairsArgs(pairs, [p.a.shape[1] for p in lora.parts])
         if len(args.tables) != n_parts:
             raise ValueError(f"{n_parts} parts but {len(args.tables)} pair tables")
+        if args.max_slot >= lora.num_slots:
+            raise ValueError(f"a pair names slot {args.max_slot}, the buffers hold {lora.num_slots}")
+        if lora.dtypes - {x.dtype}:
+            raise ValueError(f"LoRA buffers in {sorted(map(str, lora.dtypes))}, x in {x.dtype}")
         for table in args.tables:  # the kernel reads row_start[0..rows] of every table
             if table is not None and table.row_start.numel() != rows + 1:
                 raise ValueError(f"a pair table for {table.row_start.numel() - 1} rows, x has {rows}")

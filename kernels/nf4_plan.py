@@ -44,7 +44,7 @@ class NF4Plan:
     reason: str
 
     def path_for(self, rows: int) -> str:
-        return "fused" if rows <= self.fused_max_rows else self.fallback
+        return "fused" if 0 < self.fused_max_rows and rows <= self.fused_max_rows else self.fallback
 
     def describe(self) -> str:
         if self.fused_max_rows <= 0:
@@ -53,7 +53,8 @@ class NF4Plan:
                 f"else {self.fallback} ({self.reason})")
 
 
-def plan_nf4(dtype: torch.dtype, flags: frozenset[str] | None = None, fused_available: bool | None = None) -> NF4Plan:
+def plan_nf4(dtype: torch.dtype, flags: frozenset[str] | None = None, fused_available: bool | None = None,
+             why_not_fused: str = "the fused kernel is not built here") -> NF4Plan:
     """The plan for a compute dtype on a CPU with these flags (default: this machine's, and
     `$LORAQUILT_NF4_ISA` when set)."""
     from loraquilt.kernels import nf4_lora
@@ -64,7 +65,7 @@ def plan_nf4(dtype: torch.dtype, flags: frozenset[str] | None = None, fused_avai
     if fused_available is None:
         fused_available = nf4_lora.available()
     if not fused_available or dtype not in nf4_lora.DTYPES:
-        why = "the fused kernel is not built here" if not fused_available else f"no fused kernel for {dtype}"
+        why = why_not_fused if not fused_available else f"no fused kernel for {dtype}"
         return NF4Plan(0, fallback, "", why)
     isa = nf4_lora.active_isa() if flags is None else nf4_lora.isa_for_flags(flags)
     if dtype == torch.float32 and isa in ("avx512_bf16", "amx"):

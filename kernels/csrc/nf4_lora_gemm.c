@@ -87,6 +87,7 @@ static __thread float *tls_tile = NULL;
 static __thread int64_t tls_tile_bytes = 0;
 
 static void *grow(float **buffer, int64_t *have, int64_t need) {
+    if (need < 64) need = 64; /* never a zero-byte allocation (NULL) */
     if (*have < need) {
         free(*buffer);
         *buffer = aligned_alloc(64, (size_t)((need + 63) / 64 * 64));
@@ -564,7 +565,8 @@ int nf4_lora_linear(int64_t isa, int64_t bf16, const void *x, int64_t rows, int6
         }
     }
     const int64_t panels = (out + PANEL_ROWS - 1) / PANEL_ROWS;
-    const int parallel = panels >= 4 && rows * in * out >= (int64_t)1 << 16;
+    /* below ~1M multiply-adds a call takes microseconds: a second thread's wake-up costs more */
+    const int parallel = panels >= 4 && rows * in * out >= (int64_t)1 << 20;
 #pragma omp parallel if (parallel)
     {
         if (widen) {

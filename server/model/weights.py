@@ -118,7 +118,8 @@ def load_causal_lm(folder: Path, device_config: DeviceConfig = DeviceConfig(),
     model = CausalLM(config, embed, layers, dense("model.norm.weight"), lm_head)
     model.dtype_reason = dtype_reason  # why this compute dtype (logged, shown by `info`)
     if device.type == "cpu":
-        plan = plan_nf4(dtype) if fused_kernel else plan_nf4(dtype, fused_available=False)
+        plan = plan_nf4(dtype) if fused_kernel else plan_nf4(dtype, fused_available=False,
+                                                             why_not_fused="the fused kernel is switched off")
         for linear in model.quantized_linears():
             linear.use_plan(plan)
         model.nf4_paths = plan.describe()
