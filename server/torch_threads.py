@@ -53,3 +53,17 @@ def one_thread_off_main() -> None:
     runtime = _openmp_runtime()
     if runtime is not None:
         runtime.omp_set_num_threads(1)
+
+
+def set_threads_here(count: int) -> None:
+    """Run the calling thread's torch ops, and the project's C kernels (they read the same
+    OpenMP setting), on `count` OpenMP threads; other threads and the process-wide default
+    are left as they are. MKL follows the thread's OpenMP count unless torch.set_num_threads
+    was called in the process (then every thread's MKL keeps that count). Without a known
+    OpenMP runtime: torch.set_num_threads (process-wide)."""
+    torch.get_num_threads()  # torch's lazy per-thread setup first, as in one_thread_off_main
+    runtime = _openmp_runtime()
+    if runtime is None:
+        torch.set_num_threads(count)
+    else:
+        runtime.omp_set_num_threads(count)

@@ -28,8 +28,16 @@ def test_a_side_thread_is_limited_and_the_main_thread_is_not():
     assert torch.get_num_threads() == main_before
 
 
+def count_on_a_new_thread() -> int:
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    return seen[0]
+
+
 def test_threads_started_later_keep_the_process_default():
-    default = torch.get_num_threads()
+    default = count_on_a_new_thread()  # not the main thread's: an engine that stepped there set its own
     limited = threading.Thread(target=one_thread_off_main)
     limited.start()
     limited.join()
