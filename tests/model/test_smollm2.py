@@ -83,3 +83,46 @@ def _greedy(model, ids: list[int], count: int) -> list[int]:
         tokens.append(int(out.logits[0, -1].argmax()))
         out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
     return tokens
+
+
+def test_bf16_greedy_tokens_equal_across_process_starts(tmp_path):
+    """The NF4 plan is a rule, not a timing: two processes on one machine compute the same
+    way, so the same bf16 greedy requests (with adapters, batched) give the same tokens."""
+    import json
+    import subprocess
+    import sys
+
+    script = (
+        "import json, sys\n"
+        "from fixtures_models import build_peft_adapter\n"
+        "from loraquilt.server.engine import Engine, EngineConfig\n"
+        "from loraquilt.server.model.sources import resolve_model\n"
+        "from loraquilt.server.model.weights import DeviceConfig\n"
+        "from loraquilt.server.request import Request, SamplingParams\n"
+        "from pathlib import Path\n"
+        "engine = Engine(EngineConfig(device=DeviceConfig('cpu', 'bfloat16'), max_batch_size=8, max_seq_len=128, "
+        "progress=False))\n"
+        "root = Path(sys.argv[1])\n"
+        f"recipes = {RECIPES[:2]!r}\n"
+        "for i, recipe in enumerate(recipes):\n"
+        "    engine.register_adapter(f'a{i}', build_peft_adapter(resolve_model(None).folder, root / f'a{i}', seed=i, "
+        "**recipe))\n"
+        "greedy = SamplingParams(max_new_tokens=16, ignore_eos=True)\n"
+        f"prompts = {PROMPTS!r}\n"
+        "requests = [Request(prompt=p, adapter=[None, 'a0', 'a1', 'a0'][i], sampling=greedy) "
+        "for i, p in enumerate(prompts)]\n"
+        "print(json.dumps([r.token_ids for r in engine.generate(requests)]))\n"
+    )
+    import os
+    from pathlib import Path
+
+    support = str(Path(__file__).resolve().parents[1] / "support")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [support, os.environ.get("PYTHONPATH")]))}
+    runs = []
+    for index in range(2):
+        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"adapters-{index}")],
+                              capture_output=True, text=True, timeout=600, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert runs[0] == runs[1]
+    assert all(len(tokens) == 16 for tokens in runs[0])
