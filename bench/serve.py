@@ -89,7 +89,7 @@ def measure_machine_apart(quick: bool) -> dict:
 
 def run_bench(model: str | None, config: BenchConfig, workdir: Path, quick: bool,
               scenarios_wanted: tuple[str, ...] = SCENARIOS, separate_auto: bool = False,
-              peer_options: PeerOptions | None = None) -> dict:
+              peer_options: PeerOptions | None = None, with_peft: bool = True) -> dict:
     from transformers import AutoTokenizer
 
     from loraquilt.bench import serve_scenarios as run
@@ -131,7 +131,7 @@ def run_bench(model: str | None, config: BenchConfig, workdir: Path, quick: bool
     memory: dict[str, dict] = {}
     many_requests = 0
     need_servers = bool(wanted & {*THROUGHPUT, "many", "hotload", "latency"})
-    need_peers = bool(wanted & {*THROUGHPUT, "sequential", "hotload"})
+    need_peers = with_peft and bool(wanted & {*THROUGHPUT, "sequential", "hotload"})
     systems = start_systems(model_folder, root, want_servers=need_servers, want_peers=need_peers,
                             auto_dtype=auto_dtype, separate_auto=separate_auto, max_batch_size=B,
                             max_active_adapters=config.max_active_adapters, log=_progress)
@@ -205,6 +205,7 @@ def run_bench(model: str | None, config: BenchConfig, workdir: Path, quick: bool
         "settings": {**asdict(config), "model": source.name if not quick else "tiny random Llama (quick)",
                      "model_folder": str(model_folder), "compute_dtype": "float32", "greedy": True,
                      "scenarios": list(scenarios_wanted),
+                     "with_peft": with_peft,
                      "peer": "transformers + PEFT + bitsandbytes NF4 (double quant), fp32 compute",
                      "peer_exact_fp32": True,
                      "peer_default": "transformers + PEFT + bitsandbytes NF4 (double quant), the user's defaults: "
@@ -292,6 +293,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default 2; --quick 1)")
     parser.add_argument("--separate-auto-server", action="store_true",
                         help="start a --dtype auto server even where auto resolves to float32")
+    parser.add_argument("--no-peft", action="store_true",
+                        help="leave out the transformers + PEFT systems (for models where they would take hours)")
     add_peer_arguments(parser)
     parser.set_defaults(run=_run_command)
 
@@ -312,7 +315,7 @@ def _run_command(args: argparse.Namespace) -> int:
     workdir = args.workdir or default_cache_dir() / ("bench-quick" if args.quick else "bench")
     workdir.mkdir(parents=True, exist_ok=True)
     results = run_bench(args.model, config, workdir, args.quick, args.scenarios, args.separate_auto_server,
-                        PeerOptions.from_args(args))
+                        PeerOptions.from_args(args), with_peft=not args.no_peft)
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
     if args.plot:

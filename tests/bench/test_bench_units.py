@@ -69,6 +69,8 @@ def test_unknown_scenario_is_an_argparse_error_listing_the_valid_ones(capsys):
     args = parser.parse_args(["--json", "x.json", "--scenarios", "accuracy"])
     assert args.scenarios == ("accuracy",)
     assert parser.parse_args(["--json", "x.json"]).scenarios == SCENARIOS
+    assert parser.parse_args(["--json", "x.json"]).no_peft is False
+    assert parser.parse_args(["--json", "x.json", "--no-peft"]).no_peft is True
 
 
 def test_systems_order_alternates_pairs_and_skips_a_shared_auto_server():
