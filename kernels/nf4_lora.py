@@ -45,7 +45,7 @@ class LoraPairsStruct(ctypes.Structure):
 
 class LoraPartStruct(ctypes.Structure):
     _fields_ = [("col_start", ctypes.c_int64), ("col_end", ctypes.c_int64), ("rank", ctypes.c_int64),
-                ("a", ctypes.c_void_p), ("bt", ctypes.c_void_p)]
+                ("a", ctypes.c_void_p), ("bt", ctypes.c_void_p), ("slot_rank", ctypes.c_void_p)]
 
 
 def _warn(message: str) -> None:
@@ -183,12 +183,15 @@ class LoraPart:
 
     a:  [S, R, in]    compute dtype, contiguous
     bt: [S, R, width] compute dtype, contiguous (B transposed; width = col_end - col_start)
+    slot_ranks: [S] int32 or None: rows of A / Bt that hold each slot's adapter (the rest
+                must be zero; the kernel skips them), None = all R
     """
 
     col_start: int
     col_end: int
     a: torch.Tensor
     bt: torch.Tensor
+    slot_ranks: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not (self.a.is_contiguous() and self.bt.is_contiguous()):
@@ -198,7 +201,12 @@ class LoraPart:
                              f"columns {self.col_start}:{self.col_end}")
 
     def struct(self) -> LoraPartStruct:
-        return LoraPartStruct(self.col_start, self.col_end, self.a.shape[1], self.a.data_ptr(), self.bt.data_ptr())
+        ranks = self.slot_ranks
+        if ranks is not None and (ranks.dtype != torch.int32 or ranks.shape != (self.a.shape[0],)
+                                  or not ranks.is_contiguous()):
+            raise ValueError(f"slot_ranks must be a contiguous [{self.a.shape[0]}] int32 tensor")
+        return LoraPartStruct(self.col_start, self.col_end, self.a.shape[1], self.a.data_ptr(), self.bt.data_ptr(),
+                              None if ranks is None else ranks.data_ptr())
 
 
 class FusedLora:

@@ -63,6 +63,8 @@ typedef struct {
     int64_t rank;               /* R of the slot buffers (padded rank) */
     const void *a;              /* [S, R, in] compute dtype */
     const void *bt;             /* [S, R, col_end - col_start] compute dtype (B transposed) */
+    const int32_t *slot_rank;   /* [S] rows of A / Bt that hold the slot's adapter (the rest are
+                                   zero and skipped); NULL = all R */
 } lora_part;
 
 /* ---------------------------------------------------------------- scalar helpers */
@@ -497,9 +499,10 @@ static void expand_into(const call_args *c, float *tile, int64_t o0, int64_t n) 
             float *dst = tile + t * PANEL_ROWS + (lo - o0);
             for (int32_t j = pairs->row_start[t]; j < pairs->row_start[t + 1]; j++) {
                 const int64_t slot = pairs->pair_slot[j];
+                const int64_t used = part->slot_rank != NULL ? part->slot_rank[slot] : rank;
                 const void *b = (const char *)part->bt + ((slot * rank) * width + (lo - part->col_start)) * elem;
-                if (c->isa >= ISA_AVX512) expand_row_avx512(dst, shrunk + (int64_t)j * rank, b, width, rank, hi - lo, c->bf16);
-                else expand_row_avx2(dst, shrunk + (int64_t)j * rank, b, width, rank, hi - lo, c->bf16);
+                if (c->isa >= ISA_AVX512) expand_row_avx512(dst, shrunk + (int64_t)j * rank, b, width, used, hi - lo, c->bf16);
+                else expand_row_avx2(dst, shrunk + (int64_t)j * rank, b, width, used, hi - lo, c->bf16);
             }
         }
     }
@@ -582,7 +585,12 @@ int nf4_lora_linear(int64_t isa, int64_t bf16, const void *x, int64_t rows, int6
                     p++;
                 }
                 const int64_t j = rest / parts[p].rank, r = rest % parts[p].rank;
-                const float value = shrink_one(&c, &parts[p], pairs[p]->pair_row[j], pairs[p]->pair_slot[j], r);
+                const int32_t slot = pairs[p]->pair_slot[j];
+                if (parts[p].slot_rank != NULL && r >= parts[p].slot_rank[slot]) {
+                    shrunk[c.shrunk_offset[p] + rest] = 0.0f; /* a padded rank: A's row is zero */
+                    continue;
+                }
+                const float value = shrink_one(&c, &parts[p], pairs[p]->pair_row[j], slot, r);
                 shrunk[c.shrunk_offset[p] + rest] = value * pairs[p]->pair_weight[j];
             }
         }

@@ -76,6 +76,8 @@ class LoraSlots:
             self.a.append(a_layer)
             self.b.append(b_layer)
         self.targets: list[frozenset[str]] = [frozenset()] * config.num_slots
+        # each slot's adapter rank (its largest module's): the fused kernel skips the zero rows past it
+        self.ranks = torch.zeros(config.num_slots, dtype=torch.int32)
         self._generation = 0  # bumped whenever a slot's contents change (tables depend on targets)
         self._spans: tuple[LoraSpan, ...] = ()
         self._step: _StepTables | None = None
@@ -97,6 +99,7 @@ class LoraSlots:
             self.a[layer][proj][slot, :rank].copy_(module.a)
             self.b[layer][proj][slot, :, :rank].copy_(module.b)
         self.targets[slot] = frozenset(adapter.target_modules)
+        self.ranks[slot] = max((module.rank for module in adapter.modules.values()), default=0)
         self._generation += 1
 
     def clear(self, slot: int) -> None:
@@ -106,6 +109,7 @@ class LoraSlots:
                 self.a[layer][proj][slot].zero_()
                 self.b[layer][proj][slot].zero_()
         self.targets[slot] = frozenset()
+        self.ranks[slot] = 0
         self._generation += 1
 
     def _check_slot(self, slot: int) -> None:
@@ -191,7 +195,7 @@ class LoraSlots:
             columns, start = [], 0
             for name, width in parts:
                 columns.append(LoraPart(start, start + width, self.a[layer][name],
-                                        self.b[layer][name].transpose(1, 2)))
+                                        self.b[layer][name].transpose(1, 2), self.ranks))
                 start += width
             fused = self._fused_parts[key] = FusedLora(columns)
         return fused, pairs

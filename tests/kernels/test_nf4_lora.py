@@ -445,3 +445,20 @@ def test_the_forced_isa_is_the_default_of_a_call(monkeypatch):
     explicit = run_kernel(call, "avx2")
     monkeypatch.setenv(ISA_ENV, "avx2")
     assert torch.equal(run_kernel(call, None), explicit)
+
+
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_slot_ranks_skip_only_zero_rows(dtype, isa, one_thread):
+    """Slots whose adapters fill fewer rows than the buffers' rank (zero past it): the kernel
+    told each slot's rank gives the reference's result (it skips only zero rows), and the
+    same bits as without the ranks in float32."""
+    (x, weight, bias, parts, tables), expected = make_case(QKV, QKV_PARTS, dtype, "padded", "zipf", True).rows(40)
+    used = torch.tensor([1 + s % 16 for s in range(parts[0].a.shape[0])], dtype=torch.int32)  # "padded" ranks
+    ranked = [LoraPart(p.col_start, p.col_end, p.a, p.bt, used) for p in parts]
+    got = nf4_lora_linear(x, weight, bias, FusedLora(ranked), tables, isa=isa)
+    assert_matches(got, expected, dtype, f"slot ranks {isa} {dtype}")
+    if dtype == torch.float32:
+        assert torch.equal(got, nf4_lora_linear(x, weight, bias, FusedLora(parts), tables, isa=isa))
+    with pytest.raises(ValueError, match="slot_ranks"):
+        FusedLora([LoraPart(p.col_start, p.col_end, p.a, p.bt, used.long()) for p in parts])
