@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 AUTO = "auto"
-SAMPLE_SECONDS = 0.5  # shortest window an estimate is made over (/proc/stat counts in 10 ms ticks)
+SAMPLE_SECONDS = 0.25  # shortest window an estimate is made over (/proc/stat counts in 10 ms ticks)
 # A core counts as taken when other processes use this much more of the machine than the
 # cores already given up. A busy process that shares a core with one of the team's threads
 # gets only about half of it (the kernel shares a core fairly), so the bar is under 0.5.
@@ -214,7 +214,9 @@ class ContentionMonitor:
 
 class EngineThreads:
     """Sets the OpenMP thread count of whichever thread steps the engine: `threads` fixed,
-    or None for auto (a ContentionMonitor decides). `on_step` runs before every step."""
+    or None for auto (a ContentionMonitor decides). `tune` runs before every step, and
+    while the engine loop idles, so that the estimate a burst of work starts from covers
+    the last moments, not the whole idle time."""
 
     def __init__(self, threads: int | None, log: Callable[[str], None] = lambda line: None,
                  monitor_factory: Callable[[], ContentionMonitor] = ContentionMonitor,
@@ -239,7 +241,8 @@ class EngineThreads:
     def others_busy_cores(self) -> float | None:
         return None if self.monitor is None else self.monitor.others
 
-    def on_step(self) -> None:
+    def tune(self) -> None:
+        """Poll the monitor (auto) and set the count on the calling thread if it changed."""
         wanted = self.fixed if self.monitor is None else self.monitor.poll()
         thread = threading.get_ident()
         if wanted == self.current and thread == self._thread:

@@ -204,7 +204,7 @@ class Engine:
     def step(self) -> list[StepOutput]:
         """One scheduling round and one forward. New requests and aborts may arrive from
         other threads meanwhile; the forward itself runs outside the lock."""
-        self.threads.on_step()  # between steps: the thread count for this one (cpu_contention.py)
+        self.threads.tune()  # between steps: the thread count for this one (cpu_contention.py)
         with self._lock:
             self._progress.clear()  # whatever happens from here on is seen by the next step
             outputs = self._apply_aborts()

@@ -160,6 +160,7 @@ class EngineLoop:
             if not self.engine.has_work():
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
+                self.engine.threads.tune()  # idle too: the next step starts from a fresh CPU estimate
                 continue
             for output in self.engine.step():
                 self._dispatch(output)

@@ -279,9 +279,9 @@ def test_a_fixed_count_is_set_once_per_stepping_thread():
     threads = EngineThreads(3, apply=applied.append)
     assert threads.count == 3 and threads.others_busy_cores is None
     for _ in range(4):
-        threads.on_step()
+        threads.tune()
     assert applied == [3]
-    other = threading.Thread(target=threads.on_step)  # a new stepping thread sets it again
+    other = threading.Thread(target=threads.tune)  # a new stepping thread sets it again
     other.start()
     other.join()
     assert applied == [3, 3]
@@ -292,13 +292,13 @@ def test_auto_applies_and_logs_each_change():
     applied, lines = [], []
     threads = EngineThreads(None, log=lines.append, monitor_factory=lambda: monitor_on(proc), apply=applied.append)
     assert threads.count == 2
-    threads.on_step()
+    threads.tune()
     proc.run(SAMPLE_SECONDS, own=1.4, others=0.6)
-    threads.on_step()
-    threads.on_step()
+    threads.tune()
+    threads.tune()
     for _ in range(RETURN_AFTER_WINDOWS):
         proc.run(SAMPLE_SECONDS, own=1.0)
-        threads.on_step()
+        threads.tune()
     assert applied == [2, 1, 2]
     assert threads.count == 2
     assert lines[0].startswith("engine threads: auto")
@@ -319,7 +319,7 @@ def test_the_count_is_really_set_on_the_stepping_thread_only():
     seen = {}
 
     def step():
-        EngineThreads(1).on_step()
+        EngineThreads(1).tune()
         seen["threads"] = torch.get_num_threads()
         seen["sum"] = float(torch.arange(100_000, dtype=torch.float64).sum())
 
