@@ -79,7 +79,6 @@ class LoraSlots:
         # each slot's adapter rank (its largest module's): the fused kernel skips the zero rows past it
         self.ranks = torch.zeros(config.num_slots, dtype=torch.int32)
         self._generation = 0  # bumped whenever a slot's contents change (tables depend on targets)
-        self._spans: tuple[LoraSpan, ...] = ()
         self._step: _StepTables | None = None
         self._last_key: tuple | None = None  # the previous step's spans, and its tables
         self._fused_parts: dict[tuple, FusedLora] = {}  # (layer, parts) -> the kernel's static arguments
@@ -180,6 +179,12 @@ class LoraSlots:
             return
         for start, end, meta in parts:
             lora_add_(y[start:end], x[start:end], a, b, meta, self.config.backend)
+
+    @property
+    def fuses_lora(self) -> bool:
+        """Whether the fused NF4 + LoRA kernel may add the deltas: with the CPU backends
+        (`auto`, `torch`); `reference` (and `triton`) run as named, after the projection."""
+        return self.config.backend in ("auto", "torch")
 
     def fused_args(self, layer: int, parts: tuple[tuple[str, int], ...]) -> tuple[FusedLora, PairsArgs] | None:
         """The fused NF4 + LoRA kernel's LoRA arguments for one NF4 weight of `layer` whose

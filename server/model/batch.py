@@ -15,6 +15,8 @@ class LoraHook(Protocol):
     def add_(self, y: torch.Tensor, x: torch.Tensor, layer: int, projection: str) -> None:
         """y: [T, out] projection output, x: [T, in] its input."""
 
+    fuses_lora: bool  # whether the fused NF4 + LoRA kernel may add the deltas
+
     def fused_args(self, layer: int, parts: tuple[tuple[str, int], ...]):
         """(FusedLora, PairsArgs) of `kernels.nf4_lora` for one NF4 weight whose output
         columns are `parts` ((projection, width) in order), or None when no row of the

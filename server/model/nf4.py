@@ -78,7 +78,7 @@ class NF4Linear(nn.Module):
         LoRA deltas of each part."""
         if self.on_cpu and self.plan is not None:
             path = self.plan.path_for(x.shape[0])
-            if path == "fused" and nf4_lora.supports(x, self.weight):
+            if path == "fused" and nf4_lora.supports(x, self.weight) and (lora is None or lora.fuses_lora):
                 fused = lora.fused_args(self.layer, self.parts) if lora is not None else None
                 return nf4_lora.nf4_lora_linear(x, self.weight, self.bias, *(fused or (None, ())),
                                                 scratch=self.scratch, isa=self.plan.isa)
