@@ -71,9 +71,6 @@ class FakeProc(ProcReader):
     def cpu_quota(self) -> float | None:
         return self.quota
 
-    def niceness(self) -> int:
-        return self.nice
-
 
 def monitor_on(proc: FakeProc) -> ContentionMonitor:
     return ContentionMonitor(proc, clock=proc.clock)
@@ -99,15 +96,15 @@ def test_other_processes_busy_cores_is_busy_time_less_our_own_per_elapsed_cpu_ti
     assert others_busy_cores(before, read_sample(proc)) == pytest.approx(0.6)
 
 
-def test_niced_work_does_not_count_unless_this_process_is_niced_too():
+def test_niced_work_counts_and_so_does_our_own_when_we_are_niced():
     proc = FakeProc(cpus=2)
     before = read_sample(proc)
-    proc.run(1.0, own=1.0, niced=1.0)  # a nice-19 build beside us: it gives way to our threads
-    assert others_busy_cores(before, read_sample(proc)) == pytest.approx(0.0)
+    proc.run(1.0, own=1.0, niced=1.0)  # another session's nice-19 build: an equal beside our group
+    assert others_busy_cores(before, read_sample(proc)) == pytest.approx(1.0)
     niced = FakeProc(cpus=2, nice=10)
     before = read_sample(niced)
-    niced.run(1.0, own=1.0, niced=1.0)  # then it is an equal, and our own time is niced as well
-    assert others_busy_cores(before, read_sample(niced)) == pytest.approx(1.0)
+    niced.run(1.0, own=1.5, niced=0.5)  # our own time is then in the nice column: still ours
+    assert others_busy_cores(before, read_sample(niced)) == pytest.approx(0.5)
 
 
 def test_no_estimate_when_the_cpu_set_changed_or_no_time_passed():
