@@ -24,7 +24,7 @@ from pathlib import Path
 from loraquilt.bench.peers.options import PeerOptions, add_peer_arguments
 from loraquilt.bench.serve_report import draw_plot, print_table
 from loraquilt.bench.serve_scenarios import KV_SCENARIOS, SCENARIOS, THROUGHPUT
-from loraquilt.bench.workload import build_adapters, build_tiny_model, make_prompts, zipf_choices
+from loraquilt.bench.workload import ModelShapes, build_adapters, build_tiny_model, make_prompts, zipf_choices
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def run_bench(model: str | None, config: BenchConfig, workdir: Path, quick: bool
     B, T = config.batch, config.new_tokens
     machine["model_gemm"] = measure_model_gemm_apart(FlopModel.from_folder(model_folder).token_gemms(), B, quick)
     prompts = make_prompts(tokenizer, B, seed=config.seed)
-    root = workdir / "adapters"
+    root = workdir / "adapters" / ModelShapes.from_folder(model_folder).tag
     _progress(f"writing seeded adapters under {root}")
     heavy = build_adapters(model_folder, root, "heavy", B, seed=config.seed + 1)
     recipe = build_adapters(model_folder, root, "recipe", B, seed=config.seed + 2)

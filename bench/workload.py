@@ -26,6 +26,13 @@ class ModelShapes:
     num_layers: int
     shapes: dict[str, tuple[int, int]]  # projection -> (out, in)
 
+    @property
+    def tag(self) -> str:
+        """A folder name for adapters of these shapes ("30L-576x1536"): adapters written for
+        one model are never reused for another."""
+        out, in_ = self.shapes.get("gate_proj", (0, 0))
+        return f"{self.num_layers}L-{in_}x{out}-" + "-".join(f"{o}" for o, _ in self.shapes.values())
+
     @classmethod
     def from_folder(cls, folder: Path) -> ModelShapes:
         from loraquilt.server.model.config import load_model_config
