@@ -158,8 +158,10 @@ def _torture(server, plan, config: TortureConfig) -> dict:
     warmup_cycles = max(1, round(config.cycles * config.warmup_cycle_fraction))
     rss_warm, warm_at, samples, stop_reason = None, None, [], "cycles done"
     next_report = begin + config.progress_every_s
-    while cycler.is_alive():
-        cycler.join(timeout=0.5)
+    # traffic runs until the cycles are done and for at least twice the warm-up time, so
+    # that RSS growth after the warm-up is measured even when the cycles go fast
+    while cycler.is_alive() or time.monotonic() - begin < 2 * config.warmup_s:
+        cycler.join(timeout=0.5) if cycler.is_alive() else time.sleep(0.5)
         now = time.monotonic()
         if server.process.poll() is not None:
             stop_reason = f"server exited with code {server.process.returncode}"
