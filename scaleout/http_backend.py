@@ -15,6 +15,7 @@ from ray.serve.exceptions import BackPressureError
 from loraquilt.client.routing import key_for
 from loraquilt.scaleout.config import DIRECTORY_DEPLOYMENT, REPLICA_DEPLOYMENT
 from loraquilt.scaleout.hot_keys import HotKeys
+from loraquilt.server.adapter_admin import base_id_taken
 from loraquilt.server.auth import AdminCheck
 from loraquilt.server.generation import ErrorKind, GenerationError
 from loraquilt.v1 import loraquilt_pb2 as pb
@@ -100,6 +101,8 @@ class RayBackend:
         return [(entry.name, entry.created, entry.path) for entry in await self.directory.entries.remote()]
 
     async def load(self, name: str, path: str) -> None:
+        if name == self.settings.served_model_name:
+            raise base_id_taken(name)
         _raise_failure(await self.replicas.register.remote(pb.RegisterAdapterRequest(name=name, path=path)))
 
     async def unload(self, name: str) -> None:

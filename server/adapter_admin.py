@@ -13,15 +13,25 @@ from loraquilt.server.adapters.peft_folder import CONFIG_FILE, WEIGHTS_FILE
 from loraquilt.server.adapters.registry import AdapterExists, AdapterRecord, UnknownAdapter, file_fingerprint
 from loraquilt.server.adapters.state_file import RecordedAdapter, RegistrationState
 from loraquilt.server.generation import ErrorKind, GenerationError, check_adapter_name, shown
-from loraquilt.server.request import RequestError
+from loraquilt.server.request import RequestError, check_text
 
 MAX_PATH_CHARS = 1024
 
 
+def base_id_taken(name: str) -> GenerationError:
+    """The refusal of an adapter named like the served base model (over HTTP that name
+    always means the base, so the adapter could never be reached)."""
+    return GenerationError(ErrorKind.ALREADY_EXISTS, f"{name!r} is the served base model's id; "
+                                                     "an adapter under it could never be reached over HTTP")
+
+
 class AdapterAdmin:
     def __init__(self, engine, adapter_root: Path | None, state: RegistrationState | None = None,
-                 resolve_on_first_use: bool = False):
+                 resolve_on_first_use: bool = False, reserved_names: tuple[str, ...] = ()):
+        """reserved_names: names no adapter may take (the base model's served id, which
+        means the base over HTTP)."""
         self.engine, self.adapter_root, self.state = engine, adapter_root, state
+        self.reserved_names = frozenset(reserved_names)
         self.resolve_on_first_use = resolve_on_first_use
         self._resolving = threading.Lock()
 
@@ -54,6 +64,8 @@ class AdapterAdmin:
 
     def register(self, name: str, path: str) -> AdapterRecord:
         check_adapter_name(name)
+        if name in self.reserved_names:
+            raise base_id_taken(name)
         record = self.engine.register_adapter(name, self.resolve_path(path))
         self._record()
         return record
@@ -74,7 +86,9 @@ class AdapterAdmin:
         skipped = []
         for entry in recorded:
             reason = None
-            if file_fingerprint(Path(entry.path)) != entry.fingerprint:
+            if entry.name in self.reserved_names:
+                reason = "the name is now the served base model's id"
+            elif file_fingerprint(Path(entry.path)) != entry.fingerprint:
                 reason = "its files changed (or went away) since it was registered"
             else:
                 try:
@@ -98,6 +112,7 @@ class AdapterAdmin:
                                   "adapter registration is disabled: the server has no --adapter-root")
         if not isinstance(path, str) or not path or "\x00" in path:
             raise RequestError("path", "must be a non-empty path without NUL characters")
+        check_text("path", path)
         if len(path) > MAX_PATH_CHARS:
             raise RequestError("path", f"at most {MAX_PATH_CHARS} characters, got {len(path)}")
         real_root = root.resolve()

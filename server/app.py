@@ -24,13 +24,19 @@ from loraquilt.server.engine import Engine, EngineConfig
 from loraquilt.server.engine_args import add_engine_arguments, add_threads_argument, engine_config_from_args
 from loraquilt.server.engine_loop import EngineLoop
 from loraquilt.server.generation import Generations, ServiceConfig
+from loraquilt.server.grpc_decode import MalformedRequestInterceptor
 from loraquilt.server.metrics import Metrics
+from loraquilt.server.openai_protocol import model_id
 from loraquilt.server.service import LoraQuiltService
 from loraquilt.v1 import loraquilt_pb2 as pb
 from loraquilt.v1 import loraquilt_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LoraQuilt"].full_name
 MAX_MESSAGE_BYTES = 4 << 20
+
+
+class ServerStartError(RuntimeError):
+    """A setting the server cannot start with (the message says which and why)."""
 
 
 @dataclass(frozen=True)
@@ -70,8 +76,10 @@ class RunningServer:
                                  default_max_new_tokens=min(config.service.default_max_new_tokens, limit))
         state = RegistrationState(config.state_dir) if config.state_dir is not None else None
         recorded = state.load() if state is not None else []  # StateFileError: refuse to start
+        self.served_model_name = config.served_model_name or model_id(engine.model_name)
         self.admin = AdapterAdmin(engine, config.service.adapter_root, state,
-                                  resolve_on_first_use=config.resolve_adapters)
+                                  resolve_on_first_use=config.resolve_adapters,
+                                  reserved_names=(self.served_model_name,))
         self.generations = Generations(self.loop, service_config, self.metrics, resolve=self.admin.resolve)
         service = LoraQuiltService(self.generations, self.admin)
         skipped = self.admin.restore(recorded, log=lambda line: print(line, file=sys.stderr, flush=True))
@@ -81,13 +89,19 @@ class RunningServer:
                   f"{state.path}", file=sys.stderr, flush=True)
         registered = {record.name for record in engine.adapters.records()}
         for name, path in config.preload:
+            if name == self.served_model_name:
+                self.loop.stop()
+                raise ServerStartError(f"--preload {name}=...: {name!r} is the served base model's id "
+                                 "(--served-model-name); give the adapter another name")
             if name not in registered:  # a recorded registration of the same name wins
                 engine.register_adapter(name, path)
 
         capacity = engine.config.max_batch_size + engine.scheduler.config.max_waiting
         admin = AdminCheck.for_token(config.admin_token) if config.admin_token is not None else None
         api = AdminCheck.for_token(config.api_key, "api") if config.api_key is not None else None
+        # credentials first (an unauthenticated caller learns nothing of its bytes), then decoding
         interceptors = [AuthInterceptor(SERVICE_NAME, admin, api)] if admin or api else []
+        interceptors.append(MalformedRequestInterceptor())
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=capacity + 8, thread_name_prefix="loraquilt-rpc"),
             maximum_concurrent_rpcs=capacity + 8, interceptors=interceptors,
@@ -113,9 +127,7 @@ class RunningServer:
         self._serving = True
         if config.http_port is not None:
             from loraquilt.server.http_api import HttpConfig, HttpServer, LocalBackend, build_app
-            from loraquilt.server.openai_protocol import model_id
-
-            http_config = HttpConfig(served_model_name=config.served_model_name or model_id(engine.model_name),
+            http_config = HttpConfig(served_model_name=self.served_model_name,
                                      api_key=api, admin=admin)
             app = build_app(LocalBackend(self.generations, self.admin), http_config, self.metrics.http_requests,
                             lambda: self._serving)
@@ -250,7 +262,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     try:
         server = start_server(engine_config, config, loop_thread=False)
-    except OSError as error:  # a port in use, an address that is not ours
+    except (OSError, ServerStartError) as error:  # a port in use, an address that is not ours
         raise SystemExit(f"loraquilt serve: {error}") from None
     scheme = "https" if tls is not None else "http"
     http = f", OpenAI API {scheme}://{args.host}:{server.http_port}/v1" if server.http_port else ""

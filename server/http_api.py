@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from loraquilt.server.adapter_admin import AdapterAdmin
 from loraquilt.server.auth import AdminCheck
+from loraquilt.server.json_input import JsonInputError, load_json
 from loraquilt.server.generation import ErrorKind, GenerationError, Generations, classify, result_of
 from loraquilt.server.openai_protocol import (
     ResponseShape, body_param, error_body, model_card, parse_chat, parse_completion,
@@ -50,6 +51,17 @@ def failure_of(error: GenerationError, chat: bool = False) -> HttpFailure:
     return HttpFailure(error.kind.http_status, error.message, body_param(error, chat), error.kind.name.lower())
 
 
+def admin_failure(error: GenerationError) -> HttpFailure:
+    """A load/unload failure, `param` in the body's names: the name when it is unknown or
+    taken, the path when the folder is refused (outside the root, not a valid adapter)."""
+    param = {"name": "lora_name", "path": "lora_path"}.get(error.param, error.param)
+    if error.kind in (ErrorKind.NOT_FOUND, ErrorKind.ALREADY_EXISTS):
+        param = "lora_name"
+    elif param is None and error.kind in (ErrorKind.INVALID_ARGUMENT, ErrorKind.PERMISSION_DENIED):
+        param = "lora_path"
+    return HttpFailure(error.kind.http_status, error.message, param, error.kind.name.lower())
+
+
 def _check_bearer(request: Request, check: AdminCheck | None) -> None:
     """The same decision as the gRPC interceptor's, from the Authorization header."""
     if check is None:
@@ -73,9 +85,9 @@ async def _read_json(request: Request) -> dict:
             raise too_large
         chunks.append(chunk)
     try:
-        body = json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise HttpFailure(400, f"request body is not valid JSON: {error}", code="invalid_argument") from None
+        body = load_json(b"".join(chunks))
+    except JsonInputError as error:
+        raise HttpFailure(400, f"request body is {error}", code="invalid_argument") from None
     if not isinstance(body, dict):
         raise HttpFailure(400, "request body must be a JSON object", code="invalid_argument")
     return body
@@ -224,12 +236,13 @@ def build_app(backend, config: HttpConfig, http_requests=None, is_serving=lambda
         _check_bearer(request, config.admin)
         body = await _read_json(request)
         name, path = body.get("lora_name"), body.get("lora_path")
-        if not isinstance(name, str) or not isinstance(path, str):
-            raise HttpFailure(400, "lora_name and lora_path must be strings", "lora_name", "invalid_argument")
+        for param, value in (("lora_name", name), ("lora_path", path)):
+            if not isinstance(value, str):
+                raise HttpFailure(400, f"{param} must be a string", param, "invalid_argument")
         try:
             await backend.load(name, path)
         except Exception as error:
-            raise failure_of(classify(error)) from None
+            raise admin_failure(classify(error)) from None
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
@@ -242,7 +255,7 @@ def build_app(backend, config: HttpConfig, http_requests=None, is_serving=lambda
         try:
             await backend.unload(name)
         except Exception as error:
-            raise failure_of(classify(error)) from None
+            raise admin_failure(classify(error)) from None
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
     return app

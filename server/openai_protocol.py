@@ -52,6 +52,20 @@ def _typed(body: dict, name: str, kinds: tuple, default=None, what: str = ""):
     return value
 
 
+def _number(body: dict, name: str, default: float) -> float:
+    """A JSON number field as a float; an integer past float's range is refused here (float()
+    would overflow), NaN and infinities are left to the engine's range checks."""
+    value = _typed(body, name, (int, float), default, "a number")
+    return _as_float(value, name)
+
+
+def _as_float(value: int | float, param: str) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        raise bad(param, f"must be within ±1.8e308, got an integer of {value.bit_length()} bits") from None
+
+
 def _stop(body: dict) -> tuple[str, ...]:
     stop = body.get("stop")
     if stop is None:
@@ -76,7 +90,7 @@ def _mix(body: dict) -> tuple[tuple[str, float], ...]:
         weight = entry.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise bad("adapters", f'weight of {entry["name"]!r} must be a number')
-        mix.append((entry["name"], float(weight)))
+        mix.append((entry["name"], _as_float(weight, "adapters")))
     return tuple(mix)
 
 
@@ -102,8 +116,8 @@ def _common(body: dict, base_model: str, max_tokens: int | None) -> tuple[str, d
     seed = _typed(body, "seed", (int,), None, "an integer")
     fields = dict(
         adapter=None if model == base_model else model, mix=mix, max_new_tokens=max_tokens,
-        temperature=float(_typed(body, "temperature", (int, float), OPENAI_DEFAULT_TEMPERATURE, "a number")),
-        top_p=float(_typed(body, "top_p", (int, float), 1.0, "a number")),
+        temperature=_number(body, "temperature", OPENAI_DEFAULT_TEMPERATURE),
+        top_p=_number(body, "top_p", 1.0),
         top_k=_typed(body, "top_k", (int,), 0, "an integer"),
         seed=None if seed is None else seed % 2**64,  # OpenAI seeds may be negative
         stop=_stop(body), ignore_eos=_typed(body, "ignore_eos", (bool,), False, "a boolean"),
@@ -135,17 +149,18 @@ def parse_completion(body: dict, base_model: str) -> ParsedBody:
 
 
 def _message_text(content, index: int) -> str:
+    param = f"messages[{index}].content"
     if isinstance(content, str):
         return content
     if isinstance(content, list):
         texts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise bad("messages", f"messages[{index}].content parts must be text parts "
-                                      '({"type": "text", "text": ...}); other kinds are not supported')
+                raise bad(param, 'parts must be text parts ({"type": "text", "text": ...}); '
+                                 "other kinds are not supported")
             texts.append(part["text"])
         return "".join(texts)
-    raise bad("messages", f"messages[{index}].content must be a string or a list of text parts")
+    raise bad(param, "must be a string or a list of text parts")
 
 
 def parse_chat(body: dict, base_model: str) -> ParsedBody:
@@ -154,9 +169,12 @@ def parse_chat(body: dict, base_model: str) -> ParsedBody:
         raise bad("messages", "must be a non-empty list of {role, content} objects")
     parsed = []
     for index, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
-            raise bad("messages", f"messages[{index}].role must be one of system, user, assistant")
-        parsed.append({"role": CHAT_ROLES[message["role"]], "content": _message_text(message.get("content"), index)})
+        if not isinstance(message, dict):
+            raise bad(f"messages[{index}]", "must be an object with a role and a content")
+        role = message.get("role")
+        if not isinstance(role, str) or role not in CHAT_ROLES:
+            raise bad(f"messages[{index}].role", f"must be one of {', '.join(CHAT_ROLES)}")
+        parsed.append({"role": CHAT_ROLES[role], "content": _message_text(message.get("content"), index)})
     max_tokens = _typed(body, "max_completion_tokens", (int,), None, "an integer")
     if max_tokens is None:
         max_tokens = _typed(body, "max_tokens", (int,), None, "an integer")  # None: the server's default
@@ -229,6 +247,9 @@ def model_id(model_name: str) -> str:
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error object. Text the caller sent (a field's value, a path) may hold lone
+    surrogates, which UTF-8 cannot encode: they are written as escapes."""
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
                       "param": param, "code": code}}
 

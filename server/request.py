@@ -21,6 +21,16 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def check_text(field_name: str, text: str) -> None:
+    """Text must be encodable as UTF-8 (the tokenizer's input): a JSON string may carry a
+    lone surrogate ("\\ud800"), which no encoding of Unicode text can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise RequestError(field_name, f"holds a lone surrogate (U+{ord(text[error.start]):04X}) at "
+                                       f"character {error.start}; send valid Unicode text") from None
+
+
 class RequestError(ValueError):
     """A request the engine refuses; `field` names the offending field."""
 
@@ -60,6 +70,7 @@ class SamplingParams:
         for text in self.stop:
             if not isinstance(text, str) or not text or len(text) > MAX_STOP_CHARS:
                 raise RequestError("stop", f"stop strings must be 1..{MAX_STOP_CHARS} characters")
+            check_text("stop", text)
 
     @property
     def greedy(self) -> bool:
@@ -84,10 +95,16 @@ class Request:
         given = [x is not None for x in (self.prompt, self.messages, self.prompt_token_ids)]
         if sum(given) != 1:
             raise RequestError("prompt", "give exactly one of prompt, messages or prompt_token_ids")
-        if self.prompt is not None and not self.prompt:
-            raise RequestError("prompt", "must not be empty")
+        if self.prompt is not None:
+            if not isinstance(self.prompt, str) or not self.prompt:
+                raise RequestError("prompt", "must be a non-empty string")
+            check_text("prompt", self.prompt)
         if self.messages is not None and not self.messages:
             raise RequestError("messages", "must not be empty")
+        for index, message in enumerate(self.messages or ()):
+            if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+                raise RequestError(f"messages[{index}]", "must be a {role, content} object with text content")
+            check_text(f"messages[{index}].content", message["content"])
         if self.prompt_token_ids is not None and not self.prompt_token_ids:
             raise RequestError("prompt_token_ids", "must not be empty")
         if self.adapter is not None and self.mix:

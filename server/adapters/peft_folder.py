@@ -8,7 +8,6 @@ with the module's scaling (alpha/r, or alpha/sqrt(r) for rsLoRA) already folded 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from loraquilt.server.json_input import JsonInputError, load_json
 from loraquilt.server.model.config import ATTENTION_PROJECTIONS, PROJECTIONS, ModelConfig
 
 CONFIG_FILE = "adapter_config.json"
@@ -90,9 +90,13 @@ def _pattern_value(patterns: dict, module_name: str, default):
 
 
 def _finite_number(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise AdapterError(f"{what} must be a finite number, got {value!r}")
-    return float(value)
+    try:  # an integer past float's range overflows
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise AdapterError(f"{what} must be a finite number, got {repr(value)[:40]}")
+    return number
 
 
 def _rank(value, what: str, max_rank: int) -> int:
@@ -120,9 +124,9 @@ def read_adapter_config(folder: Path, max_rank: int) -> dict:
     except OSError as error:  # a name too long, no permission
         raise AdapterError(f"cannot read {path}: {error.strerror or error}") from None
     try:
-        config = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise AdapterError(f"{CONFIG_FILE} is not valid JSON: {error}") from None
+        config = load_json(text)
+    except JsonInputError as error:
+        raise AdapterError(f"{CONFIG_FILE} is {error}") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{CONFIG_FILE} must hold a JSON object")
     peft_type = str(config.get("peft_type", "LORA")).upper()

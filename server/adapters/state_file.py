@@ -17,6 +17,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraquilt.server.json_input import JsonInputError, load_json
+
 STATE_FILE = "adapters.json"
 STATE_VERSION = 1
 
@@ -59,8 +61,8 @@ class RegistrationState:
             return []
         how_to_go_on = "it is left as it is; move it away to start without the recorded adapters"
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as error:
+            data = load_json(self.path.read_bytes())
+        except (OSError, JsonInputError) as error:
             raise StateFileError(f"state file {self.path} cannot be read as JSON ({error}); {how_to_go_on}") from None
         if not isinstance(data, dict) or "version" not in data:
             raise StateFileError(f"state file {self.path} is not a loraquilt state file; {how_to_go_on}")

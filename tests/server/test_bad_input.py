@@ -233,9 +233,9 @@ def test_prompt_just_under_the_size_limit_is_refused_by_length(live):
     pytest.param(b"\xff\xff\xff\xff", id="not-protobuf"),
 ])
 def test_bytes_that_are_no_generate_request(live, payload):
-    """Undecodable bytes are refused by gRPC's deserializer (the service never sees them)."""
+    """Undecodable bytes are a client error naming the RPC (the service never sees them)."""
     raw = live.channel.unary_unary("/loraquilt.v1.LoraQuilt/Generate")  # bytes in, bytes out
-    expect_refusal(lambda: raw(payload, timeout=TIMEOUT), grpc.StatusCode.INTERNAL, "deserializing")
+    expect_refusal(lambda: raw(payload, timeout=TIMEOUT), INVALID, "Generate: the request is not a valid protobuf")
     live.assert_still_serving()
 
 

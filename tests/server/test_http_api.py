@@ -272,14 +272,15 @@ def test_bad_requests_raise_the_matching_client_exception(oai, call, exception, 
     assert words in error["message"] and error["type"] and error["code"]
 
 
-def test_chat_errors_name_the_messages(oai):
+def test_chat_errors_name_the_message_and_its_field(oai):
     with pytest.raises(openai.BadRequestError) as caught:
         oai.chat.completions.create(model=BASE_ID, messages=[{"role": "robot", "content": "hi"}])
-    assert caught.value.body["param"] == "messages"
+    assert caught.value.body["param"] == "messages[0].role"
     with pytest.raises(openai.BadRequestError) as caught:
-        oai.chat.completions.create(model=BASE_ID, messages=[
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+        oai.chat.completions.create(model=BASE_ID, messages=[{"role": "user", "content": "hi"}, {
+            "role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
     assert "text parts" in caught.value.body["message"]
+    assert caught.value.body["param"] == "messages[1].content"
     with pytest.raises(openai.BadRequestError):
         oai.chat.completions.create(model=BASE_ID, messages=[])
 
