@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 # command -> (module that defines it, function adding its parser, one-line help)
 COMMANDS = {
-    "serve": ("loraquilt.server.app", "add_serve_parser", "start the gRPC server"),
+    "serve": ("loraquilt.server.app", "add_serve_parser",
+              "serve the NF4 model and its adapters over gRPC and the OpenAI HTTP API"),
     "generate": ("loraquilt.client.cli", "add_generate_parser", "send a Generate request to a server"),
     "adapters": ("loraquilt.client.cli", "add_adapters_parser", "register, unregister or list adapters on a server"),
     "run": ("loraquilt.server.local_cli", "add_run_parser", "generate once, locally, and print the text"),
@@ -41,7 +43,25 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+class _DropMessages(logging.Filter):
+    def __init__(self, needle: str):
+        super().__init__()
+        self.needle = needle
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.needle not in record.getMessage()
+
+
+def quiet_library_logs() -> None:
+    """Leave out library log lines a user cannot act on. bitsandbytes, imported on a CPU
+    with AVX512-BF16, looks for an optional kernel from the `kernels` hub package for its
+    own 4-bit GEMM and logs its absence on every start; loraquilt runs NF4 through its own
+    kernels and never calls that GEMM."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropMessages("kernels-community"))
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_library_logs()
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((arg for arg in argv if not arg.startswith("-")), None)
     args = build_parser(chosen if chosen in COMMANDS else None).parse_args(argv)

@@ -43,6 +43,7 @@ TAKE_CORE_AT = 0.35
 # cores given up: one busy process on a core it has to itself shows up as ~1.0.
 RETURN_CORE_AT = 0.6
 RETURN_AFTER_WINDOWS = 2  # windows in a row that must agree before a core is taken back
+CHANGE_LOG_SECONDS = 60.0  # at most one log line about a change of the count per this long
 
 # /proc/stat columns after the cpu name: user nice system idle iowait irq softirq steal
 _BUSY_COLUMNS = (0, 1, 2, 5, 6, 7)  # user, nice, system, irq, softirq, steal (a hypervisor's other guests)
@@ -222,9 +223,11 @@ class EngineThreads:
 
     def __init__(self, threads: int | None, log: Callable[[str], None] = lambda line: None,
                  monitor_factory: Callable[[], ContentionMonitor] = ContentionMonitor,
-                 apply: Callable[[int], None] | None = None):
+                 apply: Callable[[int], None] | None = None, clock: Callable[[], float] = time.monotonic):
         self.fixed = threads
-        self.log = log
+        self.log, self._clock = log, clock
+        self._last_logged = -math.inf
+        self._unlogged_changes = 0  # changes since the last line (on a busy shared machine they come often)
         self.monitor = monitor_factory() if threads is None else None
         self._apply = apply or _set_torch_threads
         self.current: int | None = None  # the count last set; None before the first step
@@ -251,9 +254,19 @@ class EngineThreads:
             return
         self._apply(wanted)  # per thread: a new stepping thread gets it too
         if self.current is not None and wanted != self.current:  # only auto changes it
-            self.log(f"engine threads {self.current} -> {wanted}: other processes keep "
-                     f"{self.monitor.others:.1f} of {self.monitor.cores} usable CPUs busy")
+            self._log_change(self.current, wanted)
         self.current, self._thread = wanted, thread
+
+    def _log_change(self, before: int, after: int) -> None:
+        self._unlogged_changes += 1
+        now = self._clock()
+        if now - self._last_logged < CHANGE_LOG_SECONDS:
+            return
+        since = (f" ({self._unlogged_changes} changes since the last such line)"
+                 if self._unlogged_changes > 1 else "")
+        self.log(f"engine threads {before} -> {after}: other processes keep {self.monitor.others:.1f} of "
+                 f"{self.monitor.cores} usable CPUs busy{since}")
+        self._last_logged, self._unlogged_changes = now, 0
 
 
 def _set_torch_threads(count: int) -> None:

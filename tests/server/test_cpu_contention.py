@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from loraquilt.server.cpu_contention import (
-    RETURN_AFTER_WINDOWS, SAMPLE_SECONDS, ContentionMonitor, EngineThreads, ProcReader, Sample,
+    CHANGE_LOG_SECONDS, RETURN_AFTER_WINDOWS, SAMPLE_SECONDS, ContentionMonitor, EngineThreads, ProcReader, Sample,
     cgroup_cpu_quota, others_busy_cores, parse_threads, read_sample, usable_cpus,
 )
 from loraquilt.server.engine import EngineConfig
@@ -284,23 +284,33 @@ def test_a_fixed_count_is_set_once_per_stepping_thread():
     assert applied == [3, 3]
 
 
-def test_auto_applies_and_logs_each_change():
+def test_auto_applies_each_change_and_logs_at_most_one_a_minute():
     proc = FakeProc(cpus=2)
     applied, lines = [], []
-    threads = EngineThreads(None, log=lines.append, monitor_factory=lambda: monitor_on(proc), apply=applied.append)
+    threads = EngineThreads(None, log=lines.append, monitor_factory=lambda: monitor_on(proc), apply=applied.append,
+                            clock=proc.clock)
+
+    def contended_then_quiet():
+        proc.run(SAMPLE_SECONDS, own=1.4, others=0.6)
+        threads.tune()
+        threads.tune()
+        for _ in range(RETURN_AFTER_WINDOWS):
+            proc.run(SAMPLE_SECONDS, own=1.0)
+            threads.tune()
+
     assert threads.count == 2
     threads.tune()
-    proc.run(SAMPLE_SECONDS, own=1.4, others=0.6)
-    threads.tune()
-    threads.tune()
-    for _ in range(RETURN_AFTER_WINDOWS):
-        proc.run(SAMPLE_SECONDS, own=1.0)
-        threads.tune()
-    assert applied == [2, 1, 2]
+    contended_then_quiet()
+    contended_then_quiet()
+    assert applied == [2, 1, 2, 1, 2]
     assert threads.count == 2
     assert lines[0].startswith("engine threads: auto")
-    assert lines[1:] == ["engine threads 2 -> 1: other processes keep 0.6 of 2 usable CPUs busy",
-                         "engine threads 1 -> 2: other processes keep 0.0 of 2 usable CPUs busy"]
+    assert lines[1:] == ["engine threads 2 -> 1: other processes keep 0.6 of 2 usable CPUs busy"]
+    proc.run(CHANGE_LOG_SECONDS, own=1.0, others=1.0)  # a busy minute: the next change is logged, with the count
+    threads.tune()
+    assert applied[-1] == 1
+    assert lines[2:] == ["engine threads 2 -> 1: other processes keep 1.0 of 2 usable CPUs busy "
+                         "(4 changes since the last such line)"]
 
 
 def count_on_a_new_thread() -> int:
