@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def add_bench_parser(commands, name: str, help_text: str) -> None:
-    from loraquilt.kernels import bench as kernel_bench
+    from loraquilt.kernels.lora import bench as kernel_bench
 
     bench = commands.add_parser(name, help=help_text)
     kinds = bench.add_subparsers(dest="bench_kind", metavar="KIND", required=True)

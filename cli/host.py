@@ -1,44 +1,6 @@
-"""What this machine is, read without torch: CPU feature flags, CPU model name, and the
-per-user cache folder (compiled kernels, the embedded model, bench adapters).
+"""What this machine is (CPU flags, CPU model, the cache folder): defined with the kernels,
+which read it before they build (`loraquilt.kernels.host`); named here for the CLI."""
 
-Torch-free on purpose: the CLI consults it while parsing arguments, and the kernel loader
-before it decides what to build."""
+from loraquilt.kernels.host import CACHE_ENV, cache_root, cpu_flags, cpu_model
 
-from __future__ import annotations
-
-import functools
-import os
-import platform
-from pathlib import Path
-
-CACHE_ENV = "LORAQUILT_CACHE"
-
-
-def cache_root() -> Path:
-    """``$LORAQUILT_CACHE`` if set, else ``~/.cache/loraquilt``."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "loraquilt"
-
-
-def _cpuinfo_field(name: str, cpuinfo: str) -> str | None:
-    """The first value of `name` in /proc/cpuinfo (Linux); None where it cannot be read."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() == name:
-            return value.strip()
-    return None
-
-
-@functools.cache
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
-    """The CPU's feature flags as /proc/cpuinfo names them; empty where they cannot be read."""
-    return frozenset((_cpuinfo_field("flags", cpuinfo) or "").split())
-
-
-def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """The CPU model name, else whatever ``platform`` knows."""
-    return _cpuinfo_field("model name", cpuinfo) or platform.processor() or platform.machine()
+__all__ = ["CACHE_ENV", "cache_root", "cpu_flags", "cpu_model"]

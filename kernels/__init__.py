@@ -1,30 +1,15 @@
-"""Batched multi-adapter LoRA kernels (SGMV style): a different adapter, or a weighted
-mix of several, on every row of one batch.
+"""The compute kernels, a folder per family; nothing here imports from the rest of the
+package (`tests/test_layering.py`).
 
-Public API:
-    build_lora_meta(row_slots, row_weights, num_slots=...) -> LoraBatchMeta   once per step
-    lora_add_(y, x, lora_a, lora_b, meta, backend="auto")                     per projection
-    build_segments(pair_slots) -> Segments                                    the grouping itself
-Backends: `reference` (ground truth loop), `torch` (CPU), `triton` (GPU); `auto` picks
-triton for CUDA tensors and torch otherwise.
+    lora/         batched multi-adapter LoRA (SGMV): segments, reference, CPU, Triton, dispatch
+    attention/    paged attention over a block-table KV cache: reference, torch, compiled CPU
+                  decode, Triton, dispatch
+    nf4/          NF4 projections: the weight, reference, dequantize + GEMM, compiled
+                  dequantize, the fused NF4 + LoRA kernel, dispatch (the CPU path plan)
+    layer_ops/    residual add + RMSNorm and rotary: torch reference, compiled CPU, dispatch
+    native_build.py  builds and loads every family's C source (`*.c` beside its binding)
+    host.py       what this machine is (CPU flags, model name) and the cache folder
+
+Each family's `__init__` names its public API; the package itself imports nothing, so
+`loraquilt.kernels.host` stays torch-free.
 """
-
-from loraquilt.kernels.dispatch import BACKENDS, lora_add_, resolve_backend
-from loraquilt.kernels.segments import (
-    NO_ADAPTER,
-    LoraBatchMeta,
-    Segments,
-    build_lora_meta,
-    build_segments,
-)
-
-__all__ = [
-    "BACKENDS",
-    "NO_ADAPTER",
-    "LoraBatchMeta",
-    "Segments",
-    "build_lora_meta",
-    "build_segments",
-    "lora_add_",
-    "resolve_backend",
-]

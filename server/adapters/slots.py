@@ -8,10 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from loraquilt.kernels import LoraBatchMeta, build_lora_meta, lora_add_
-from loraquilt.kernels.cpu import needs_grouped
-from loraquilt.kernels.nf4_lora import FusedLora, LoraPairs, LoraPart, PairsArgs
-from loraquilt.kernels.segments import NO_ADAPTER
+from loraquilt.kernels.lora import NO_ADAPTER, LoraBatchMeta, build_lora_meta, lora_add_, split_spans
+from loraquilt.kernels.nf4 import FusedLora, LoraPairs, LoraPart, PairsArgs
 from loraquilt.server.adapters.peft_folder import LoadedAdapter
 from loraquilt.server.model.config import PROJECTIONS, ModelConfig
 
@@ -136,19 +134,16 @@ class LoraSlots:
         return tuple(tuple(pair for pair in span.pairs if proj in self.targets[pair[0]]) for span in spans)
 
     def _row_parts(self, span_pairs: tuple[tuple[tuple[int, float], ...], ...], rows: list[int]) -> RowParts:
-        """The tables for all rows; on CPU, when that step would need grouped_mm (a prefill
-        chunk beside many single-row decodes on distinct adapters), one table for the
-        leading decode rows and one for the rest instead: each then takes a cheap strategy
-        (one bmm over the decodes' slots, one GEMM pair per prefill span)."""
+        """The tables for all rows, or one per group of spans where the LoRA dispatch splits
+        the step (`split_spans`: on CPU, the leading decode rows apart from a prefill)."""
         whole = self._span_meta(span_pairs, rows)
         if whole is None:
             return ()
-        decodes = next((i for i, n in enumerate(rows) if n != 1), len(rows))  # leading 1-row spans
-        if self.device.type != "cpu" or not needs_grouped(whole) or not 0 < decodes < len(rows) \
-                or any(n == 1 for n in rows[decodes:]):
+        groups = split_spans(whole, rows, self.device)
+        if len(groups) == 1:
             return ((0, sum(rows), whole),)
         parts = []
-        for first, last in ((0, decodes), (decodes, len(rows))):
+        for first, last in groups:
             meta = self._span_meta(span_pairs[first:last], rows[first:last])
             if meta is not None:
                 parts.append((sum(rows[:first]), sum(rows[:last]), meta))

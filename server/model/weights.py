@@ -11,8 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from loraquilt.kernels.nf4 import DequantScratch
-from loraquilt.kernels.nf4_plan import plan_nf4
+from loraquilt.kernels.nf4 import DequantScratch, plan_nf4
 from loraquilt.server.model.dtype import DTYPE_CHOICES, resolve_compute_dtype
 from loraquilt.server.model.config import PROJECTIONS, ModelConfig, load_model_config
 from loraquilt.server.model.layers import DecoderLayer
@@ -85,7 +84,7 @@ class CheckpointReader:
 def load_causal_lm(folder: Path, device_config: DeviceConfig = DeviceConfig(),
                    progress: bool = True, fuse_projections: bool = True, fused_kernel: bool = True) -> CausalLM:
     """fuse_projections: q/k/v and gate/up as one NF4 weight each (same values, fewer calls).
-    fused_kernel: on CPU, the plan of `kernels.nf4_plan` (the fused NF4 + LoRA kernel for the
+    fused_kernel: on CPU, the plan of `kernels.nf4.dispatch` (the fused NF4 + LoRA kernel for the
     row counts where this CPU runs it fastest); False: dequantize + GEMM for every step."""
     folder = Path(folder)
     config: ModelConfig = load_model_config(folder)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from fixtures_models import build_tiny_model, make_adapter_zoo
 
-from loraquilt.kernels import build_lora_meta, lora_add_
-from loraquilt.kernels.cpu import needs_grouped
+from loraquilt.kernels.lora import build_lora_meta, lora_add_
+from loraquilt.kernels.lora.cpu import needs_grouped
 from loraquilt.server.adapters.peft_folder import load_peft_adapter
 from loraquilt.server.adapters.slots import LoraSlots, LoraSpan, SlotConfig
 from loraquilt.server.model.config import PROJECTIONS, load_model_config

@@ -4,7 +4,7 @@ Why some modules run in a child process
 ---------------------------------------
 tests/conftest.py sets TRITON_INTERPRET=1 (unless already set) so that the CPU suite can
 run the Triton kernels in Triton's interpreter. Triton reads that variable when a
-`@triton.jit` function is defined, i.e. when `loraquilt.kernels.triton_sgmv` is first
+`@triton.jit` function is defined, i.e. when `loraquilt.kernels.lora.triton_sgmv` is first
 imported, so inside that pytest process the SGMV kernels would run in the interpreter even
 on a GPU, and the compiled `tl.dot` path (tensor cores, bf16/fp16) would go untested.
 

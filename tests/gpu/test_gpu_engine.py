@@ -192,7 +192,7 @@ def test_engine_runs_on_the_device(engine_fp32, engine_bf16):
         assert engine.model.device.type == DEVICE and engine.model.dtype == dtype
         assert engine.slots.device.type == DEVICE
         if DEVICE == "cuda":
-            from loraquilt.kernels import resolve_backend
+            from loraquilt.kernels.lora import resolve_backend
 
             assert resolve_backend(engine.config.lora_backend, engine.model.device) == "triton"
 

@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from _gpu import DEVICE, GPU
-from loraquilt.kernels.nf4 import DequantScratch, NF4Weight, nf4_linear, nf4_linear_reference
+from loraquilt.kernels.nf4.dispatch import nf4_linear
+from loraquilt.kernels.nf4.reference import nf4_linear_reference
+from loraquilt.kernels.nf4.weight import DequantScratch, NF4Weight
 from loraquilt.server.model.nf4 import NF4Linear
 
 pytestmark = GPU

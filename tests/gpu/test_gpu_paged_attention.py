@@ -1,4 +1,4 @@
-"""The compiled Triton paged attention kernel on CUDA (kernels/triton_paged_attention.py,
+"""The compiled Triton paged attention kernel on CUDA (kernels/attention/triton_paged.py,
 the real `tl.dot` path the interpreter does not cover) against the float32 reference loop.
 
 Inputs are drawn on the CPU, the reference (`paged_attention_reference`) runs on the CPU,
@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from _gpu import DEVICE, GPU
-from loraquilt.kernels.paged_attention import paged_attention_reference, paged_decode_attention
+from loraquilt.kernels.attention.cpu import paged_decode_attention
+from loraquilt.kernels.attention.reference import paged_attention_reference
 from test_paged_attention import (
     assert_close,
     decode_case,
@@ -51,7 +52,7 @@ def test_kernel_is_compiled_not_interpreted():
         pytest.skip("dry run on the CPU: the kernel runs in the interpreter")
     import triton
 
-    from loraquilt.kernels import triton_paged_attention
+    from loraquilt.kernels.attention import triton_paged as triton_paged_attention
 
     assert not triton.knobs.runtime.interpret, "TRITON_INTERPRET is on in the GPU test process"
     assert isinstance(triton_paged_attention._paged_attention_kernel, triton.runtime.jit.JITFunction)
@@ -62,7 +63,7 @@ def test_kernel_is_compiled_not_interpreted():
 @pytest.mark.parametrize("heads", HEADS, ids=_ids)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 def test_decode(dtype, heads, block_size, window):
-    from loraquilt.kernels.triton_paged_attention import paged_decode_attention_triton
+    from loraquilt.kernels.attention.triton_paged import paged_decode_attention_triton
 
     num_heads, kv_heads, head_dim = heads
     lens = [1, block_size - 1, block_size, block_size + 1, 63, 200, 333, 600]
@@ -78,7 +79,7 @@ def test_decode(dtype, heads, block_size, window):
 @pytest.mark.parametrize("heads", HEADS[:3], ids=_ids)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 def test_prefill(dtype, heads, start, n, window):
-    from loraquilt.kernels.triton_paged_attention import paged_prefill_attention_triton
+    from loraquilt.kernels.attention.triton_paged import paged_prefill_attention_triton
 
     num_heads, kv_heads, head_dim = heads
     q, k, v, k_cache, v_cache, table = prefill_case(num_heads, kv_heads, head_dim, 16, start, n,
@@ -92,7 +93,7 @@ def test_prefill(dtype, heads, start, n, window):
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 def test_mixed_batch_int32_tables(dtype):
     """Prefill chunks and decode tokens of several sequences in one call, interleaved."""
-    from loraquilt.kernels.triton_paged_attention import paged_attention_triton
+    from loraquilt.kernels.attention.triton_paged import paged_attention_triton
 
     gen = torch.Generator().manual_seed(5)
     block_size, lens = 16, [7, 130, 16, 257]
@@ -119,7 +120,7 @@ def test_long_decode_batch(dtype, window):
     on the same rounded inputs."""
     if DEVICE != "cuda":
         pytest.skip("dry run on the CPU: too large for the interpreter")
-    from loraquilt.kernels.triton_paged_attention import paged_decode_attention_triton
+    from loraquilt.kernels.attention.triton_paged import paged_decode_attention_triton
 
     gen = torch.Generator().manual_seed(6)
     lens = torch.randint(1, 4097, (64,), generator=gen).tolist()

@@ -12,7 +12,7 @@ import torch
 
 from _gpu import DEVICE, GPU
 from cases import PATTERNS, adapter_buffers, assert_close, composed_slots, row_slots_for
-from loraquilt.kernels import NO_ADAPTER, build_lora_meta, lora_add_, resolve_backend
+from loraquilt.kernels.lora import NO_ADAPTER, build_lora_meta, lora_add_, resolve_backend
 
 pytest.importorskip("triton")
 pytestmark = GPU
@@ -62,7 +62,7 @@ def test_kernels_are_compiled_not_interpreted():
         pytest.skip("dry run on the CPU: the kernels run in the interpreter")
     import triton
 
-    from loraquilt.kernels import triton_sgmv
+    from loraquilt.kernels.lora import triton_sgmv
 
     assert not triton.knobs.runtime.interpret, "TRITON_INTERPRET is on in the GPU test process"
     for kernel in (triton_sgmv._sgmv_shrink_kernel, triton_sgmv._sgmv_expand_kernel):

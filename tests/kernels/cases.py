@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from loraquilt.kernels import NO_ADAPTER
+from loraquilt.kernels.lora import NO_ADAPTER
 
 PATTERNS = ("all_distinct", "uniform", "zipf", "identical", "all_none", "mixed_none")
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from loraquilt.kernels import build_lora_meta, lora_add_
-from loraquilt.kernels.cpu import STRATEGIES, choose_strategy, lora_add_cpu_
+from loraquilt.kernels.lora import build_lora_meta, lora_add_
+from loraquilt.kernels.lora.cpu import STRATEGIES, choose_strategy, lora_add_cpu_
 
 from cases import PATTERNS, adapter_buffers, assert_close, composed_slots, row_slots_for
 

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from loraquilt.kernels import build_lora_meta, lora_add_, resolve_backend
+from loraquilt.kernels.lora import build_lora_meta, lora_add_, resolve_backend
 
 from cases import PATTERNS, adapter_buffers, assert_close, composed_slots, row_slots_for
 

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from loraquilt.kernels.nf4 import (
-    DequantScratch, NF4Weight, dequantize_nf4_into, nf4_linear, nf4_linear_cpu, nf4_linear_reference,
-)
+from loraquilt.kernels.nf4.cpu import dequantize_nf4_into, nf4_linear_cpu
+from loraquilt.kernels.nf4.dispatch import nf4_linear
+from loraquilt.kernels.nf4.reference import nf4_linear_reference
+from loraquilt.kernels.nf4.weight import DequantScratch, NF4Weight
 
 SHAPES = [(64, 64), (130, 64), (192, 576), (576, 576), (1536, 576), (576, 1536), (96, 2048)]
 

@@ -1,4 +1,4 @@
-"""The fused NF4 + LoRA CPU kernel (`kernels/csrc/nf4_lora_gemm.c`) against its pure-torch
+"""The fused NF4 + LoRA CPU kernel (`kernels/nf4/nf4_lora_gemm.c`) against its pure-torch
 reference (`nf4_lora_linear_reference`): shapes (outputs not a multiple of the 16-row panel,
 projection parts side by side), row counts, ranks (padded ones included), adapter mixes
 (composition, negative and zero weights, rows without adapters, one slot, a slot per
@@ -15,9 +15,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from loraquilt.kernels import nf4_lora
-from loraquilt.kernels.nf4 import NF4Weight, dequantize_nf4_into, nf4_linear_reference
-from loraquilt.kernels.nf4_lora import (
+from loraquilt.kernels.nf4 import fused_lora as nf4_lora
+from loraquilt.kernels.nf4.cpu import dequantize_nf4_into
+from loraquilt.kernels.nf4.reference import nf4_linear_reference
+from loraquilt.kernels.nf4.weight import NF4Weight
+from loraquilt.kernels.nf4.fused_lora import (
     ISA_ENV, ISAS, MAX_PARTS, FusedLora, LoraPairs, LoraPart, PairsArgs, active_isa, dequantize_like_kernel,
     detected_isa, nf4_lora_linear, nf4_lora_linear_reference, supports,
 )
@@ -373,8 +375,8 @@ def test_zero_rows_in_a_fresh_process():
     """A step of no rows gives [0, out]; in a fresh process (no per-thread buffers yet)."""
     script = (
         "import torch\n"
-        "from loraquilt.kernels.nf4 import NF4Weight\n"
-        "from loraquilt.kernels.nf4_lora import nf4_lora_linear\n"
+        "from loraquilt.kernels.nf4.weight import NF4Weight\n"
+        "from loraquilt.kernels.nf4.fused_lora import nf4_lora_linear\n"
         "w = NF4Weight.quantize(torch.randn(64, 64))\n"
         "for dtype in (torch.float32, torch.bfloat16):\n"
         "    assert nf4_lora_linear(torch.randn(0, 64).to(dtype), w, None).shape == (0, 64)\n"

@@ -10,13 +10,13 @@ import sys
 import pytest
 import torch
 
-from loraquilt.kernels.nf4 import (
-    NF4_BLOCKSIZE, DequantScratch, NF4Weight, can_concat, dequantize_nf4_into, nf4_linear_cpu,
-    nf4_linear_reference,
-)
-from loraquilt.kernels.nf4_native import loaded_openmp_runtimes, native_kernel
-from loraquilt.kernels import nf4_lora
-from loraquilt.kernels.nf4_plan import FUSED_MAX_ROWS, PATHS, NF4Plan, plan_nf4
+from loraquilt.kernels.native_build import loaded_openmp_runtimes
+from loraquilt.kernels.nf4 import fused_lora as nf4_lora
+from loraquilt.kernels.nf4.cpu import dequantize_nf4_into, nf4_linear_cpu
+from loraquilt.kernels.nf4.dispatch import FUSED_MAX_ROWS, PATHS, NF4Plan, plan_nf4
+from loraquilt.kernels.nf4.native import native_kernel
+from loraquilt.kernels.nf4.reference import nf4_linear_reference
+from loraquilt.kernels.nf4.weight import NF4_BLOCKSIZE, DequantScratch, NF4Weight, can_concat
 
 needs_native = pytest.mark.skipif(native_kernel() is None, reason="native NF4 kernel not built on this CPU")
 
@@ -164,10 +164,12 @@ def test_fallback_when_the_native_kernel_is_off_warns_once_and_stays_exact(tmp_p
     PATH without one)."""
     script = (
         "import torch\n"
-        "from loraquilt.kernels.nf4 import NF4Weight, dequantize_nf4_into, nf4_linear_cpu, nf4_linear_reference, DequantScratch\n"
-        "from loraquilt.kernels.nf4_native import native_kernel\n"
-        "from loraquilt.kernels import nf4_lora\n"
-        "from loraquilt.kernels.nf4_plan import plan_nf4\n"
+        "from loraquilt.kernels.nf4.weight import NF4Weight, DequantScratch\n"
+        "from loraquilt.kernels.nf4.cpu import nf4_linear_cpu\n"
+        "from loraquilt.kernels.nf4.reference import nf4_linear_reference\n"
+        "from loraquilt.kernels.nf4.native import native_kernel\n"
+        "from loraquilt.kernels.nf4 import fused_lora as nf4_lora\n"
+        "from loraquilt.kernels.nf4.dispatch import plan_nf4\n"
         "w = NF4Weight.quantize(torch.randn(192, 576)); x = torch.randn(7, 576)\n"
         "assert native_kernel() is None and native_kernel() is None\n"
         "assert not nf4_lora.available() and not nf4_lora.available()\n"

@@ -13,12 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loraquilt.kernels.paged_attention import (
-    paged_attention_reference,
-    paged_decode_attention,
-    paged_prefill_attention,
-    write_kv,
-)
+from loraquilt.kernels.attention.cache import write_kv
+from loraquilt.kernels.attention.cpu import paged_decode_attention, paged_prefill_attention
+from loraquilt.kernels.attention.reference import paged_attention_reference
 
 DTYPES = (torch.float32, torch.bfloat16)
 # (atol, rtol) against the float32 reference

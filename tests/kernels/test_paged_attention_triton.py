@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from loraquilt.kernels.paged_attention import paged_attention_reference
+from loraquilt.kernels.attention.reference import paged_attention_reference
 
 from test_paged_attention import (
     assert_close,
@@ -40,7 +40,7 @@ def _on_device(*tensors):
     (4, 4, 16, 128, 70),   # one kv head per query head, blocks larger than a key tile
 ])
 def test_decode(heads, kv_heads, head_dim, block_size, window, dtype):
-    from loraquilt.kernels.triton_paged_attention import paged_decode_attention_triton
+    from loraquilt.kernels.attention.triton_paged import paged_decode_attention_triton
 
     lens = [1, block_size - 1, block_size + 1, 90]
     case = decode_case(4, heads, kv_heads, head_dim, block_size, lens, dtype, seed=heads)
@@ -52,7 +52,7 @@ def test_decode(heads, kv_heads, head_dim, block_size, window, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("start, n, window", [(0, 20, None), (0, 20, 6), (37, 9, None), (70, 1, 16)])
 def test_prefill(start, n, window, dtype):
-    from loraquilt.kernels.triton_paged_attention import paged_prefill_attention_triton
+    from loraquilt.kernels.attention.triton_paged import paged_prefill_attention_triton
 
     q, k, v, k_cache, v_cache, table = prefill_case(9, 3, 64, 16, start, n, dtype, seed=start + n)
     expected = prefill_reference(q, k_cache, v_cache, table, start, window)
@@ -65,7 +65,7 @@ def test_prefill(start, n, window, dtype):
 def test_mixed_batch_general_kernel(dtype):
     """Decode tokens of several sequences and a prefill chunk of another in one call, in an
     interleaved token order, an int32 block table and a custom scale."""
-    from loraquilt.kernels.triton_paged_attention import paged_attention_triton
+    from loraquilt.kernels.attention.triton_paged import paged_attention_triton
 
     gen = torch.Generator().manual_seed(1)
     block_size, lens = 8, [5, 33, 8, 41]
@@ -83,7 +83,7 @@ def test_mixed_batch_general_kernel(dtype):
 
 
 def test_empty_and_errors():
-    from loraquilt.kernels.triton_paged_attention import paged_attention_triton
+    from loraquilt.kernels.attention.triton_paged import paged_attention_triton
 
     q, k_cache, v_cache, tables, lens = decode_case(1, 4, 2, 16, 4, [3], torch.float32, 0)
     q, k_cache, v_cache, tables, lens = _on_device(q, k_cache, v_cache, tables, lens)

@@ -1,4 +1,4 @@
-"""The compiled CPU paged decode attention (kernels/csrc/paged_decode.c) against the
+"""The compiled CPU paged decode attention (kernels/attention/paged_decode.c) against the
 reference loop over a block-table cache, over many shapes (head groupings, head sizes with
 and without an 8-wide tail, block sizes, sliding windows, fp32 and bf16 pools), its input
 checks, and the dispatch that picks it on the CPU."""
@@ -13,8 +13,8 @@ import pytest
 import torch
 from test_paged_attention import assert_close, context_lens_for, decode_case, decode_reference, dtype_id
 
-from loraquilt.kernels import paged_native
-from loraquilt.kernels.paged_dispatch import paged_decode
+from loraquilt.kernels.attention import native as paged_native
+from loraquilt.kernels.attention.dispatch import paged_decode
 
 needs_native = pytest.mark.skipif(not paged_native.available(), reason="native paged kernel not built on this CPU")
 HEADS = ((1, 1), (4, 4), (9, 3), (8, 2), (8, 1))  # (query heads, kv heads)
@@ -84,7 +84,7 @@ def test_the_dispatch_takes_it_on_the_cpu_and_torch_where_it_cannot():
 
 
 def test_switched_off_the_torch_version_serves():
-    code = ("import torch; from loraquilt.kernels import paged_native; "
+    code = ("import torch; from loraquilt.kernels.attention import native as paged_native; "
             "print(paged_native.available())")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "LORAQUILT_NATIVE_KERNELS": "0"})

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from loraquilt.kernels import NO_ADAPTER, build_lora_meta, build_segments
+from loraquilt.kernels.lora import NO_ADAPTER, build_lora_meta, build_segments
 
 
 @pytest.mark.parametrize(

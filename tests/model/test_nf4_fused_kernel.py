@@ -7,8 +7,8 @@ import pytest
 import torch
 from fixtures_models import build_tiny_model, make_adapter_zoo, tiny_engine
 
-from loraquilt.kernels import nf4_lora
-from loraquilt.kernels.nf4_plan import plan_nf4
+from loraquilt.kernels.nf4 import fused_lora as nf4_lora
+from loraquilt.kernels.nf4.dispatch import plan_nf4
 from loraquilt.server.adapters.peft_folder import load_peft_adapter
 from loraquilt.server.adapters.slots import LoraSlots, LoraSpan, SlotConfig
 from loraquilt.server.model.batch import build_forward_batch, contiguous_tables

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from loraquilt.kernels.segments import LoraBatchMeta
+from loraquilt.kernels.lora.segments import LoraBatchMeta
 
 BLOCK_M = 16
 BLOCK_K = 32

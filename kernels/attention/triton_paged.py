@@ -1,6 +1,6 @@
 """GPU path: paged attention over a block-table KV cache as one Triton kernel.
 
-Semantics: as `kernels/paged_attention.py` (and its `paged_attention_reference`):
+Semantics: as `reference.py` (`paged_attention_reference`):
     for each query token t (sequence s = token_seqs[t], position pos = token_positions[t])
     and query head h (kv head h // (H // KVH)):
         keys p with lo <= p <= pos, lo = 0 (no window) or max(0, pos - window + 1)
@@ -128,7 +128,7 @@ def paged_attention_triton(
 ) -> torch.Tensor:
     """Attention of each query token over its own sequence's cached keys.
 
-    Semantics: as `paged_attention_reference` (kernels/paged_attention.py); softmax and
+    Semantics: as `paged_attention_reference` (reference.py); softmax and
     accumulation in float32.
 
     q:               [T, H, D]

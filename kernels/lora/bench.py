@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from loraquilt.kernels.cpu import STRATEGIES, lora_add_cpu_
-from loraquilt.kernels.dispatch import lora_add_
-from loraquilt.kernels.segments import build_lora_meta
+from loraquilt.kernels.lora.cpu import STRATEGIES, lora_add_cpu_
+from loraquilt.kernels.lora.dispatch import lora_add_
+from loraquilt.kernels.lora.segments import build_lora_meta
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """One call per projection (group): NF4 GEMM with every row's LoRA delta fused, on the CPU.
 
-`kernels/csrc/nf4_lora_gemm.c` reads the packed NF4 weight and its float32 block scales
+`nf4_lora_gemm.c` (beside this file) reads the packed NF4 weight and its float32 block scales
 once, decodes them per panel of 16 output rows into a buffer that stays in cache,
 multiplies every token row by it (fp32 FMA, or AVX512-BF16 `vdpbf16ps` for bf16), and adds
 the LoRA shrink/expand of every (part, pair) of the step before the single rounding to the
@@ -29,9 +29,11 @@ from pathlib import Path
 
 import torch
 
-from loraquilt.kernels.nf4 import NF4_BLOCKSIZE, DequantScratch, NF4Weight
+from loraquilt.kernels.host import cpu_flags
+from loraquilt.kernels.native_build import build_native_library
+from loraquilt.kernels.nf4.weight import NF4_BLOCKSIZE, DequantScratch, NF4Weight
 
-SOURCE = Path(__file__).with_name("csrc") / "nf4_lora_gemm.c"
+SOURCE = Path(__file__).with_name("nf4_lora_gemm.c")
 ISA_ENV = "LORAQUILT_NF4_ISA"  # force an instruction set (tests of the fallbacks): one of ISAS
 ISAS = ("avx2", "avx512", "avx512_bf16", "amx")  # in the C source's order (ISA_AVX2 = 0, ...)
 MAX_PARTS = 4
@@ -55,8 +57,6 @@ def _warn(message: str) -> None:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    from loraquilt.kernels.nf4_native import build_native_library
-
     built = build_native_library(SOURCE, "nf4_lora", _warn)
     if built is None:
         return None
@@ -92,8 +92,6 @@ def isa_for_flags(flags: frozenset[str], amx_usable: bool = True) -> str:
 @functools.cache
 def detected_isa() -> str:
     """The widest instruction set of ISAS this CPU runs (the kernel needs AVX2 and FMA)."""
-    from loraquilt.host import cpu_flags
-
     flags = cpu_flags()
     return isa_for_flags(flags, amx_usable="amx_tile" in flags and amx_granted())
 

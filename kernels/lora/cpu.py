@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from loraquilt.kernels.segments import LoraBatchMeta
+from loraquilt.kernels.lora.segments import LoraBatchMeta
 
 # Above this many segments per step, one grouped GEMM beats a Python loop of GEMMs
 # (measured with `loraquilt bench kernels`, see README).
@@ -80,9 +80,9 @@ def choose_strategy(meta: LoraBatchMeta, x, lora_a, lora_b) -> str:
 
 def needs_grouped(meta: LoraBatchMeta) -> bool:
     """Whether neither `loop` (too many segments) nor `slot_range` (too uneven) suits the
-    step. grouped_mm's CPU path costs one GEMM per slot and a few µs each, so a caller that
-    knows where the uneven rows are (a prefill beside decodes) does better splitting the
-    rows into parts that each avoid it."""
+    step. grouped_mm's CPU path costs one GEMM per slot and a few µs each, so such a step
+    does better split into parts that each avoid it (`dispatch.split_spans`: a prefill
+    beside decodes)."""
     return (meta.num_segments > LOOP_MAX_SEGMENTS
             and meta.slot_range_rows > SLOT_RANGE_MAX_PADDING * meta.num_pairs)
 

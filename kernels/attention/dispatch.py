@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from loraquilt.kernels import paged_native
-from loraquilt.kernels.paged_attention import paged_decode_attention, paged_prefill_attention
+from loraquilt.kernels.attention import native
+from loraquilt.kernels.attention.cpu import paged_decode_attention, paged_prefill_attention
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -14,12 +14,12 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     """One query per sequence over its blocks. q: [S, H, D]; caches: [blocks, block_size,
     KVH, D]; block_tables: [S, B]; context_lens: [S] -> [S, H, D]"""
     if q.device.type == "cuda":
-        from loraquilt.kernels.triton_paged_attention import paged_decode_attention_triton
+        from loraquilt.kernels.attention.triton_paged import paged_decode_attention_triton
 
         return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, sliding_window)
-    if paged_native.supports(q, k_cache, v_cache):
-        return paged_native.paged_decode_attention_native(q, k_cache, v_cache, block_tables, context_lens,
-                                                          sliding_window)
+    if native.supports(q, k_cache, v_cache):
+        return native.paged_decode_attention_native(q, k_cache, v_cache, block_tables, context_lens,
+                                                    sliding_window)
     return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, sliding_window)
 
 
@@ -29,7 +29,7 @@ def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
     """One sequence's chunk at positions start..start+n-1 (its keys already in the cache).
     q: [n, H, D]; k, v: [n, KVH, D]; block_table: [B] -> [n, H, D]"""
     if q.device.type == "cuda":
-        from loraquilt.kernels.triton_paged_attention import paged_prefill_attention_triton
+        from loraquilt.kernels.attention.triton_paged import paged_prefill_attention_triton
 
         return paged_prefill_attention_triton(q, k, v, k_cache, v_cache, block_table, start, sliding_window)
     return paged_prefill_attention(q, k, v, k_cache, v_cache, block_table, start, sliding_window)

@@ -1,22 +1,7 @@
-"""Paged attention over a block-table KV cache (one layer), on CPU.
+"""Paged attention on the CPU in torch: the decode and prefill fast paths.
 
-Cache layout:
-    k_cache, v_cache: [num_blocks, block_size, kv_heads, head_dim], contiguous, one pool
-    block_tables:     [S, max_blocks] int64 or int32; row s lists sequence s's blocks in
-                      order, padded past its last block with any valid block id (e.g. 0)
-    key position p of sequence s lives at k_cache[block_tables[s, p // block_size],
-    p % block_size]; flat slot = block * block_size + offset.
+Semantics: `reference.py` (`paged_attention_reference`); cache layout: `cache.py`.
 
-Semantics:
-    for each query token t (sequence s = token_seqs[t], position pos = token_positions[t])
-    and query head h (kv head h // (H // KVH)):
-        keys p with lo <= p <= pos, lo = 0 (sliding_window None) or max(0, pos - w + 1)
-        scores[p] = scale * q[t, h] . K[s, p, kvh]            (scale = head_dim ** -0.5)
-        out[t, h] = softmax(scores) @ V[s, lo:pos+1, kvh]     (softmax in float32)
-    out has q's dtype.
-
-Functions:
-- `paged_attention_reference`: the slowest obvious loop, float32 math; the ground truth.
 - `paged_decode_attention`: one query per sequence (a decode batch), no loop over
   sequences: the keys of every sequence are gathered at once, one `bmm` gives the scores
   over [S, KVH, G, L] (G = H // KVH, K never repeated per head), an additive -inf mask
@@ -25,8 +10,6 @@ Functions:
 - `paged_prefill_attention`: one sequence's chunk of new tokens, through
   `scaled_dot_product_attention` (causal on the chunk alone for a first chunk, else on
   the gathered prefix with a boolean mask).
-- `write_kv`: scatter new keys/values into their slots.
-The Triton version of the same semantics is `kernels/triton_paged_attention.py`.
 """
 
 from __future__ import annotations
@@ -34,76 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 sliding_window: int | None) -> None:
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(
-            "k_cache and v_cache must both be [num_blocks, block_size, kv_heads, head_dim], "
-            f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
-        )
-    if q.dim() != 3 or q.shape[2] != k_cache.shape[3]:
-        raise ValueError(f"q must be [tokens, heads, {k_cache.shape[3]}], got {tuple(q.shape)}")
-    if q.shape[1] % k_cache.shape[2]:
-        raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k_cache.shape[2]} kv heads")
-
-
-def paged_attention_reference(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    token_seqs: torch.Tensor,
-    token_positions: torch.Tensor,
-    sliding_window: int | None = None,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Attention of each query token over its own sequence's cached keys, one loop step per
-    token, key position and head.
-
-    Semantics: as the module docstring; every key's slot is looked up through the block
-    table, one position at a time.
-
-    q:               [T, H, D]
-    k_cache/v_cache: [num_blocks, block_size, KVH, D]
-    block_tables:    [S, max_blocks]
-    token_seqs:      [T] row of block_tables for each query token
-    token_positions: [T] the query's position (it attends keys 0..pos, or the window)
-    returns          [T, H, D] in q's dtype
-    """
-    check_cache(q, k_cache, v_cache, sliding_window)
-    num_tokens, num_heads, head_dim = q.shape
-    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = num_heads // kv_heads
-    scale = head_dim**-0.5 if scale is None else scale
-    tables = block_tables.tolist()  # [S][max_blocks]
-    seqs = token_seqs.tolist()  # [T]
-    positions = token_positions.tolist()  # [T]
-    k_rows = k_cache.reshape(-1, kv_heads, head_dim)  # [num_blocks*block_size, KVH, D]
-    v_rows = v_cache.reshape(-1, kv_heads, head_dim)  # [num_blocks*block_size, KVH, D]
-    out = torch.empty_like(q)  # [T, H, D]
-    for t in range(num_tokens):
-        table, pos = tables[seqs[t]], positions[t]
-        first = 0 if sliding_window is None else max(0, pos - sliding_window + 1)
-        slots = [table[p // block_size] * block_size + p % block_size for p in range(first, pos + 1)]
-        k = k_rows[slots].float()  # [n_keys, KVH, D]
-        v = v_rows[slots].float()  # [n_keys, KVH, D]
-        for h in range(num_heads):
-            kvh = h // group
-            scores = (k[:, kvh] @ q[t, h].float()) * scale  # [n_keys]
-            probs = torch.softmax(scores, dim=0)  # [n_keys]
-            out[t, h] = (probs @ v[:, kvh]).to(q.dtype)
-    return out
-
-
-def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """cache: [num_blocks, block_size, KVH, D] contiguous; blocks: [n] int64 ->
-    [n, block_size, KVH, D], a copy. index_select over a 2-D view of the pool: on a 4-D
-    tensor it copies element by element, 5x slower (Intel Xeon, 2 cores: 2.0 against 0.41
-    ms for 896 blocks of 16 x 3 x 64 fp32)."""
-    return cache.view(cache.shape[0], -1).index_select(0, blocks).view(-1, *cache.shape[1:])
+from loraquilt.kernels.attention.cache import check_cache, gather_blocks
 
 
 def paged_decode_attention(
@@ -242,27 +156,3 @@ def paged_prefill_attention(
         attn_mask=allowed, scale=scale, enable_gqa=True,
     )  # [H, n, D]
     return out.transpose(0, 1).contiguous()
-
-
-def write_kv(
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-) -> None:
-    """Write each token's key/value into its cache slot, in place.
-
-    Semantics:
-        for t in range(T):
-            block, offset = divmod(slot_mapping[t], block_size)
-            k_cache[block, offset] = k[t];  v_cache[block, offset] = v[t]
-
-    k_cache/v_cache: [num_blocks, block_size, KVH, D] contiguous, updated in place
-    slot_mapping:    [T] int64 flat slot (distinct slots)
-    k, v:            [T, KVH, D]
-    """
-    kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    slots = slot_mapping.to(device=k_cache.device, dtype=torch.int64)  # [T]
-    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, k.to(k_cache.dtype))
-    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, v.to(v_cache.dtype))

@@ -1,14 +1,16 @@
-"""The one place that picks a LoRA backend."""
+"""The one place that picks a LoRA backend, and how a step's rows are split into tables
+for it (`split_spans`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 
-from loraquilt.kernels.cpu import lora_add_cpu_
-from loraquilt.kernels.reference import lora_add_reference_
-from loraquilt.kernels.segments import LoraBatchMeta
+from loraquilt.kernels.lora.cpu import lora_add_cpu_, needs_grouped
+from loraquilt.kernels.lora.reference import lora_add_reference_
+from loraquilt.kernels.lora.segments import LoraBatchMeta
 
 Backend = Literal["auto", "reference", "torch", "triton"]
 BACKENDS: tuple[str, ...] = ("auto", "reference", "torch", "triton")
@@ -72,6 +74,28 @@ def lora_add_(
         return lora_add_reference_(y, x, lora_a, lora_b, meta)
     if chosen == "torch":
         return lora_add_cpu_(y, x, lora_a, lora_b, meta)
-    from loraquilt.kernels.triton_sgmv import lora_add_triton_
+    from loraquilt.kernels.lora.triton_sgmv import lora_add_triton_
 
     return lora_add_triton_(y, x, lora_a, lora_b, meta)
+
+
+def split_spans(meta: LoraBatchMeta, span_rows: Sequence[int], device: torch.device) -> tuple[tuple[int, int], ...]:
+    """The groups of spans that each get their own LoRA table: (first, last) span index
+    ranges, in order, covering every span; `((0, len(span_rows)),)` keeps one table.
+
+    A span is a run of consecutive rows with the same pairs (one sequence of the step).
+    On the CPU, a step the torch backend could only run with grouped_mm (`needs_grouped`:
+    a prefill chunk beside many single-row decodes on distinct adapters) is split into its
+    leading one-row spans and the rest, when every later span is longer than one row: each
+    part then takes a cheap strategy (one bmm over the decodes' slots, one GEMM pair per
+    prefill span). Elsewhere one table.
+
+    meta:      the table built over all rows of the step
+    span_rows: [S] row count of each span, in row order (sums to meta.num_rows)
+    """
+    everything = ((0, len(span_rows)),)
+    decodes = next((i for i, n in enumerate(span_rows) if n != 1), len(span_rows))  # leading 1-row spans
+    if device.type != "cpu" or not needs_grouped(meta) or not 0 < decodes < len(span_rows) \
+            or any(n == 1 for n in span_rows[decodes:]):
+        return everything
+    return ((0, decodes), (decodes, len(span_rows)))

@@ -1,56 +1,34 @@
-"""The project's compiled CPU kernels: NF4 dequantization with AVX2 over OpenMP threads
-(`kernels/csrc/nf4_dequant.c`), and the builder that the paged decode attention
-(`kernels/paged_native.py`) shares.
+"""Building and loading the project's C kernels (every family's `*.c` beside its binding).
 
-Built at first use with the system C compiler into the cache (`$LORAQUILT_CACHE` or
-`~/.cache/loraquilt`, under `kernels/`, keyed by the source, the flags and the compiler),
-then loaded with ctypes. It links the OpenMP runtime by the soname torch has already
-loaded (libgomp.so.1), so the process never maps a second one; where torch uses another
-runtime the kernel is built without OpenMP (one thread).
+Each source is compiled at first use with the system C compiler (AVX2/FMA, `-O3`) into
+the cache (`$LORAQUILT_CACHE` or `~/.cache/loraquilt`, under `kernels/`, keyed by the
+source, the flags and the compiler), then loaded with ctypes. It links the OpenMP runtime
+by the soname torch has already loaded (libgomp.so.1), so the process never maps a second
+one; where torch uses another runtime the kernel is built without OpenMP (one thread).
 
-Falls back (`native_kernel()` returns None, one warning line on stderr) when the CPU lacks
-AVX2/FMA, no compiler is found, the build fails, or `LORAQUILT_NATIVE_KERNELS=0`.
+`build_native_library` returns None (after one warning line from its caller's `warn`)
+when the CPU lacks AVX2/FMA, no compiler is found, the build fails, or
+`LORAQUILT_NATIVE_KERNELS=0`; every caller then keeps a torch or bitsandbytes path.
 """
 
 from __future__ import annotations
 
 import ctypes
 import fcntl
-import functools
 import hashlib
 import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
-from loraquilt.host import cache_root, cpu_flags
+from loraquilt.kernels.host import cache_root, cpu_flags
 
-SOURCE = Path(__file__).with_name("csrc") / "nf4_dequant.c"
 NATIVE_ENV = "LORAQUILT_NATIVE_KERNELS"
 REQUIRED_FLAGS = ("avx2", "fma")
 BASE_FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-std=c11")
-
-
-@dataclass(frozen=True)
-class NativeKernel:
-    library: ctypes.CDLL
-    path: Path
-    openmp: bool  # built against the process's OpenMP runtime (else one thread)
-
-    def dequantize_f32(self, packed_ptr: int, absmax_ptr: int, out_ptr: int, numel: int) -> None:
-        self.library.nf4_dequantize_f32(packed_ptr, absmax_ptr, out_ptr, numel)
-
-    def dequantize_bf16(self, packed_ptr: int, absmax_ptr: int, out_ptr: int, numel: int) -> None:
-        self.library.nf4_dequantize_bf16(packed_ptr, absmax_ptr, out_ptr, numel)
-
-
-def _warn(message: str) -> None:
-    print(f"loraquilt: warning: {message}; using bitsandbytes' NF4 dequantize kernel instead",
-          file=sys.stderr, flush=True)
 
 
 def loaded_openmp_runtimes() -> list[str]:
@@ -81,21 +59,8 @@ def _compiler() -> str | None:
     return None
 
 
-@functools.cache
-def native_kernel() -> NativeKernel | None:
-    """The compiled kernel, built on first call; None (after one warning line) if it cannot be."""
-    built = build_native_library(SOURCE, "nf4", _warn)
-    if built is None:
-        return None
-    library, path, openmp = built
-    for name, out_type in (("nf4_dequantize_f32", ctypes.c_void_p), ("nf4_dequantize_bf16", ctypes.c_void_p)):
-        function = getattr(library, name)
-        function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, out_type, ctypes.c_int64]
-        function.restype = None
-    return NativeKernel(library, path, openmp)
-
-
-def build_native_library(source: Path, stem: str, warn) -> tuple[ctypes.CDLL, Path, bool] | None:
+def build_native_library(source: Path, stem: str,
+                         warn: Callable[[str], None]) -> tuple[ctypes.CDLL, Path, bool] | None:
     """Compile one of the project's C sources (AVX2/FMA, OpenMP when torch uses libgomp)
     into the cache once and load it: (library, path, openmp), or None after one `warn`
     line when `LORAQUILT_NATIVE_KERNELS=0`, the CPU or platform cannot run it, no compiler

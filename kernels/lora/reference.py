@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from loraquilt.kernels.segments import NO_ADAPTER, LoraBatchMeta
+from loraquilt.kernels.lora.segments import NO_ADAPTER, LoraBatchMeta
 
 
 def lora_add_reference_(

@@ -1,14 +1,14 @@
-"""The compiled CPU paged decode attention (`kernels/csrc/paged_decode.c`): keys and values
+"""The compiled CPU paged decode attention (`paged_decode.c`, beside this file): keys and values
 read in place from the block pool, one task per sequence over OpenMP threads.
 
-The torch version (`paged_attention.paged_decode_attention`) gathers every row's key blocks
+The torch version (`cpu.paged_decode_attention`) gathers every row's key blocks
 and transposes them before one bmm: at high concurrency those copies are most of its cost.
 Measured (Intel Xeon, 2 cores, SmolLM2 in the engine, 32 adapters, 128 sequences of ~112
 positions, fp32): the 30 layers' decode attention takes 37 ms per step here against 98 ms
 with the torch version (a whole decode step: 275 against 385 ms, with the other changes of
 that step); alone, 32 sequences of 112 positions: 0.16 against 2.1 ms per layer.
 
-Built and loaded like the NF4 kernel (`nf4_native.build_native_library`); `available()` is
+Built and loaded by `kernels/native_build.py`; `available()` is
 False (after one warning line) where it cannot be built, and callers use the torch version.
 """
 
@@ -22,7 +22,10 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "paged_decode.c"
+from loraquilt.kernels.attention.cache import check_cache
+from loraquilt.kernels.native_build import build_native_library
+
+SOURCE = Path(__file__).with_name("paged_decode.c")
 DTYPES = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_decode_bf16"}
 
 
@@ -33,8 +36,6 @@ def _warn(message: str) -> None:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    from loraquilt.kernels.nf4_native import build_native_library
-
     built = build_native_library(SOURCE, "paged_decode", _warn)
     if built is None:
         return None
@@ -91,7 +92,7 @@ def paged_decode_attention_native(
     sliding_window: int | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Semantics: `paged_attention.paged_decode_attention` (dot products, softmax and sums
+    """Semantics: `cpu.paged_decode_attention` (dot products, softmax and sums
     in float32; a bf16 pool is widened on load).
 
     q:               [S, H, D]
@@ -100,8 +101,6 @@ def paged_decode_attention_native(
     context_lens:    [S] >= 1
     returns          [S, H, D] in q's dtype
     """
-    from loraquilt.kernels.paged_attention import check_cache
-
     check_cache(q, k_cache, v_cache, sliding_window)
     library = _library()
     if library is None or not supports(q, k_cache, v_cache):

@@ -1,0 +1,41 @@
+"""Batched multi-adapter LoRA (SGMV style): a different adapter, or a weighted mix of
+several, on every row of one batch.
+
+Modules:
+    segments.py     the per-step batch description (`build_lora_meta`, `build_segments`)
+    reference.py    ground truth: a loop over raw rows, float32 accumulate
+    cpu.py          the torch CPU fast path (grouped matmuls over slot segments)
+    triton_sgmv.py  the GPU path (SGMV shrink/expand in Triton)
+    dispatch.py     the one place that picks a backend (`lora_add_`) and splits a step's
+                    rows into tables for it (`split_spans`)
+    bench.py        `loraquilt bench kernels`
+
+Public API:
+    build_lora_meta(row_slots, row_weights, num_slots=...) -> LoraBatchMeta   once per step
+    lora_add_(y, x, lora_a, lora_b, meta, backend="auto")                     per projection
+    build_segments(pair_slots) -> Segments                                    the grouping itself
+    split_spans(meta, span_rows, device) -> ((first, last), ...)              tables per step
+Backends: `reference` (ground truth loop), `torch` (CPU), `triton` (GPU); `auto` picks
+triton for CUDA tensors and torch otherwise.
+"""
+
+from loraquilt.kernels.lora.dispatch import BACKENDS, lora_add_, resolve_backend, split_spans
+from loraquilt.kernels.lora.segments import (
+    NO_ADAPTER,
+    LoraBatchMeta,
+    Segments,
+    build_lora_meta,
+    build_segments,
+)
+
+__all__ = [
+    "BACKENDS",
+    "NO_ADAPTER",
+    "LoraBatchMeta",
+    "Segments",
+    "build_lora_meta",
+    "build_segments",
+    "lora_add_",
+    "resolve_backend",
+    "split_spans",
+]
