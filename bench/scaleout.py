@@ -194,8 +194,10 @@ def routing_counts(running) -> dict[str, dict[str, float]]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from loraquilt.server.engine_args import add_engine_arguments
+
     parser.add_argument("--json", required=True, type=Path, help="write the results here")
-    parser.add_argument("--model", help="HF folder, .gguf or hub id (default: embedded SmolLM2)")
+    add_engine_arguments(parser, ("model",))
     parser.add_argument("--quick", action="store_true", help="tiny random model, fewer requests")
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--adapters", type=int, default=64)

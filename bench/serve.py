@@ -280,10 +280,11 @@ def _link_many(folder: Path, pool: list[Path], count: int) -> list[Path]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from loraquilt.server.engine_args import add_engine_arguments
+
     parser.add_argument("--json", metavar="PATH", required=True, help="write the results here")
     parser.add_argument("--plot", metavar="PATH.png", help="tokens/s against distinct adapters")
-    parser.add_argument("--model", help="HF folder, .gguf, hub id or synthetic:1b (a random-weight "
-                        "1.1B Llama; default: embedded SmolLM2)")
+    add_engine_arguments(parser, ("model",))
     parser.add_argument("--quick", action="store_true", help="tiny model, small N (a smoke run)")
     parser.add_argument("--workdir", type=Path, help="where adapters are written (default: a cache folder)")
     parser.add_argument("--scenarios", type=parse_scenarios, default=SCENARIOS, metavar="A,B,...",

@@ -118,11 +118,10 @@ def run_step_bench(model: str | None, dtype: str, config: StepBenchConfig, workd
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from loraquilt.server.model.dtype import add_dtype_argument
+    from loraquilt.server.engine_args import add_engine_arguments
 
     parser.add_argument("--json", metavar="PATH", required=True, help="write the results here")
-    parser.add_argument("--model", help="HF folder, .gguf, hub id or synthetic:<size> (default: embedded SmolLM2)")
-    add_dtype_argument(parser)
+    add_engine_arguments(parser, ("model", "dtype"))
     parser.add_argument("--batch", type=int, default=StepBenchConfig.batch, help="requests decoding together")
     parser.add_argument("--new-tokens", type=int, default=StepBenchConfig.new_tokens)
     parser.add_argument("--repeats", type=int, default=StepBenchConfig.repeats, help="rounds over the scenarios")

@@ -306,9 +306,11 @@ def verdict(results: dict, config: TortureConfig) -> list[str]:
 # -- CLI ------------------------------------------------------------------------------------
 
 def add_torture_parser(commands, name: str, help_text: str) -> None:
+    from loraquilt.server.engine_args import add_engine_arguments
+
     parser = commands.add_parser(name, help=help_text, description=__doc__.split("\n\n")[1])
     parser.add_argument("--json", metavar="PATH", required=True, help="write the results here")
-    parser.add_argument("--model", help="HF folder, .gguf or hub id (default: embedded SmolLM2)")
+    add_engine_arguments(parser, ("model",))
     parser.add_argument("--quick", action="store_true", help="tiny random model, small scale (a smoke run)")
     parser.add_argument("--clients", type=int, metavar="N", help="concurrent client threads (64; quick 8)")
     parser.add_argument("--cycles", type=int, metavar="N",
@@ -318,10 +320,12 @@ def add_torture_parser(commands, name: str, help_text: str) -> None:
     parser.add_argument("--adapters", type=int, dest="stable_adapters", metavar="N",
                         help="adapters registered for the whole run (16; quick 4)")
     parser.add_argument("--max-new-tokens", type=int, metavar="N", help="tokens per request (8)")
-    parser.add_argument("--max-active-adapters", type=int, metavar="N", help="the server's device slots (32; quick 6)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "auto"),
-                        help="the server's compute dtype (float32: answers must equal the single-request ones "
-                             "exactly; in bfloat16 close logits may flip with the batch)")
+    # passed on to the server it starts; unset: TortureConfig's
+    add_engine_arguments(parser, ("max_active_adapters", "dtype"), unset=("max_active_adapters", "dtype"),
+                         metavar={"max_active_adapters": "N"}, help={
+                             "max_active_adapters": "the server's device slots (32; quick 6)",
+                             "dtype": "the server's compute dtype (float32: answers must equal the single-request "
+                                      "ones exactly; in bfloat16 close logits may flip with the batch)"})
     parser.add_argument("--kv-cache-positions", type=int, metavar="N",
                         help="the server's KV pool in positions (256: small, so that sequences are preempted)")
     parser.add_argument("--port", type=int, help="the server's gRPC port (default: a free one)")

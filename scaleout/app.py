@@ -41,18 +41,19 @@ def build_app(config: ScaleoutConfig):
     replica = config.replica
     directory = serve.deployment(
         AdapterDirectory, name=DIRECTORY_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0},
-    ).bind(state_dir=str(config.state_dir) if config.state_dir else None)
+    ).bind(max_adapters=replica.engine.max_adapters, state_dir=str(config.state_dir) if config.state_dir else None)
     # Up to a full batch and as many again waiting in each engine; beyond that, requests
     # wait in Ray's router (which may still send them to a less busy replica), and past
-    # max_queue there the caller gets RESOURCE_EXHAUSTED.
+    # --max-queue there the caller gets RESOURCE_EXHAUSTED.
+    engine = replica.engine
     replicas = serve.deployment(
         LoraQuiltReplica, name=REPLICA_DEPLOYMENT, num_replicas=config.replicas,
-        max_ongoing_requests=2 * replica.max_batch_size, max_queued_requests=replica.max_queue,
+        max_ongoing_requests=2 * engine.max_batch_size, max_queued_requests=engine.max_waiting,
         ray_actor_options={"num_cpus": replica.threads, "num_gpus": replica.num_gpus},
         health_check_period_s=HEALTH_CHECK_PERIOD_S,
     ).bind(replica, directory)
     # The ingress only forwards (no CPU reserved); it must hold every call in flight.
-    in_flight = config.replicas * (2 * replica.max_batch_size + replica.max_queue)
+    in_flight = config.replicas * (2 * engine.max_batch_size + engine.max_waiting)
     http = RayHttpSettings(
         app_name=config.app_name, served_model_name=config.served_model_name or model_id(replica.model or EMBEDDED_NAME),
         adapter_root=str(replica.adapter_root) if replica.adapter_root else None, replicas=config.replicas,
@@ -70,7 +71,8 @@ def build_app(config: ScaleoutConfig):
 def app_builder(args: dict):
     """The application for a Serve config file or a KubeRay RayService
     (`import_path: loraquilt.scaleout.app:app_builder`): `args` holds `replicas`,
-    `ingress_replicas`, `admin_token_file`, `api_key_file`, `served_model_name` and any ReplicaConfig field; each replica resolves `model` itself
+    `ingress_replicas`, `admin_token_file`, `api_key_file`, `served_model_name`, any ReplicaConfig field and
+    any engine setting by its flag name (`max_batch_size`, `max_queue`, `dtype`, ...); each replica resolves `model` itself
     (a .gguf is converted once per node, under a file lock)."""
     from loraquilt.server.auth import AdminCheck, read_token_file
 

@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from loraquilt.server.engine_args import ENGINE_FLAGS, add_engine_arguments
+from loraquilt.server.engine_args import add_engine_arguments, engine_config_from_args
 
 
 def add_serve_ray_parser(commands, name: str = "serve-ray", help_text: str = "serve replicas on Ray Serve") -> None:
@@ -95,9 +95,7 @@ def _serve_ray(args: argparse.Namespace) -> int:
             replica=ReplicaConfig(
                 model=args.model or "", adapter_root=args.adapter_root.resolve() if args.adapter_root else None,
                 max_adapters_per_replica=args.max_adapters_per_replica, resolve_adapters=args.resolve_adapters,
-                **{flag.dest: getattr(args, flag.dest) for flag in ENGINE_FLAGS},
-                device=args.device, dtype=args.dtype, lora_backend=args.lora_backend,
-                default_max_new_tokens=args.default_max_new_tokens,
+                engine=engine_config_from_args(args, model=None), default_max_new_tokens=args.default_max_new_tokens,
                 threads=threads, num_gpus=args.gpus_per_replica, metrics_host=args.host,
             ))
     except ValueError as error:

@@ -19,6 +19,8 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+from loraquilt.server.engine_config import EngineConfig
+
 
 @dataclass(frozen=True)
 class Registration:
@@ -42,7 +44,7 @@ class AdapterDirectory:
     fingerprint, so the same validation outcome); the others are left out and named in
     `restore_report()`."""
 
-    def __init__(self, max_adapters: int = 10000, state_dir: str | None = None):
+    def __init__(self, max_adapters: int = EngineConfig.max_adapters, state_dir: str | None = None):
         self.max_adapters = max_adapters
         self._entries: dict[str, Registration] = {}
         self._generations = itertools.count(1)

@@ -29,7 +29,6 @@ from loraquilt.scaleout.resident import ResidentAdapters, ResidentKey
 from loraquilt.server.adapter_admin import AdapterAdmin
 from loraquilt.server.adapters.registry import UnknownAdapter
 from loraquilt.server.engine import Engine
-from loraquilt.server.engine_args import engine_config_from_args
 from loraquilt.server.engine_loop import EngineLoop
 from loraquilt.server.generation import (
     ErrorKind, GenerationError, Generations, ServiceConfig, check_adapter_name, classify,
@@ -62,7 +61,7 @@ class LoraQuiltReplica:
 
         torch.set_num_threads(config.threads)
         self.config, self.directory = config, directory
-        self.engine = Engine(engine_config_from_args(config, progress=False))
+        self.engine = Engine(config.engine_config())
         self.metrics = Metrics()
         self.metrics.watch(self.engine)
         registry = self.metrics.registry

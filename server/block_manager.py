@@ -28,6 +28,8 @@ import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from loraquilt.server.engine_config import EngineConfig
+
 
 class NoFreeBlocks(RuntimeError):
     """The pool cannot give the blocks asked for (the scheduler checks first)."""
@@ -62,7 +64,8 @@ def block_hash(previous: bytes, adapter_key: str, token_ids: tuple[int, ...]) ->
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int = 16, prefix_cache: bool = True):
+    def __init__(self, num_blocks: int, block_size: int = EngineConfig.kv_block_size,
+                 prefix_cache: bool = EngineConfig.prefix_cache):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.block_size, self.prefix_cache = block_size, prefix_cache

@@ -18,16 +18,17 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from loraquilt.server.adapters.registry import AdapterRecord, AdapterRegistry, HostHold, Lease, RegistryEvents
 from loraquilt.server.adapters.slots import LoraSlots, SlotConfig
 from loraquilt.server.block_manager import BlockManager
 from loraquilt.server.cpu_contention import EngineThreads
+from loraquilt.server.engine_config import EngineConfig
 from loraquilt.server.model.kv_cache import KVCache, kv_bytes_per_position, plan_kv_cache
 from loraquilt.server.model.sources import resolve_model
-from loraquilt.server.model.weights import DeviceConfig, load_causal_lm
+from loraquilt.server.model.weights import load_causal_lm
 from loraquilt.server.postprocess import EngineStepError, NonFiniteLogits, Postprocessor
 from loraquilt.server.request import FINISH_CANCELLED, GenerationResult, Request, RequestError, StepOutput
 from loraquilt.server.runner import ModelRunner
@@ -58,38 +59,6 @@ def adapter_identity(lease: Lease | None, weights: tuple[tuple[str, float], ...]
                            for record, (_, weight) in zip(lease.records, weights)))
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    model: str | None = None  # HF folder, .gguf, hub id; None = the embedded default
-    device: DeviceConfig = field(default_factory=DeviceConfig)
-    max_batch_size: int = 32
-    max_seq_len: int = 1024  # prompt + generated tokens of one request
-    max_prefill_tokens: int = 128  # prompt tokens per step over all sequences; longer prompts are chunked
-    max_waiting: int = 1024
-    max_active_adapters: int = 8  # device slots
-    max_cpu_adapters: int = 64  # host-memory LRU
-    max_adapters: int = 10000  # registered adapters (any tier)
-    max_lora_rank: int = 16
-    lora_backend: str = "auto"
-    kv_cache_mb: float | None = None  # KV block pool; None: what max_batch_size x max_seq_len positions take
-    kv_block_size: int = 16  # positions per KV block
-    prefix_cache: bool = True  # reuse KV blocks of prompt prefixes (keyed by adapter content)
-    threads: int | None = None  # OpenMP threads of the stepping thread; None = auto (cpu_contention.py)
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.max_seq_len < 2:
-            raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
-        if self.kv_block_size < 1 or self.kv_block_size & (self.kv_block_size - 1):
-            raise ValueError(f"kv_block_size must be a power of two, got {self.kv_block_size}")
-        if self.kv_cache_mb is not None and not self.kv_cache_mb > 0:
-            raise ValueError(f"kv_cache_mb must be > 0, got {self.kv_cache_mb}")
-        if self.threads is not None and (type(self.threads) is not int or self.threads < 1):
-            raise ValueError(f"threads must be an integer >= 1 or None (auto), got {self.threads!r}")
-
-
 class Engine:
     IDLE_WAIT_SECONDS = 0.5  # longest a step with nothing to run waits for progress
 
@@ -112,8 +81,7 @@ class Engine:
             block_size=config.kv_block_size, max_seq_len=self.max_seq_len)
         self.cache = KVCache(cache_config, **shape, dtype=self.model.dtype, device=self.model.device)
         self.slots = LoraSlots(
-            model_config, SlotConfig(config.max_active_adapters, config.max_lora_rank, config.lora_backend),
-            self.model.dtype, self.model.device,
+            model_config, SlotConfig.from_engine(config), self.model.dtype, self.model.device,
         )
         # Set when a step may find something new to admit (a request, an abort, a read from
         # disk done); a step with nothing to run waits on it outside the lock.
@@ -122,8 +90,7 @@ class Engine:
                                         max_adapters=config.max_adapters,
                                         events=events, on_loaded=self._progress.set)
         self.blocks = BlockManager(cache_config.num_blocks, cache_config.block_size, config.prefix_cache)
-        self.scheduler = Scheduler(SchedulerConfig(config.max_batch_size, config.max_prefill_tokens,
-                                                   config.max_waiting), self.blocks)
+        self.scheduler = Scheduler(SchedulerConfig.from_engine(config), self.blocks)
         self.runner = ModelRunner(self.model, self.cache, self.slots)
         self.postprocessor = Postprocessor(self.tokenizer, eos_ids, self.max_seq_len)
         self._lock = threading.RLock()

@@ -10,13 +10,13 @@ import json
 import sys
 from pathlib import Path
 
-from loraquilt.server.model.dtype import add_dtype_argument
+from loraquilt.server.engine_args import add_engine_arguments
 
 
 def add_run_parser(commands, name: str = "run", help_text: str = "generate once, locally") -> None:
     parser = commands.add_parser(name, help=help_text)
     parser.add_argument("prompt")
-    parser.add_argument("--model", help="HF folder, .gguf file or hub id (default: embedded SmolLM2)")
+    add_engine_arguments(parser, ("model",))
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--adapter", metavar="DIR", help="PEFT LoRA folder")
     group.add_argument("--mix", metavar="DIR=W", nargs="+", action="extend",
@@ -27,17 +27,15 @@ def add_run_parser(commands, name: str = "run", help_text: str = "generate once,
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    add_dtype_argument(parser)
+    add_engine_arguments(parser, ("device", "dtype"))
     parser.set_defaults(run=_run)
 
 
 def add_info_parser(commands, name: str = "info", help_text: str = "NF4 model figures") -> None:
     parser = commands.add_parser(name, help=help_text)
-    parser.add_argument("--model", help="HF folder, .gguf file or hub id (default: embedded SmolLM2)")
+    add_engine_arguments(parser, ("model",))
     parser.add_argument("--json", action="store_true", help="print JSON")
-    parser.add_argument("--device", default="auto")
-    add_dtype_argument(parser)
+    add_engine_arguments(parser, ("device", "dtype"))
     parser.set_defaults(run=_info)
 
 
@@ -56,8 +54,8 @@ def _parse_mix(entries: list[str]) -> list[tuple[Path, float]]:
 
 def _run(args: argparse.Namespace) -> int:
     from loraquilt.server.adapters.peft_folder import AdapterError, read_adapter_config
-    from loraquilt.server.engine import Engine, EngineConfig
-    from loraquilt.server.model.weights import DeviceConfig
+    from loraquilt.server.engine import Engine
+    from loraquilt.server.engine_args import engine_config_from_args
     from loraquilt.server.request import Request, RequestError, SamplingParams
 
     mix = _parse_mix(args.mix) if args.mix else ([(Path(args.adapter), 1.0)] if args.adapter else [])
@@ -68,9 +66,8 @@ def _run(args: argparse.Namespace) -> int:
     except (AdapterError, RequestError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    engine = Engine(EngineConfig(
-        model=args.model, device=DeviceConfig(args.device, args.dtype), max_batch_size=1,
-        max_active_adapters=max(1, len(mix)), max_cpu_adapters=max(1, len(mix)),
+    engine = Engine(engine_config_from_args(
+        args, max_batch_size=1, max_active_adapters=max(1, len(mix)), max_cpu_adapters=max(1, len(mix)),
         max_lora_rank=max([16, *ranks]),
     ))
     names = []
@@ -113,11 +110,12 @@ def model_info(model, name: str) -> dict:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from loraquilt.server.config_flags import config_from_values
     from loraquilt.server.model.sources import resolve_model
     from loraquilt.server.model.weights import DeviceConfig, load_causal_lm
 
     source = resolve_model(args.model)
-    model = load_causal_lm(source.folder, DeviceConfig(args.device, args.dtype))
+    model = load_causal_lm(source.folder, config_from_values(DeviceConfig, vars(args)))
     info = model_info(model, source.name)
     if args.json:
         print(json.dumps(info, indent=2))

@@ -30,18 +30,25 @@ from dataclasses import dataclass
 from enum import Enum
 
 from loraquilt.server.block_manager import BlockManager
+from loraquilt.server.engine_config import EngineConfig
 from loraquilt.server.sequence import Sequence
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_batch_size: int = 32  # sequences running at once (prefilling or decoding)
-    max_prefill_tokens: int = 128  # prompt tokens fed per step over every sequence (long prompts are chunked)
-    max_waiting: int = 1024  # queue bound; past it the engine refuses new requests
+    """The engine's batching limits (defaults: EngineConfig's, where they are declared)."""
+
+    max_batch_size: int = EngineConfig.max_batch_size  # sequences running at once (prefilling or decoding)
+    max_prefill_tokens: int = EngineConfig.max_prefill_tokens  # prompt tokens fed per step over every sequence
+    max_waiting: int = EngineConfig.max_waiting  # queue bound; past it the engine refuses new requests
 
     def __post_init__(self) -> None:
         if min(self.max_batch_size, self.max_prefill_tokens, self.max_waiting) < 1:
             raise ValueError("max_batch_size, max_prefill_tokens and max_waiting must be >= 1")
+
+    @classmethod
+    def from_engine(cls, config: EngineConfig) -> SchedulerConfig:
+        return cls(config.max_batch_size, config.max_prefill_tokens, config.max_waiting)
 
 
 class Admission(Enum):
@@ -78,7 +85,7 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, blocks: BlockManager | None = None):
         """blocks: the KV block pool (default: one that never runs out for this batch size)."""
         self.config = config
-        self.blocks = blocks or BlockManager(num_blocks=config.max_batch_size * 4096, block_size=16)
+        self.blocks = blocks or BlockManager(num_blocks=config.max_batch_size * 4096)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order; prefilling ones included
         self.num_preemptions = 0

@@ -31,6 +31,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "engine": (
         "loraquilt.server.engine",
         "loraquilt.server.engine_args",
+        "loraquilt.server.engine_config",
+        "loraquilt.server.config_flags",
         "loraquilt.server.scheduler",
         "loraquilt.server.block_manager",
         "loraquilt.server.sequence",

@@ -30,6 +30,7 @@ from loraquilt.server.adapters.peft_folder import (
     CONFIG_FILE, WEIGHTS_FILE, AdapterError, LoadedAdapter, load_peft_adapter,
 )
 from loraquilt.server.adapters.slots import LoraSlots
+from loraquilt.server.engine_config import EngineConfig
 from loraquilt.server.torch_threads import one_thread_off_main
 from loraquilt.server.model.config import ModelConfig
 
@@ -95,7 +96,7 @@ class Lease:
 
 class AdapterRegistry:
     def __init__(self, model: ModelConfig, slots: LoraSlots, *, max_cpu_adapters: int,
-                 max_adapters: int = 10000, events: RegistryEvents | None = None,
+                 max_adapters: int = EngineConfig.max_adapters, events: RegistryEvents | None = None,
                  on_loaded: Callable[[], None] = lambda: None):
         """on_loaded: called on the loader thread after each read from disk finished (or
         failed), outside the registry lock: the engine wakes up to admit what waited."""

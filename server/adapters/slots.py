@@ -11,20 +11,27 @@ import torch
 from loraquilt.kernels.lora import NO_ADAPTER, LoraBatchMeta, build_lora_meta, lora_add_, split_spans
 from loraquilt.kernels.nf4 import FusedLora, LoraPairs, LoraPart, PairsArgs
 from loraquilt.server.adapters.peft_folder import LoadedAdapter
+from loraquilt.server.engine_config import EngineConfig
 from loraquilt.server.model.config import PROJECTIONS, ModelConfig
 
 
 @dataclass(frozen=True)
 class SlotConfig:
-    num_slots: int  # adapters resident on the device at once
-    max_rank: int  # largest adapter rank accepted
-    backend: str = "auto"  # kernels backend
+    """The adapter slots' sizes (defaults: EngineConfig's, where they are declared)."""
+
+    num_slots: int = EngineConfig.max_active_adapters  # adapters resident on the device at once
+    max_rank: int = EngineConfig.max_lora_rank  # largest adapter rank accepted
+    backend: str = EngineConfig.lora_backend  # kernels backend
 
     def __post_init__(self) -> None:
         if self.num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {self.num_slots}")
         if self.max_rank < 1:
             raise ValueError(f"max_rank must be >= 1, got {self.max_rank}")
+
+    @classmethod
+    def from_engine(cls, config: EngineConfig) -> SlotConfig:
+        return cls(config.max_active_adapters, config.max_lora_rank, config.lora_backend)
 
     @property
     def padded_rank(self) -> int:

@@ -5,12 +5,12 @@ float32 elsewhere: on a CPU without them a bf16 GEMM is emulated and runs severa
 slower than fp32 (measured 3-5x on one such machine), while with them it runs ~4x faster.
 float32 is the exact path (what the equivalence tests against transformers + PEFT pin).
 
-The commands take `--dtype` with the environment variable `LORAQUILT_DTYPE` as default.
+The commands take `--dtype` with the environment variable `LORAQUILT_DTYPE` as default
+(the flag is DeviceConfig.dtype's, server/model/device.py).
 """
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 from loraquilt.kernels.host import cpu_flags
@@ -22,22 +22,6 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 DTYPE_ENV = "LORAQUILT_DTYPE"
 # CPU flags (as /proc/cpuinfo names them) that give native bf16 dot products
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-def default_dtype_spec() -> str:
-    """The `--dtype` default of every command: $LORAQUILT_DTYPE, else auto."""
-    spec = os.environ.get(DTYPE_ENV, "").strip() or "auto"
-    if spec not in DTYPE_CHOICES:
-        raise SystemExit(f"{DTYPE_ENV}={spec!r} is not one of {', '.join(DTYPE_CHOICES)}")
-    return spec
-
-
-def add_dtype_argument(parser) -> None:
-    """`--dtype auto|float32|bfloat16|float16`, default $LORAQUILT_DTYPE or auto."""
-    parser.add_argument(
-        "--dtype", choices=DTYPE_CHOICES, default=default_dtype_spec(),
-        help=f"compute dtype (default ${DTYPE_ENV} or auto: bfloat16 on CUDA and on CPUs with "
-             "AVX512-BF16/AMX, float32 elsewhere; float32 is the exact path)")
 
 
 def native_bf16_flags(flags: frozenset[str] | None = None) -> list[str]:

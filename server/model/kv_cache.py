@@ -25,7 +25,7 @@ def kv_bytes_per_position(*, num_layers: int, num_kv_heads: int, head_dim: int, 
 @dataclass(frozen=True)
 class KVCacheConfig:
     num_blocks: int
-    block_size: int = 16  # positions per block
+    block_size: int  # positions per block (the engine's --kv-block-size)
 
     def __post_init__(self) -> None:
         if self.num_blocks < 1 or self.block_size < 1:

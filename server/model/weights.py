@@ -5,47 +5,16 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from loraquilt.kernels.nf4 import DequantScratch, plan_nf4
-from loraquilt.server.model.dtype import DTYPE_CHOICES, resolve_compute_dtype
+from loraquilt.server.model.device import DeviceConfig
 from loraquilt.server.model.config import PROJECTIONS, ModelConfig, load_model_config
 from loraquilt.server.model.layers import DecoderLayer
 from loraquilt.server.model.llama import CausalLM, build_projection
-
-
-@dataclass(frozen=True)
-class DeviceConfig:
-    """device "auto": CUDA when present, else CPU. dtype: see `server.model.dtype`
-    (auto = bf16 on CUDA and on CPUs with native bf16 dot products, fp32 elsewhere)."""
-
-    device: str = "auto"
-    dtype: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPE_CHOICES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
-        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
-
-    def resolve(self) -> tuple[torch.device, torch.dtype]:
-        device, dtype, _ = self.resolve_with_reason()
-        return device, dtype
-
-    def resolve_with_reason(self) -> tuple[torch.device, torch.dtype, str]:
-        """(device, compute dtype, why that dtype)."""
-        if self.device == "auto":
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            device = torch.device(self.device)
-            if device.type == "cuda" and not torch.cuda.is_available():
-                raise ValueError("device cuda requested but CUDA is not available")
-        dtype, reason = resolve_compute_dtype(self.dtype, device)
-        return device, dtype, reason
 
 
 class CheckpointReader:

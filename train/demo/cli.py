@@ -12,7 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from loraquilt.server.model.dtype import add_dtype_argument
+from loraquilt.server.engine_args import add_engine_arguments
 from loraquilt.train.demo.tasks import DEMO_TASKS, MIX, SHOWCASE_PROMPTS
 
 SHOWCASE_NEW_TOKENS = 48
@@ -25,7 +25,7 @@ def _stderr(message: str) -> None:
 
 def add_demo_parser(commands, name: str = "demo", help_text: str = "train and serve the demo adapters") -> None:
     parser = commands.add_parser(name, help=help_text, description=__doc__)
-    parser.add_argument("--model", help="HF folder, .gguf file or hub id (default: embedded SmolLM2)")
+    add_engine_arguments(parser, ("model",))
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the results as JSON")
     parser.add_argument("--prompt", action="append", default=[],
                         help="extra prompt for the table (chat); repeatable")
@@ -34,9 +34,10 @@ def add_demo_parser(commands, name: str = "demo", help_text: str = "train and se
                         help="for maintainers: copy the adapters into the package's shipped folder")
     parser.add_argument("--cache-dir", type=Path, help="default: $LORAQUILT_CACHE or ~/.cache/loraquilt")
     parser.add_argument("--max-steps", type=int, help="override every task's training steps (quick trials)")
+    # its own --threads: training's torch threads too, not only the engine's
     parser.add_argument("--threads", type=int, help="torch CPU threads (default one per core)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_dtype_argument(parser)
+    add_engine_arguments(parser, ("dtype",))
     parser.set_defaults(run=_demo)
 
 
