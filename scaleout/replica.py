@@ -30,11 +30,10 @@ from loraquilt.server.adapter_admin import AdapterAdmin
 from loraquilt.server.adapters.registry import UnknownAdapter
 from loraquilt.server.engine import Engine
 from loraquilt.server.engine_loop import EngineLoop
-from loraquilt.server.generation import (
-    ErrorKind, GenerationError, Generations, ServiceConfig, check_adapter_name, classify,
-)
+from loraquilt.server.generation import ErrorKind, GenerationError, Generations, ServiceConfig, classify
 from loraquilt.server.metrics import Metrics
-from loraquilt.server.service import adapter_info, final_response, grpc_fields, piece_response
+from loraquilt.server.proto_mapping import adapter_info, final_response, grpc_fields, piece_response
+from loraquilt.server.request import check_adapter_name
 from loraquilt.v1 import loraquilt_pb2 as pb
 
 logger = logging.getLogger("ray.serve")

@@ -12,8 +12,8 @@ from pathlib import Path
 from loraquilt.server.adapters.peft_folder import CONFIG_FILE, WEIGHTS_FILE
 from loraquilt.server.adapters.registry import AdapterExists, AdapterRecord, UnknownAdapter, file_fingerprint
 from loraquilt.server.adapters.state_file import RecordedAdapter, RegistrationState
-from loraquilt.server.generation import ErrorKind, GenerationError, check_adapter_name, shown
-from loraquilt.server.request import RequestError, check_text
+from loraquilt.server.generation import ErrorKind, GenerationError
+from loraquilt.server.request import RequestError, check_adapter_name, check_text, shown
 
 MAX_PATH_CHARS = 1024
 

@@ -185,13 +185,6 @@ class BlockManager:
         table.block_ids = []
         return dirty
 
-    def drop_cached(self) -> None:
-        """Forget every cached block (they become free)."""
-        for block_id in list(self._cached):
-            self._unseal(block_id)
-            self._free.append(block_id)
-        self._cached.clear()
-
     # -- internals ------------------------------------------------------------------------------
 
     def _reference(self, block_id: int) -> None:

@@ -110,9 +110,6 @@ class Engine:
         """Token ids that end a generation (unless a request ignores them)."""
         return self.postprocessor.eos_ids
 
-    @eos_ids.setter
-    def eos_ids(self, ids) -> None:
-        self.postprocessor.eos_ids = frozenset(ids)
 
     # -- adapters -------------------------------------------------------------------------
 
@@ -200,7 +197,6 @@ class Engine:
     def _postprocess(self, sequences: tuple[Sequence, ...], tokens: list[int | None]) -> list[StepOutput]:
         """The step's tokens into the sequences; filled blocks sealed; finished ones released."""
         outputs = []
-        now = time.monotonic()
         for seq, token in zip(sequences, tokens):
             if not seq.finish_chunk():
                 continue  # a chunk that does not reach the last token: no token yet
@@ -210,7 +206,6 @@ class Engine:
                     outputs.append(self.postprocessor.non_finite(seq))
                 continue
             seq.append_token(token)
-            seq.first_token_time = seq.first_token_time or now
             if not seq.finished:  # an abort may have landed during the forward
                 outputs.append(self.postprocessor.on_token(seq))
         self.scheduler.after_step(seq for seq in sequences if not seq.scrub_cache)

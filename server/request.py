@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from dataclasses import dataclass, field
 
 FINISH_LENGTH, FINISH_STOP, FINISH_EOS, FINISH_CANCELLED = "length", "stop", "eos", "cancelled"
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_MIX_WEIGHT = 1000.0  # |weight| of one adapter in a mix; far past any useful composition
+MAX_MIX = 8  # adapters in one mix
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _ids = itertools.count()
 
 
@@ -19,6 +22,17 @@ def new_request_id() -> str:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def shown(text: str, limit: int = 40) -> str:
+    """`text` cut short for an error message."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_adapter_name(name: str, field_name: str = "name") -> None:
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):  # fullmatch: no trailing newline
+        raise RequestError(field_name, f"adapter names are 1-128 characters of [A-Za-z0-9._:-] "
+                                       f"starting with a letter or digit; got {shown(str(name))!r}")
 
 
 def check_text(field_name: str, text: str) -> None:
@@ -96,8 +110,10 @@ class Request:
         if sum(given) != 1:
             raise RequestError("prompt", "give exactly one of prompt, messages or prompt_token_ids")
         if self.prompt is not None:
-            if not isinstance(self.prompt, str) or not self.prompt:
-                raise RequestError("prompt", "must be a non-empty string")
+            if not isinstance(self.prompt, str):
+                raise RequestError("prompt", f"must be a string, got {type(self.prompt).__name__}")
+            if not self.prompt:
+                raise RequestError("prompt", "must not be empty")
             check_text("prompt", self.prompt)
         if self.messages is not None and not self.messages:
             raise RequestError("messages", "must not be empty")
@@ -108,16 +124,23 @@ class Request:
         if self.prompt_token_ids is not None and not self.prompt_token_ids:
             raise RequestError("prompt_token_ids", "must not be empty")
         if self.adapter is not None and self.mix:
-            raise RequestError("adapters", "set either adapter or a mix of adapters, not both")
+            raise RequestError("adapters", "set either adapter or adapters (a weighted mix), not both")
+        if self.adapter is not None:
+            check_adapter_name(self.adapter, "adapter")
+        if len(self.mix) > MAX_MIX:
+            raise RequestError("adapters", f"at most {MAX_MIX} adapters in a mix, got {len(self.mix)}")
+        for name, weight in self.mix:
+            check_adapter_name(name, "adapters.name")
+            if not _is_number(weight) or not math.isfinite(weight):
+                raise RequestError("adapters.weight", f"weight of {name!r} must be finite, got {weight!r}")
+            if abs(weight) > MAX_MIX_WEIGHT:
+                raise RequestError("adapters.weight", f"weight of {name!r} must lie within ±{MAX_MIX_WEIGHT:g}, "
+                                                      f"got {weight!r}")
         names = [name for name, _ in self.mix]
         if len(set(names)) != len(names):
             raise RequestError("adapters", "an adapter appears twice in the mix")
-        for name, weight in self.mix:
-            if not _is_number(weight) or not math.isfinite(weight):
-                raise RequestError("adapters", f"weight of {name!r} must be finite, got {weight!r}")
-            if abs(weight) > MAX_MIX_WEIGHT:
-                raise RequestError("adapters", f"weight of {name!r} must lie within ±{MAX_MIX_WEIGHT:g}, "
-                                               f"got {weight!r}")
+        if self.mix and not sum(weight for _, weight in self.mix) > 0:
+            raise RequestError("adapters", "mix weights must sum to a positive number")
 
     @property
     def adapter_weights(self) -> tuple[tuple[str, float], ...]:

@@ -63,7 +63,6 @@ class StepPlan:
     decodes: tuple[Sequence, ...]
     prefills: tuple[Sequence, ...]  # each with num_scheduled_tokens set: this step's chunk
     rejected: tuple[Sequence, ...] = ()
-    preempted: tuple[Sequence, ...] = ()  # back in the queue, their blocks freed
 
     @property
     def sequences(self) -> tuple[Sequence, ...]:
@@ -147,8 +146,7 @@ class Scheduler:
             budget -= self._schedule_chunk(candidate, budget)
             prefills.append(candidate)
         self.waiting.extendleft(reversed(deferred))  # back at the front, in arrival order
-        return StepPlan(decodes=tuple(decodes), prefills=tuple(prefills), rejected=tuple(rejected),
-                        preempted=tuple(preempted))
+        return StepPlan(decodes=tuple(decodes), prefills=tuple(prefills), rejected=tuple(rejected))
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -38,7 +38,6 @@ class Sequence:
     generator: Any = None  # random stream of a sampled request (made by the runner at its first draw)
     arrival_time: float = field(default_factory=time.monotonic)
     admitted_time: float | None = None
-    first_token_time: float | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

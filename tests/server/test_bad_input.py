@@ -28,7 +28,9 @@ from safetensors.torch import load_file, save_file
 from loraquilt.server.app import MAX_MESSAGE_BYTES, RunningServer, ServerConfig
 from loraquilt.server.engine import Engine, EngineConfig
 from loraquilt.server.request import MAX_STOP_CHARS, MAX_STOP_STRINGS
-from loraquilt.server.service import MAX_MIX, MAX_PATH_CHARS, ServiceConfig
+from loraquilt.server.adapter_admin import MAX_PATH_CHARS
+from loraquilt.server.generation import ServiceConfig
+from loraquilt.server.request import MAX_MIX
 from loraquilt.v1 import loraquilt_pb2 as pb
 from loraquilt.v1 import loraquilt_pb2_grpc as pb_grpc
 from loraquilt.server.model.weights import DeviceConfig

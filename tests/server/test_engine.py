@@ -90,12 +90,12 @@ def test_finish_reasons_length_stop_and_eos(engine):
     assert stopped.text == base.text[: base.text.index(stop)]
     first_token = base.token_ids[0]
     saved = engine.eos_ids
-    engine.eos_ids = frozenset({first_token})
+    engine.postprocessor.eos_ids = frozenset({first_token})  # the model's first greedy token ends it
     try:
         ended = alone(engine, Request(prompt="The engine turns", sampling=SamplingParams(max_new_tokens=12)))
         ignored = alone(engine, Request(prompt="The engine turns", sampling=SamplingParams(max_new_tokens=12, ignore_eos=True)))
     finally:
-        engine.eos_ids = saved
+        engine.postprocessor.eos_ids = saved
     assert ended.finish_reason == "eos" and ended.token_ids == (first_token,) and ended.text == ""
     assert ignored.token_ids == base.token_ids
 

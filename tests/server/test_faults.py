@@ -20,7 +20,7 @@ from loraquilt.server.model.weights import DeviceConfig
 from loraquilt.server.engine import Engine, EngineConfig
 from loraquilt.server.metrics import process_rss_bytes
 from loraquilt.server.request import Request, SamplingParams
-from loraquilt.server.service import ServiceConfig
+from loraquilt.server.generation import ServiceConfig
 
 NEW_TOKENS = 8
 PROMPTS = ("The river", "Birds fly over the", "Numbers", "A long time ago in a quiet town")

@@ -17,7 +17,7 @@ from loraquilt.client import LoraQuiltClient
 from loraquilt.server.app import RunningServer, ServerConfig
 from loraquilt.server.engine import Engine, EngineConfig
 from loraquilt.server.request import Request, SamplingParams
-from loraquilt.server.service import ServiceConfig
+from loraquilt.server.generation import ServiceConfig
 from loraquilt.server.model.weights import DeviceConfig
 
 EXACT = DeviceConfig(dtype="float32")  # the exact path: tests compare tokens

@@ -130,7 +130,10 @@ def test_empty_prompt_source_refused(kwargs, field):
     ],
 )
 def test_each_prompt_source_accepted(kwargs):
-    Request(**kwargs)
+    request = Request(**kwargs)
+    for name in ("prompt", "messages", "prompt_token_ids"):
+        assert getattr(request, name) == kwargs.get(name)  # the given source kept, the others unset
+    assert request.chat == kwargs.get("chat", False) and request.adapter_weights == ()
 
 
 def test_adapter_and_mix_together_refused():
@@ -141,15 +144,30 @@ def test_duplicate_adapter_in_mix_refused():
     assert_refused("adapters", lambda: Request(prompt="x", mix=(("a", 0.5), ("b", 0.2), ("a", 0.5))))
 
 
-@pytest.mark.parametrize("weight", [math.nan, math.inf, -math.inf, "1", None])
+@pytest.mark.parametrize("weight", [math.nan, math.inf, -math.inf, "1", None, 1001.0])
 def test_bad_mix_weight_refused(weight):
-    assert_refused("adapters", lambda: Request(prompt="x", mix=(("a", 1.0), ("b", weight))))
+    assert_refused("adapters.weight", lambda: Request(prompt="x", mix=(("a", 1.0), ("b", weight))))
 
 
 def test_negative_and_zero_mix_weights_accepted():
-    """Weights are only required to be finite: subtracting an adapter is allowed."""
-    request = Request(prompt="x", mix=(("a", -0.5), ("b", 0.0)))
-    assert request.adapter_weights == (("a", -0.5), ("b", 0.0))
+    """A weight may be negative or zero (subtracting an adapter) while the mix sums to more than 0."""
+    request = Request(prompt="x", mix=(("a", -0.5), ("b", 0.0), ("c", 1.0)))
+    assert request.adapter_weights == (("a", -0.5), ("b", 0.0), ("c", 1.0))
+
+
+@pytest.mark.parametrize("mix", [(("a", -0.5), ("b", 0.5)), (("a", 0.0),), (("a", -1.0),)])
+def test_mix_summing_to_zero_or_less_refused(mix):
+    assert_refused("adapters", lambda: Request(prompt="x", mix=mix))
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"adapter": "a/b"}, "adapter"), ({"adapter": ""}, "adapter"), ({"mix": (("a b", 1.0),)}, "adapters.name"),
+    ({"mix": tuple((f"m{i}", 1.0) for i in range(9))}, "adapters"),
+    ({"prompt": "a\ud800"}, "prompt"), ({"prompt": None, "messages": ({"role": "user", "content": "\udfff"},)},
+                                         "messages[0].content"),
+])
+def test_names_mix_size_and_text_are_checked_by_the_request(kwargs, field):
+    assert_refused(field, lambda: Request(**{"prompt": "x", **kwargs}))
 
 
 @pytest.mark.parametrize(

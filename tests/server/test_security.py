@@ -14,7 +14,7 @@ from loraquilt.client import LoraQuiltClient
 from loraquilt.server.app import RunningServer, ServerConfig
 from loraquilt.server.auth import AdminCheck, AuthConfigError, TLSFiles, read_token_file
 from loraquilt.server.engine import Engine, EngineConfig
-from loraquilt.server.service import ServiceConfig
+from loraquilt.server.generation import ServiceConfig
 from loraquilt.server.model.weights import DeviceConfig
 
 EXACT = DeviceConfig(dtype="float32")  # the exact path: tests compare tokens

@@ -1,0 +1,44 @@
+"""Protobuf messages <-> the generation layer's types, for every gRPC frontend (`serve`'s
+service and the Ray Serve replica): request fields in, results, pieces and adapter
+records out. No wire I/O, no validation (the request types own it)."""
+
+from __future__ import annotations
+
+from loraquilt.server.adapters.registry import AdapterRecord
+from loraquilt.server.request import GenerationResult
+from loraquilt.v1 import loraquilt_pb2 as pb
+
+
+def grpc_fields(request: pb.GenerateRequest) -> dict:
+    """A GenerateRequest as the generation layer's fields (`Generations.build_request`);
+    proto3's zero values mean "unset" where the proto says so (max_new_tokens, top_p)."""
+    return dict(
+        prompt=request.prompt, chat=request.chat, adapter=request.adapter or None,
+        mix=tuple((entry.name, entry.weight) for entry in request.adapters),
+        max_new_tokens=request.max_new_tokens or None, temperature=request.temperature,
+        top_p=request.top_p if request.top_p != 0 else 1.0, top_k=request.top_k,
+        seed=request.seed if request.HasField("seed") else None, stop=tuple(request.stop),
+        ignore_eos=request.ignore_eos,
+    )
+
+
+def final_response(result: GenerationResult, text: str | None = None, token_ids=None) -> pb.GenerateResponse:
+    """The last GenerateResponse: the whole text (unary) or the last piece (stream), with counts."""
+    return pb.GenerateResponse(
+        text=result.text if text is None else text,
+        token_ids=list(result.token_ids if token_ids is None else token_ids),
+        finish_reason=result.finish_reason, prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+    )
+
+
+def piece_response(piece) -> pb.GenerateResponse:
+    """One streamed piece (`generation.Piece`): text and token ids; the last carries the counts."""
+    if piece.result is not None:
+        return final_response(piece.result, piece.text, piece.token_ids)
+    return pb.GenerateResponse(text=piece.text, token_ids=list(piece.token_ids))
+
+
+def adapter_info(record: AdapterRecord) -> pb.AdapterInfo:
+    return pb.AdapterInfo(name=record.name, rank=record.rank, target_modules=list(record.target_modules),
+                          size_bytes=record.size_bytes, tier=record.tier)
