@@ -9,7 +9,8 @@
 #   CPU_BASE, CUDA_BASE  the base image of each target. Any base with python3 >= 3.11 and its
 #                        venv module works for cpu (a C compiler is installed with apt when
 #                        missing); CUDA_BASE must be Ubuntu/Debian (python3 comes from apt).
-#   WITHOUT              dependencies left out (cpu: triton, which only GPU code uses).
+#   EXTRAS, WITHOUT      optional dependency groups added (e.g. ray) and dependencies left
+#                        out (cpu: triton, which only GPU code uses).
 #   TORCH_INDEX_URL      cpu: an index with CPU torch wheels, searched besides pip's index
 #                        (empty: pip's own sources only, e.g. a find-links folder holding one).
 #   PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, PIP_FIND_LINKS, PIP_TRUSTED_HOST, PIP_CERT
@@ -33,15 +34,7 @@ COPY train ./train
 COPY scaleout ./scaleout
 
 # ---------------------------------------------------------------------------------------------
-FROM ${CPU_BASE} AS cpu
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-ARG EXTRAS=""
-ARG WITHOUT=triton
-ARG PIP_INDEX_URL=""
-ARG PIP_EXTRA_INDEX_URL=""
-ARG PIP_FIND_LINKS=""
-ARG PIP_TRUSTED_HOST=""
-ARG PIP_CERT=""
+FROM ${CPU_BASE} AS cpu-system
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -53,9 +46,24 @@ RUN if ! command -v cc >/dev/null; then \
         && rm -rf /var/lib/apt/lists/*; \
     fi
 COPY deploy/docker/install.sh /usr/local/lib/loraquilt/install.sh
-# Dependencies first, from pyproject.toml alone: a code change does not reinstall torch.
-COPY --from=source /src/pyproject.toml /opt/loraquilt/pyproject.toml
-RUN sh /usr/local/lib/loraquilt/install.sh deps /opt/loraquilt
+
+# The dependency list alone, read from pyproject.toml: the layers that install it are reused
+# until a dependency changes, whatever else changes in the project.
+FROM cpu-system AS cpu-requirements
+ARG EXTRAS=""
+ARG WITHOUT=triton
+COPY --from=source /src/pyproject.toml /tmp/pyproject.toml
+RUN sh /usr/local/lib/loraquilt/install.sh requirements /tmp/pyproject.toml > /requirements.txt
+
+FROM cpu-system AS cpu
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG PIP_INDEX_URL=""
+ARG PIP_EXTRA_INDEX_URL=""
+ARG PIP_FIND_LINKS=""
+ARG PIP_TRUSTED_HOST=""
+ARG PIP_CERT=""
+COPY --from=cpu-requirements /requirements.txt /opt/loraquilt-requirements.txt
+RUN sh /usr/local/lib/loraquilt/install.sh deps /opt/loraquilt-requirements.txt
 COPY --from=source /src /opt/loraquilt
 RUN sh /usr/local/lib/loraquilt/install.sh app /opt/loraquilt
 RUN mkdir -p /adapters
@@ -67,15 +75,7 @@ ENTRYPOINT ["loraquilt", "serve", "--host", "0.0.0.0", "--adapter-root", "/adapt
 # ---------------------------------------------------------------------------------------------
 # torch 2.13.0 from PyPI is a CUDA 13.0 build that carries its CUDA libraries; the base adds
 # the driver hooks of the NVIDIA container toolkit.
-FROM ${CUDA_BASE} AS cuda
-ARG TORCH_INDEX_URL=""
-ARG EXTRAS=""
-ARG WITHOUT=""
-ARG PIP_INDEX_URL=""
-ARG PIP_EXTRA_INDEX_URL=""
-ARG PIP_FIND_LINKS=""
-ARG PIP_TRUSTED_HOST=""
-ARG PIP_CERT=""
+FROM ${CUDA_BASE} AS cuda-system
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -87,8 +87,22 @@ RUN apt-get update \
         python3 python3-venv python3-dev gcc libc6-dev ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 COPY deploy/docker/install.sh /usr/local/lib/loraquilt/install.sh
-COPY --from=source /src/pyproject.toml /opt/loraquilt/pyproject.toml
-RUN sh /usr/local/lib/loraquilt/install.sh deps /opt/loraquilt
+
+FROM cuda-system AS cuda-requirements
+ARG EXTRAS=""
+ARG WITHOUT=""
+COPY --from=source /src/pyproject.toml /tmp/pyproject.toml
+RUN sh /usr/local/lib/loraquilt/install.sh requirements /tmp/pyproject.toml > /requirements.txt
+
+FROM cuda-system AS cuda
+ARG TORCH_INDEX_URL=""
+ARG PIP_INDEX_URL=""
+ARG PIP_EXTRA_INDEX_URL=""
+ARG PIP_FIND_LINKS=""
+ARG PIP_TRUSTED_HOST=""
+ARG PIP_CERT=""
+COPY --from=cuda-requirements /requirements.txt /opt/loraquilt-requirements.txt
+RUN sh /usr/local/lib/loraquilt/install.sh deps /opt/loraquilt-requirements.txt
 COPY --from=source /src /opt/loraquilt
 RUN sh /usr/local/lib/loraquilt/install.sh app /opt/loraquilt
 RUN mkdir -p /adapters
