@@ -26,11 +26,10 @@ from loraquilt.client.routing import key_for, key_members
 from loraquilt.scaleout.config import ReplicaConfig
 from loraquilt.scaleout.directory import Registration
 from loraquilt.scaleout.resident import ResidentAdapters, ResidentKey
-from loraquilt.server.adapter_admin import AdapterAdmin
 from loraquilt.server.adapters.registry import UnknownAdapter
 from loraquilt.server.engine import Engine
-from loraquilt.server.engine_loop import EngineLoop
-from loraquilt.server.generation import ErrorKind, GenerationError, Generations, ServiceConfig, classify
+from loraquilt.server.frontend import build_frontend
+from loraquilt.server.generation import ErrorKind, GenerationError, ServiceConfig, classify
 from loraquilt.server.metrics import Metrics
 from loraquilt.server.proto_mapping import adapter_info, final_response, grpc_fields, piece_response
 from loraquilt.server.request import check_adapter_name
@@ -68,12 +67,9 @@ class LoraQuiltReplica:
                                "resident on this replica when they arrived", ["result"], registry=registry)
         self.key_loads = Counter("loraquilt_routing_key_loads", "Routing keys made resident on this replica",
                                  registry=registry)
-        self.loop = EngineLoop(self.engine, self.metrics).start()
-        limit = min(ServiceConfig().max_new_tokens_limit, self.engine.max_seq_len - 1)  # as `serve` clamps it
-        self.generations = Generations(self.loop, ServiceConfig(
-            adapter_root=config.adapter_root, max_new_tokens_limit=limit,
-            default_max_new_tokens=min(config.default_max_new_tokens, limit)), self.metrics)
-        self.admin = AdapterAdmin(self.engine, config.adapter_root)
+        frontend = build_frontend(self.engine, self.metrics, ServiceConfig(
+            adapter_root=config.adapter_root, default_max_new_tokens=config.default_max_new_tokens))
+        self.loop, self.generations, self.admin = frontend.loop, frontend.generations, frontend.admin
         self.adapters = ResidentAdapters(self.engine)
         self._resident_keys: set[str] = set()
 

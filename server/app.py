@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 from concurrent import futures
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -17,13 +17,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from loraquilt.server.adapters.registry import RegistryEvents
-from loraquilt.server.adapter_admin import AdapterAdmin
 from loraquilt.server.adapters.state_file import RegistrationState, StateFileError
 from loraquilt.server.auth import AdminCheck, AuthConfigError, AuthInterceptor, TLSFiles, read_token_file
 from loraquilt.server.engine import Engine, EngineConfig
 from loraquilt.server.engine_args import add_engine_arguments, add_threads_argument, engine_config_from_args
-from loraquilt.server.engine_loop import EngineLoop
-from loraquilt.server.generation import Generations, ServiceConfig
+from loraquilt.server.frontend import ServerStartError, StartSequence, build_frontend
+from loraquilt.server.generation import ServiceConfig
 from loraquilt.server.grpc_decode import MalformedRequestInterceptor
 from loraquilt.server.metrics import Metrics
 from loraquilt.server.openai_protocol import model_id
@@ -33,10 +32,6 @@ from loraquilt.v1 import loraquilt_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LoraQuilt"].full_name
 MAX_MESSAGE_BYTES = 4 << 20
-
-
-class ServerStartError(RuntimeError):
-    """A setting the server cannot start with (the message says which and why)."""
 
 
 @dataclass(frozen=True)
@@ -61,91 +56,109 @@ class RunningServer:
     """A started server; `port` / `http_port` / `metrics_port` are the bound ones."""
 
     def __init__(self, engine: Engine, config: ServerConfig, *, loop_thread: bool = True):
-        """loop_thread=False: the caller runs `self.loop.run_here()` itself."""
+        """loop_thread=False: the caller runs `self.loop.run_here()` itself. A part that
+        cannot start (a port in use, TLS files that do not load, a state file or a preload
+        it cannot use) raises ServerStartError in one line, after stopping every part
+        started before it."""
         self.engine, self.config = engine, config
         self.metrics = Metrics(adapter_labels=config.metrics_adapter_labels)
         engine.adapters.events = RegistryEvents(on_load=self.metrics.on_adapter_load,
                                                 on_evict=self.metrics.on_adapter_evict)
         self.metrics.watch(engine)
-        self.loop = EngineLoop(engine, self.metrics)
-        if loop_thread:
-            self.loop.start()
-        # nothing longer than the KV cache row can be generated
-        limit = min(config.service.max_new_tokens_limit, engine.max_seq_len - 1)
-        service_config = replace(config.service, max_new_tokens_limit=limit,
-                                 default_max_new_tokens=min(config.service.default_max_new_tokens, limit))
-        state = RegistrationState(config.state_dir) if config.state_dir is not None else None
-        recorded = state.load() if state is not None else []  # StateFileError: refuse to start
         self.served_model_name = config.served_model_name or model_id(engine.model_name)
-        self.admin = AdapterAdmin(engine, config.service.adapter_root, state,
-                                  resolve_on_first_use=config.resolve_adapters,
-                                  reserved_names=(self.served_model_name,))
-        self.generations = Generations(self.loop, service_config, self.metrics, resolve=self.admin.resolve)
-        service = LoraQuiltService(self.generations, self.admin)
+        self.http = self.http_port = self.metrics_port = self._metrics_server = None
+        self._serving = True
+        self._stopped = threading.Event()
+        start = StartSequence()
+        state = RegistrationState(config.state_dir) if config.state_dir is not None else None
+        recorded = start.step("state dir", lambda: state.load() if state is not None else [])
+        frontend = build_frontend(engine, self.metrics, config.service, state=state,
+                                  resolve_adapters=config.resolve_adapters,
+                                  reserved_names=(self.served_model_name,), loop_thread=loop_thread)
+        self.loop, self.generations, self.admin = frontend.loop, frontend.generations, frontend.admin
+        start.started("engine loop", self.loop.stop)
+        start.step("adapters", lambda: self._register_at_start(recorded, state))
+        self.grpc = start.step("gRPC", lambda: self._start_grpc())
+        start.started("gRPC", lambda: self.grpc.stop(0))
+        if config.http_port is not None:
+            self.http = start.step("HTTP API", lambda: self._start_http())
+            self.http_port = self.http.port
+            start.started("HTTP API", self.http.stop)
+        if config.metrics_port is not None:
+            self._metrics_server = start.step("metrics", self._start_metrics)
+            self.metrics_port = self._metrics_server.server_port
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def _register_at_start(self, recorded: list, state: RegistrationState | None) -> None:
+        """The recorded registrations (--state-dir), then --preload (a recorded name wins)."""
         skipped = self.admin.restore(recorded, log=lambda line: print(line, file=sys.stderr, flush=True))
         self.metrics.adapter_restore_failures.inc(len(skipped))
         if recorded:
             print(f"restored {len(recorded) - len(skipped)} of {len(recorded)} recorded adapters from "
                   f"{state.path}", file=sys.stderr, flush=True)
-        registered = {record.name for record in engine.adapters.records()}
-        for name, path in config.preload:
+        registered = {record.name for record in self.engine.adapters.records()}
+        for name, path in self.config.preload:
             if name == self.served_model_name:
-                self.loop.stop()
                 raise ServerStartError(f"--preload {name}=...: {name!r} is the served base model's id "
-                                 "(--served-model-name); give the adapter another name")
-            if name not in registered:  # a recorded registration of the same name wins
-                engine.register_adapter(name, path)
+                                       "(--served-model-name); give the adapter another name")
+            if name not in registered:
+                try:
+                    self.engine.register_adapter(name, path)
+                except Exception as error:  # noqa: BLE001 - the folder's problem, in one line
+                    raise ServerStartError(f"--preload {name}={path}: {error}") from None
 
-        capacity = engine.config.max_batch_size + engine.scheduler.config.max_waiting
+    def _start_grpc(self) -> grpc.Server:
+        config = self.config
+        capacity = self.engine.config.max_batch_size + self.engine.scheduler.config.max_waiting
         admin = AdminCheck.for_token(config.admin_token) if config.admin_token is not None else None
         api = AdminCheck.for_token(config.api_key, "api") if config.api_key is not None else None
+        self._checks = admin, api
         # credentials first (an unauthenticated caller learns nothing of its bytes), then decoding
         interceptors = [AuthInterceptor(SERVICE_NAME, admin, api)] if admin or api else []
         interceptors.append(MalformedRequestInterceptor())
-        self.grpc = grpc.server(
+        server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=capacity + 8, thread_name_prefix="loraquilt-rpc"),
             maximum_concurrent_rpcs=capacity + 8, interceptors=interceptors,
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
         )
-        pb_grpc.add_LoraQuiltServicer_to_server(service, self.grpc)
+        pb_grpc.add_LoraQuiltServicer_to_server(LoraQuiltService(self.generations, self.admin), server)
         self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME), self.grpc)
+             reflection.SERVICE_NAME), server)
         address = f"{config.host}:{config.port}"
-        if config.tls is not None:
-            self.port = self.grpc.add_secure_port(address, config.tls.server_credentials())
-        else:
-            self.port = self.grpc.add_insecure_port(address)
+        try:
+            if config.tls is not None:
+                self.port = server.add_secure_port(address, config.tls.server_credentials())
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError:  # grpcio raises when it cannot bind
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {config.host}:{config.port}")
-        self.grpc.start()
-        self.http = None
-        self.http_port = None
-        self._serving = True
-        if config.http_port is not None:
-            from loraquilt.server.http_api import HttpConfig, HttpServer, LocalBackend, build_app
-            http_config = HttpConfig(served_model_name=self.served_model_name,
-                                     api_key=api, admin=admin)
-            app = build_app(LocalBackend(self.generations, self.admin), http_config, self.metrics.http_requests,
-                            lambda: self._serving)
-            try:
-                self.http = HttpServer(app, config.host, config.http_port, config.tls)
-            except OSError:
-                self.grpc.stop(0)  # nothing half-started is left behind
-                self.loop.stop()
-                raise
-            self.http_port = self.http.port
-        self.metrics_port = None
-        self._metrics_server = None
-        if config.metrics_port is not None:
-            self._metrics_server, _ = self.metrics.serve(config.metrics_port, config.host)
-            self.metrics_port = self._metrics_server.server_port
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self._stopped = threading.Event()
+            server.stop(0)
+            raise OSError(f"cannot listen on {address}")
+        server.start()
+        return server
+
+    def _start_metrics(self):
+        host, port = self.config.host, self.config.metrics_port
+        try:
+            server, _ = self.metrics.serve(port, host)
+        except OSError as error:
+            raise OSError(f"cannot listen on {host}:{port} for /metrics: {error.strerror or error}") from None
+        return server
+
+    def _start_http(self):
+        from loraquilt.server.http_api import HttpConfig, HttpServer, LocalBackend, build_app
+
+        admin, api = self._checks
+        http_config = HttpConfig(served_model_name=self.served_model_name, api_key=api, admin=admin)
+        app = build_app(LocalBackend(self.generations, self.admin), http_config, self.metrics.http_requests,
+                        lambda: self._serving)
+        return HttpServer(app, self.config.host, self.config.http_port, self.config.tls)
 
     @property
     def target(self) -> str:

@@ -20,6 +20,7 @@ from fixtures_server import metric_value, scrape, wait_until
 from loraquilt.client import LoraQuiltClient
 from loraquilt.server.app import RunningServer, ServerConfig
 from loraquilt.server.engine import Engine, EngineConfig
+from loraquilt.server.frontend import ServerStartError
 from loraquilt.server.generation import ServiceConfig
 from loraquilt.server.model.weights import DeviceConfig
 
@@ -522,5 +523,5 @@ def test_an_http_port_in_use_is_a_clear_error_and_leaves_nothing_running(world):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port} for the HTTP API"):
+        with pytest.raises(ServerStartError, match=f"cannot listen on 127.0.0.1:{port} for the HTTP API"):
             start(base, adapter_root, http_port=port)
