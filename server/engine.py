@@ -1,4 +1,4 @@
-"""The engine loop: add_request / step / abort, on one model, one KV block pool, many adapters.
+"""The engine: add_request / step / abort, on one model, one KV block pool, many adapters.
 
 A step is: schedule (the scheduler admits, preempts and places KV in blocks) -> run (the
 runner does one forward over every scheduled sequence and samples) -> postprocess (tokens
@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraquilt.server.adapters.registry import AdapterRecord, AdapterRegistry, HostHold, Lease, RegistryEvents
+from loraquilt.server.adapters.registry import Acquired, AdapterRecord, AdapterRegistry, Lease, RegistryEvents
 from loraquilt.server.adapters.slots import LoraSlots, SlotConfig
 from loraquilt.server.block_manager import BlockManager
 from loraquilt.server.cpu_contention import EngineThreads
@@ -247,17 +247,17 @@ class Engine:
         names = [name for name, _ in seq.request.adapter_weights]
         if names:
             try:
-                lease = self.adapters.acquire(names, seq.adapter_hold)
+                got = self.adapters.acquire(names, seq.adapter_hold)
             except Exception as error:  # unregistered meanwhile, or its files are gone or broken
                 seq.error, seq.adapter_hold = error, None
                 return Admission.REJECT
-            if isinstance(lease, HostHold):  # an adapter is being read from disk
-                seq.adapter_hold = lease
+            if got.status == Acquired.READING:  # an adapter is being read from disk
+                seq.adapter_hold = got.hold
                 return Admission.DEFER
-            if lease is None:
+            if got.status == Acquired.NO_ROOM:  # its slots are pinned by running requests
                 return Admission.WAIT
-            seq.adapter_lease, seq.adapter_hold = lease, None
-            seq.adapter_slots = [(slot, w) for slot, (_, w) in zip(lease.slots, seq.request.adapter_weights)]
+            seq.adapter_lease, seq.adapter_hold = got.lease, None
+            seq.adapter_slots = [(slot, w) for slot, (_, w) in zip(got.lease.slots, seq.request.adapter_weights)]
         seq.adapter_key = adapter_identity(seq.adapter_lease, seq.request.adapter_weights)
         seq.admitted_time = seq.admitted_time or time.monotonic()
         return Admission.ADMIT

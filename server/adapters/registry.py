@@ -1,31 +1,29 @@
-"""Registered adapters and their tiers: disk -> host memory (LRU) -> device slots (LRU).
+"""Registered adapters: names, their records (files, content hashes) and their tiers,
+disk -> host memory (host_tier.py, LRU) -> device slots (device_tier.py, LRU). The registry
+owns the names and the one lock the tiers run under; `acquire` asks both tiers and returns
+one tagged result (`Acquired`).
 
-A running request pins the device slots it uses; a pinned slot is never evicted or
-reused. Unregistering an adapter that is pinned hides it from new requests at once and
-frees its slot when the last request on it finishes.
+A running request pins the device slots it uses; unregistering an adapter that is pinned
+hides it from new requests at once and frees its slot when the last request on it finishes.
 
 No file is read by `acquire` (the engine calls it inside a step, under its lock): it pins
 only adapters already in host memory or on the device. For an adapter that is only on
-disk it returns a HostHold and queues a read on the loader thread (`loader.Loader`), which
-validates the files into the host tier; the caller asks again, with the same hold, after
-`on_loaded` fired. Until the hold is released (the request is admitted, fails or goes
-away) its adapters stay in host memory, so a request on more adapters than the host tier
-holds still gets all of them in at once. Holds are granted to at most `max_held` adapters
-together (half the host tier; any number when no other hold exists, so the first request
-in line always makes progress), which bounds the host memory they keep and the reads
-queued ahead.
+disk it returns a HostHold and queues a read on the loader thread, which validates the
+files into the host tier; the caller asks again, with the same hold, after `on_loaded`
+fired.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loraquilt.server.adapters.loader import HostHold, Loader, PendingRead
+from loraquilt.server.adapters.device_tier import TIER_DEVICE, DeviceTier
+from loraquilt.server.adapters.host_tier import TIER_HOST, AdapterChanged, HostTier
+from loraquilt.server.adapters.loader import HostHold, PendingRead
 from loraquilt.server.adapters.peft_folder import (
     CONFIG_FILE, WEIGHTS_FILE, AdapterError, LoadedAdapter, load_peft_adapter,
 )
@@ -34,7 +32,9 @@ from loraquilt.server.engine_config import EngineConfig
 from loraquilt.server.torch_threads import one_thread_off_main
 from loraquilt.server.model.config import ModelConfig
 
-TIER_DISK, TIER_HOST, TIER_DEVICE = "disk", "host", "device"
+TIER_DISK = "disk"
+__all__ = ["AdapterChanged", "AdapterExists", "AdapterRecord", "AdapterRegistry", "Acquired", "HostHold", "Lease",
+           "RegistryEvents", "TooManyAdapters", "UnknownAdapter", "file_fingerprint"]
 
 
 class UnknownAdapter(KeyError):
@@ -44,10 +44,6 @@ class UnknownAdapter(KeyError):
 
 class AdapterExists(ValueError):
     pass
-
-
-class AdapterChanged(AdapterError):
-    """A registered adapter's files were deleted or rewritten after registration."""
 
 
 class TooManyAdapters(RuntimeError):
@@ -63,8 +59,8 @@ class AdapterRecord:
     size_bytes: int
     fingerprint: tuple | None = field(default=None, repr=False)  # the files as registered
     content_hash: str = ""  # of the weights as registered (the prefix cache's adapter identity)
-    host: LoadedAdapter | None = field(default=None, repr=False)
-    slot: int | None = None
+    host: LoadedAdapter | None = field(default=None, repr=False)  # set by the host tier
+    slot: int | None = None  # set by the device tier
     pins: int = 0
     holds: int = 0  # waiting requests' HostHolds on it: its host copy is not evicted
     loading: PendingRead | None = field(default=None, repr=False)  # the read in flight on the loader thread
@@ -94,6 +90,22 @@ class Lease:
     records: tuple[AdapterRecord, ...]
 
 
+@dataclass(frozen=True)
+class Acquired:
+    """What `acquire` got, tagged by `status`:
+    LEASED: `lease` holds the pinned slots (admit the request);
+    READING: an adapter is only on disk: its read is queued under `hold`; ask again with
+      that hold after on_loaded fired;
+    NO_ROOM: not enough slots can be freed now (the rest are pinned by running requests);
+      nothing is pinned and `hold`, the one passed in, stays held."""
+
+    LEASED, READING, NO_ROOM = "leased", "reading", "no_room"
+
+    status: str
+    lease: Lease | None = None
+    hold: HostHold | None = None
+
+
 class AdapterRegistry:
     def __init__(self, model: ModelConfig, slots: LoraSlots, *, max_cpu_adapters: int,
                  max_adapters: int = EngineConfig.max_adapters, events: RegistryEvents | None = None,
@@ -104,20 +116,29 @@ class AdapterRegistry:
             raise ValueError(f"max_cpu_adapters and max_adapters must be >= 1, got "
                              f"{max_cpu_adapters} and {max_adapters}")
         self.model, self.slots = model, slots
-        self.max_cpu_adapters, self.max_adapters = max_cpu_adapters, max_adapters
-        self.max_held = max(1, max_cpu_adapters // 2)  # adapters HostHolds keep on host together
+        self.max_adapters = max_adapters
         self.events = events or RegistryEvents()
-        self.on_loaded = on_loaded
-        # One lock over all the state below (records, both LRUs, slot owners, pins, holds,
-        # reads in flight); reentrant. Files are read without it: register() and the
-        # loader thread read first, then install under it.
+        # One lock over the records and both tiers (LRUs, slot owners, pins, holds, reads in
+        # flight); reentrant. Files are read without it: register() and the loader thread
+        # read first, then install under it.
         self._lock = threading.RLock()
         self._records: dict[str, AdapterRecord] = {}  # registered names only
-        self._host_lru: OrderedDict[str, None] = OrderedDict()
-        self._slot_owner: list[AdapterRecord | None] = [None] * slots.config.num_slots
-        self._device_lru: OrderedDict[int, None] = OrderedDict()  # unpinned resident slots
-        self._held = 0  # records with holds > 0
-        self._loader = Loader()
+        evicted = lambda tier: self.events.on_evict(tier)  # noqa: E731 - events may be replaced later
+        self.host = HostTier(max_cpu_adapters, self._lock, lambda path: self._read(path), file_fingerprint, evicted,
+                             on_loaded)
+        self.device = DeviceTier(slots, evicted, on_bring_in=self.host.touch)
+
+    @property
+    def max_cpu_adapters(self) -> int:
+        return self.host.max_cpu_adapters
+
+    @property
+    def on_loaded(self) -> Callable[[], None]:
+        return self.host.on_loaded
+
+    @on_loaded.setter
+    def on_loaded(self, callback: Callable[[], None]) -> None:
+        self.host.on_loaded = callback
 
     # -- registration -------------------------------------------------------------------
 
@@ -133,7 +154,7 @@ class AdapterRegistry:
         with self._lock:
             self._check_room(name)
             self._records[name] = record
-            self._keep_on_host(record, adapter)
+            self.host.keep(record, adapter)
             return record
 
     def inspect(self, name: str, path: Path | str) -> AdapterRecord:
@@ -165,9 +186,9 @@ class AdapterRegistry:
             record = self._get(name)
             del self._records[name]
             record.retired = True
-            self._drop_host(record)
+            self.host.drop(record)
             if record.pins == 0:
-                self._free_slot(record)
+                self.device.free(record)
 
     def get(self, name: str) -> AdapterRecord:
         with self._lock:
@@ -183,19 +204,23 @@ class AdapterRegistry:
             raise UnknownAdapter(name)
         return record
 
+    def _read(self, path: Path) -> LoadedAdapter:
+        one_thread_off_main()  # an RPC worker or the loader thread: no OpenMP team of its own
+        start = time.perf_counter()
+        adapter = load_peft_adapter(path, self.model, max_rank=self.slots.config.max_rank,
+                                    dtype=self.slots.dtype)
+        self.events.on_load(time.perf_counter() - start)
+        return adapter
+
     # -- residency ----------------------------------------------------------------------
 
-    def acquire(self, names: list[str], hold: HostHold | None = None) -> Lease | HostHold | None:
-        """Pin device slots for every named adapter, from host memory or the device only.
-
-        Returns a Lease; None when not enough slots can be freed now (the rest are pinned
-        by running requests; nothing is pinned, a hold passed in stays held); or a HostHold
-        when an adapter is only on disk: its read is queued on the loader thread, nothing
-        is read here, and the caller tries again with that hold after on_loaded fired.
-        Raises UnknownAdapter for a name not registered (also one unregistered while its
-        read was in flight), AdapterError / AdapterChanged when a read started for this
-        hold failed (its files are gone, rewritten or broken). On a Lease or an error the
-        hold passed in is released; nothing stays pinned after an error."""
+    def acquire(self, names: list[str], hold: HostHold | None = None) -> Acquired:
+        """Pin device slots for every named adapter, from host memory or the device only
+        (see Acquired for the three outcomes). Raises UnknownAdapter for a name not
+        registered (also one unregistered while its read was in flight), AdapterError /
+        AdapterChanged when a read started for this hold failed (its files are gone,
+        rewritten or broken). On a lease or an error the hold passed in is released;
+        nothing stays pinned after an error."""
         with self._lock:
             try:
                 records = [self._get(name) for name in names]
@@ -207,166 +232,30 @@ class AdapterRegistry:
                 missing = [r for r in records if r.slot is None and r.host is None]
                 if missing:
                     hold = hold or HostHold()
-                    self._hold(hold, records)
+                    self.host.hold(hold, records)
                     if hold.records:  # granted: read what is missing (once per adapter)
                         for record in missing:
                             if not any(load.record is record and not load.done.is_set() for load in hold.loads):
-                                hold.loads.append(self._start_load(record))
-                    return hold
-                lease = self._pin(records)
+                                hold.loads.append(self.host.start_read(record))
+                    return Acquired(Acquired.READING, hold=hold)
+                slots = self.device.pin(records)
             except BaseException:
-                self._release_hold(hold)
+                self.host.release(hold)
                 raise
-            if lease is not None:
-                self._release_hold(hold)
-            return lease
+            if slots is None:
+                return Acquired(Acquired.NO_ROOM, hold=hold)
+            self.host.release(hold)
+            return Acquired(Acquired.LEASED, lease=Lease(slots=slots, records=tuple(records)))
 
     def release_hold(self, hold: HostHold | None) -> None:
         """Give up a HostHold (its request went away before admission); a read in flight
         still lands in the host tier."""
         with self._lock:
-            self._release_hold(hold)
-
-    def _pin(self, records: list[AdapterRecord]) -> Lease | None:
-        pinned = [r for r in records if r.slot is not None]
-        for record in pinned:  # residents first, so loading the others cannot evict them
-            self._device_lru.pop(record.slot, None)
-            record.pins += 1
-        missing = [r for r in records if r.slot is None]
-        if len(missing) > self._slot_owner.count(None) + len(self._device_lru):
-            self._unpin(pinned)
-            return None
-        try:
-            for record in missing:
-                self._bring_to_device(record)
-                record.pins += 1
-                pinned.append(record)
-        except BaseException:
-            self._unpin(pinned)
-            raise
-        return Lease(slots=tuple(r.slot for r in records), records=tuple(records))
+            self.host.release(hold)
 
     def release(self, lease: Lease) -> None:
         with self._lock:
-            self._unpin(list(lease.records))
-
-    def _unpin(self, records: list[AdapterRecord]) -> None:
-        for record in records:
-            record.pins -= 1
-            if record.pins == 0:
-                if record.retired:
-                    self._free_slot(record)
-                elif record.slot is not None:
-                    self._device_lru[record.slot] = None
-
-    def _bring_to_device(self, record: AdapterRecord) -> None:
-        """Copy a host-resident adapter into a slot (a free one, else the LRU unpinned one)."""
-        self._host_lru.move_to_end(record.name)
-        slot = self._slot_owner.index(None) if None in self._slot_owner else self._evict_device()
-        self.slots.load(slot, record.host)
-        self._slot_owner[slot] = record
-        record.slot = slot
-
-    def _evict_device(self) -> int:
-        slot, _ = self._device_lru.popitem(last=False)
-        owner = self._slot_owner[slot]
-        owner.slot = None
-        self._slot_owner[slot] = None
-        self.events.on_evict(TIER_DEVICE)
-        return slot
-
-    def _free_slot(self, record: AdapterRecord) -> None:
-        if record.slot is not None:
-            self._device_lru.pop(record.slot, None)
-            self.slots.clear(record.slot)
-            self._slot_owner[record.slot] = None
-            record.slot = None
-
-    def _read(self, path: Path) -> LoadedAdapter:
-        one_thread_off_main()  # an RPC worker or the loader thread: no OpenMP team of its own
-        start = time.perf_counter()
-        adapter = load_peft_adapter(path, self.model, max_rank=self.slots.config.max_rank,
-                                    dtype=self.slots.dtype)
-        self.events.on_load(time.perf_counter() - start)
-        return adapter
-
-    def _keep_on_host(self, record: AdapterRecord, adapter: LoadedAdapter) -> None:
-        record.host = adapter
-        self._host_lru[record.name] = None
-        self._host_lru.move_to_end(record.name)
-        self._trim_host()
-
-    def _trim_host(self) -> None:
-        """Evict least recently used host copies down to max_cpu_adapters, skipping held
-        ones (a tier full of held adapters stays over its bound until their holds go)."""
-        excess = len(self._host_lru) - self.max_cpu_adapters
-        if excess <= 0:
-            return
-        victims = [name for name in self._host_lru if not self._records[name].holds][:excess]
-        for victim in victims:  # names in the host LRU are registered (unregister drops them)
-            del self._host_lru[victim]
-            self._records[victim].host = None
-            self.events.on_evict(TIER_HOST)
-
-    def _drop_host(self, record: AdapterRecord) -> None:
-        self._host_lru.pop(record.name, None)
-        record.host = None
-
-    # -- holds and the loader thread ----------------------------------------------------
-
-    def _hold(self, hold: HostHold, records: list[AdapterRecord]) -> None:
-        """Hold these records for the request, if there is room (else hold nothing yet)."""
-        if len(hold.records) == len(records) and all(a is b for a, b in zip(hold.records, records)):
-            return
-        self._release_hold(hold)
-        new = sum(1 for r in records if not r.holds)
-        if self._held and self._held + new > self.max_held:
-            return
-        for record in records:
-            record.holds += 1
-        self._held += new
-        hold.records = tuple(records)
-
-    def _release_hold(self, hold: HostHold | None) -> None:
-        if hold is None or not hold.records:
-            return
-        for record in hold.records:
-            record.holds -= 1
-            if record.holds == 0:
-                self._held -= 1
-        hold.records = ()
-        self._trim_host()
-
-    def _start_load(self, record: AdapterRecord) -> PendingRead:
-        if record.loading is None:
-            record.loading = PendingRead(record)
-            self._loader.submit(lambda load=record.loading: self._run_load(load))
-        return record.loading
-
-    def _run_load(self, load: PendingRead) -> None:
-        """On the loader thread: read and check the files, then install them on host."""
-        record, adapter = load.record, None
-        try:
-            changed = AdapterChanged(f"the files of adapter {record.name!r} were deleted or rewritten since "
-                                     "it was registered; unregister and register it again")
-            if file_fingerprint(record.path) != record.fingerprint:
-                raise changed
-            adapter = self._read(record.path)
-            if file_fingerprint(record.path) != record.fingerprint:
-                raise changed
-        except BaseException as error:  # noqa: BLE001 - delivered to the requests waiting on it
-            adapter, load.error = None, error
-        with self._lock:
-            record.loading = None
-            if adapter is not None and not record.retired and record.host is None:
-                self._keep_on_host(record, adapter)  # an unregistered one is dropped here
-            load.done.set()
-        self.on_loaded()
-
-    def loads_in_flight(self) -> int:
-        """Reads queued or running on the loader thread."""
-        with self._lock:
-            return sum(record.loading is not None for record in self._records.values())
+            self.device.unpin(list(lease.records))
 
     # -- accounting ---------------------------------------------------------------------
 
@@ -381,11 +270,11 @@ class AdapterRegistry:
         """Device slots holding an adapter: resident registered ones, plus unregistered
         ones still pinned by running requests (their slots free at the last release)."""
         with self._lock:
-            return sum(owner is not None for owner in self._slot_owner)
+            return self.device.in_use()
 
     def host_bytes(self) -> int:
         with self._lock:
-            return sum(r.host.nbytes_in(self.slots.dtype) for r in self._records.values() if r.host)
+            return self.host.bytes_in(self.slots.dtype)
 
 
 def file_fingerprint(folder: Path) -> tuple | None:

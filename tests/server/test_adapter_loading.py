@@ -165,7 +165,7 @@ def test_unregister_while_its_read_is_pending(model_folder):
     failed = step_until(engine, request.request_id)
     assert isinstance(failed.error, UnknownAdapter)  # NOT_FOUND, as for any request queued on it
     assert record.host is None and record.holds == 0 and record.slot is None  # the read was dropped
-    assert engine.adapters._held == 0 and not engine.has_work()
+    assert engine.adapters.host._held == 0 and not engine.has_work()
     assert [r.name for r in engine.adapters.records()] == ["a1", "a2"]
 
 
