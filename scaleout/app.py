@@ -74,15 +74,15 @@ def app_builder(args: dict):
     `ingress_replicas`, `admin_token_file`, `api_key_file`, `served_model_name`, any ReplicaConfig field and
     any engine setting by its flag name (`max_batch_size`, `max_queue`, `dtype`, ...); each replica resolves `model` itself
     (a .gguf is converted once per node, under a file lock)."""
-    from loraquilt.server.auth import AdminCheck, read_token_file
+    from loraquilt.server.auth import BearerCheck, read_token_file
 
     settings = dict(args)
     replicas = int(settings.pop("replicas", 2))
     ingress_replicas = int(settings.pop("ingress_replicas", 1))
     token_file = settings.pop("admin_token_file", None)
-    admin = AdminCheck.for_token(read_token_file(Path(token_file))) if token_file else None
+    admin = BearerCheck.for_token(read_token_file(Path(token_file))) if token_file else None
     key_file = settings.pop("api_key_file", None)
-    api_key = AdminCheck.for_token(read_token_file(Path(key_file), "API key"), "api") if key_file else None
+    api_key = BearerCheck.for_token(read_token_file(Path(key_file), "API key"), "api") if key_file else None
     served_model_name = settings.pop("served_model_name", "") or ""
     if settings.get("adapter_root"):
         settings["adapter_root"] = Path(settings["adapter_root"])

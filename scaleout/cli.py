@@ -65,7 +65,7 @@ def _serve_ray(args: argparse.Namespace) -> int:
     from loraquilt.scaleout.app import HEALTH_CHECK_PERIOD_S, metrics_urls, start_scaleout, write_scrape_targets
     from loraquilt.scaleout.config import ReplicaConfig, ScaleoutConfig
     from loraquilt.server.app import parse_preload
-    from loraquilt.server.auth import AdminCheck, AuthConfigError, read_token_file
+    from loraquilt.server.auth import AuthConfigError, BearerCheck, read_token_file
 
     preload = parse_preload(args.preload)
     try:
@@ -89,9 +89,9 @@ def _serve_ray(args: argparse.Namespace) -> int:
             replicas=args.replicas, host=args.host, port=args.port, http_port=args.http_port or None,
             state_dir=args.state_dir.resolve() if args.state_dir else None,
             served_model_name=args.served_model_name or "",
-            api_key=AdminCheck.for_token(api_key, "api") if api_key else None,
+            api_key=BearerCheck.for_token(api_key, "api") if api_key else None,
             ray_metrics_port=None if args.ray_metrics_port < 0 or args.ray_address else args.ray_metrics_port,
-            admin=AdminCheck.for_token(token) if token else None,
+            admin=BearerCheck.for_token(token) if token else None,
             replica=ReplicaConfig(
                 model=args.model or "", adapter_root=args.adapter_root.resolve() if args.adapter_root else None,
                 max_adapters_per_replica=args.max_adapters_per_replica, resolve_adapters=args.resolve_adapters,

@@ -7,7 +7,7 @@ import functools
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from loraquilt.server.auth import AdminCheck
+from loraquilt.server.auth import BearerCheck
 from loraquilt.server.config_flags import config_from_values, config_values, flags_by_dest
 from loraquilt.server.engine_config import EngineConfig
 
@@ -76,14 +76,14 @@ class ScaleoutConfig:
     replicas: int = 2  # engine replicas
     replica: ReplicaConfig | None = None
     ingress_replicas: int = 1  # forwarding only; more for more gRPC traffic than one process carries
-    admin: AdminCheck | None = None  # Register/Unregister need its token (it holds only a digest)
+    admin: BearerCheck | None = None  # Register/Unregister need its token (it holds only a digest)
     affinity: bool = True  # False: replicas chosen without the routing key (for comparisons)
     spread_hot_keys: bool = True  # a key with too much of the traffic is resident on several replicas
     host: str = "127.0.0.1"
     port: int = 9000  # Ray Serve's gRPC proxy
     http_port: int | None = None  # Ray Serve's HTTP proxy (the OpenAI API); None = any free port
     served_model_name: str = ""  # the base model's id over HTTP; "" = the model's name
-    api_key: AdminCheck | None = None  # inference calls need this key (gRPC and HTTP)
+    api_key: BearerCheck | None = None  # inference calls need this key (gRPC and HTTP)
     state_dir: Path | None = None  # the directory deployment records registrations here (survive restarts)
     app_name: str = "loraquilt"
     request_timeout_s: float | None = None  # the proxy's end-to-end bound; None = none

@@ -16,7 +16,7 @@ from loraquilt.client.routing import key_for
 from loraquilt.scaleout.config import DIRECTORY_DEPLOYMENT, REPLICA_DEPLOYMENT
 from loraquilt.scaleout.hot_keys import HotKeys
 from loraquilt.server.adapter_admin import base_id_taken
-from loraquilt.server.auth import AdminCheck
+from loraquilt.server.auth import BearerCheck
 from loraquilt.server.generation import ErrorKind, GenerationError
 from loraquilt.v1 import loraquilt_pb2 as pb
 
@@ -32,8 +32,8 @@ class RayHttpSettings:
     replicas: int
     affinity: bool = True
     spread_hot_keys: bool = True
-    admin: AdminCheck | None = None
-    api_key: AdminCheck | None = None
+    admin: BearerCheck | None = None
+    api_key: BearerCheck | None = None
 
 
 def _raise_failure(reply) -> None:

@@ -25,7 +25,7 @@ from ray.serve.grpc_util import RayServegRPCContext
 from loraquilt.client.routing import routing_key
 from loraquilt.scaleout.hot_keys import HotKeys
 from loraquilt.scaleout.replica import Reply
-from loraquilt.server.auth import AdminCheck
+from loraquilt.server.auth import BearerCheck
 from loraquilt.v1 import loraquilt_pb2 as pb
 
 # the replica (or the way to it) is gone; RayActorError covers ActorDiedError
@@ -34,8 +34,8 @@ REPLICA_LOST = (RayActorError, ActorUnavailableError, ReplicaUnavailableError, D
 
 @dataclass(frozen=True)
 class IngressConfig:
-    admin: AdminCheck | None = None  # Register/Unregister need its token
-    api_key: AdminCheck | None = None  # Generate, GenerateStream, ListAdapters need this key
+    admin: BearerCheck | None = None  # Register/Unregister need its token
+    api_key: BearerCheck | None = None  # Generate, GenerateStream, ListAdapters need this key
     affinity: bool = True  # False: replicas chosen without the routing key (for comparisons)
     replicas: int = 1  # engine replicas
     spread_hot_keys: bool = True  # a hot key resident on several replicas (HotKeys)
@@ -109,7 +109,7 @@ class LoraQuiltIngress:
         return _deliver(grpc_context, reply, empty)
 
 
-def _refused(grpc_context: RayServegRPCContext, check: AdminCheck | None) -> bool:
+def _refused(grpc_context: RayServegRPCContext, check: BearerCheck | None) -> bool:
     """True (with the status set) when `check` refuses the call's credentials."""
     refusal = None if check is None else check.refusal(grpc_context.invocation_metadata())
     if refusal is not None:

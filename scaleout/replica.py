@@ -69,7 +69,7 @@ class LoraQuiltReplica:
                                  registry=registry)
         frontend = build_frontend(self.engine, self.metrics, ServiceConfig(
             adapter_root=config.adapter_root, default_max_new_tokens=config.default_max_new_tokens))
-        self.loop, self.generations, self.admin = frontend.loop, frontend.generations, frontend.admin
+        self.loop, self.generation_layer, self.admin = frontend.loop, frontend.generation_layer, frontend.admin
         self.adapters = ResidentAdapters(self.engine)
         self._resident_keys: set[str] = set()
 
@@ -103,7 +103,7 @@ class LoraQuiltReplica:
             yield reply if reply.code != "OK" else Reply(piece_response(reply.message))
 
     async def generate_fields(self, fields: dict, stream: bool):
-        """The generation layer's fields (`Generations.build_request`) in, Replies of
+        """The generation layer's fields (`GenerationLayer.build_request`) in, Replies of
         generation.Piece out (stream=False: only the last); the HTTP API's path."""
         try:
             generation = await self._open(fields, stream=stream)
@@ -118,7 +118,7 @@ class LoraQuiltReplica:
         await self._report_once()
         engine_request = None
         try:
-            engine_request = self.generations.build_request(**fields)  # bad fields first, as `serve`
+            engine_request = self.generation_layer.build_request(**fields)  # bad fields first, as `serve`
             key = key_for(engine_request.adapter, (name for name, _ in engine_request.mix))
             names = key_members(key)
             if names:
@@ -128,8 +128,8 @@ class LoraQuiltReplica:
                 await self._resident(resident_id)
                 await self.adapters.acquire(registrations)  # a hold for this request (fresh files if re-registered)
         except Exception as error:
-            raise self.generations.count_failure(error, engine_request) from None
-        return self.generations.open(engine_request, stream=stream, asynchronous=True,
+            raise self.generation_layer.count_failure(error, engine_request) from None
+        return self.generation_layer.open(engine_request, stream=stream, asynchronous=True,
                                      on_close=(lambda: self.adapters.release(names)) if names else None)
 
     async def _registrations(self, names: tuple[str, ...]) -> dict[str, Registration]:

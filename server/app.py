@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from loraquilt.server.adapters.registry import RegistryEvents
 from loraquilt.server.adapters.state_file import RegistrationState, StateFileError
-from loraquilt.server.auth import AdminCheck, AuthConfigError, AuthInterceptor, TLSFiles, read_token_file
+from loraquilt.server.auth import AuthConfigError, AuthInterceptor, BearerCheck, TLSFiles, read_token_file
 from loraquilt.server.engine import Engine, EngineConfig
 from loraquilt.server.engine_args import add_engine_arguments, add_threads_argument, engine_config_from_args
 from loraquilt.server.frontend import ServerStartError, StartSequence, build_frontend
@@ -75,7 +75,7 @@ class RunningServer:
         frontend = build_frontend(engine, self.metrics, config.service, state=state,
                                   resolve_adapters=config.resolve_adapters,
                                   reserved_names=(self.served_model_name,), loop_thread=loop_thread)
-        self.loop, self.generations, self.admin = frontend.loop, frontend.generations, frontend.admin
+        self.loop, self.generation_layer, self.admin = frontend.loop, frontend.generation_layer, frontend.admin
         start.started("engine loop", self.loop.stop)
         start.step("adapters", lambda: self._register_at_start(recorded, state))
         self.grpc = start.step("gRPC", lambda: self._start_grpc())
@@ -111,8 +111,8 @@ class RunningServer:
     def _start_grpc(self) -> grpc.Server:
         config = self.config
         capacity = self.engine.config.max_batch_size + self.engine.scheduler.config.max_waiting
-        admin = AdminCheck.for_token(config.admin_token) if config.admin_token is not None else None
-        api = AdminCheck.for_token(config.api_key, "api") if config.api_key is not None else None
+        admin = BearerCheck.for_token(config.admin_token) if config.admin_token is not None else None
+        api = BearerCheck.for_token(config.api_key, "api") if config.api_key is not None else None
         self._checks = admin, api
         # credentials first (an unauthenticated caller learns nothing of its bytes), then decoding
         interceptors = [AuthInterceptor(SERVICE_NAME, admin, api)] if admin or api else []
@@ -123,7 +123,7 @@ class RunningServer:
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
         )
-        pb_grpc.add_LoraQuiltServicer_to_server(LoraQuiltService(self.generations, self.admin), server)
+        pb_grpc.add_LoraQuiltServicer_to_server(LoraQuiltService(self.generation_layer, self.admin), server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -156,7 +156,7 @@ class RunningServer:
 
         admin, api = self._checks
         http_config = HttpConfig(served_model_name=self.served_model_name, api_key=api, admin=admin)
-        app = build_app(LocalBackend(self.generations, self.admin), http_config, self.metrics.http_requests,
+        app = build_app(LocalBackend(self.generation_layer, self.admin), http_config, self.metrics.http_requests,
                         lambda: self._serving)
         return HttpServer(app, self.config.host, self.config.http_port, self.config.tls)
 

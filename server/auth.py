@@ -29,7 +29,7 @@ MAX_TOKEN_FILE_BYTES = 4096
 
 
 class AuthConfigError(ValueError):
-    """An admin token or TLS file the server refuses to start with."""
+    """An admin token, API key or TLS file the server refuses to start with."""
 
 
 def read_token_file(path: Path, what: str = "admin token") -> str:
@@ -55,7 +55,7 @@ def token_digest(token: str) -> bytes:
 
 
 @dataclass(frozen=True)
-class AdminCheck:
+class BearerCheck:
     """Decides a guarded call from its metadata (`authorization: Bearer <token>`); None
     means allowed. `kind` says which token it checks: "admin" or "api" (the API key)."""
 
@@ -63,7 +63,7 @@ class AdminCheck:
     kind: str = "admin"
 
     @classmethod
-    def for_token(cls, token: str, kind: str = "admin") -> AdminCheck:
+    def for_token(cls, token: str, kind: str = "admin") -> BearerCheck:
         return cls(token_digest(token), kind)
 
     def refusal(self, metadata) -> tuple[grpc.StatusCode, str] | None:
@@ -85,7 +85,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
     """Guards the admin methods with the admin token and the inference methods with the
     API key (either may be None: open); health and reflection pass untouched."""
 
-    def __init__(self, service_name: str, admin: AdminCheck | None = None, api: AdminCheck | None = None):
+    def __init__(self, service_name: str, admin: BearerCheck | None = None, api: BearerCheck | None = None):
         self.checks = {}
         for methods, check in ((ADMIN_METHODS, admin), (INFERENCE_METHODS, api)):
             if check is not None:

@@ -19,7 +19,7 @@ from loraquilt.server.adapter_admin import AdapterAdmin
 from loraquilt.server.adapters.state_file import RegistrationState
 from loraquilt.server.engine import Engine
 from loraquilt.server.engine_loop import EngineLoop
-from loraquilt.server.generation import Generations, ServiceConfig
+from loraquilt.server.generation import GenerationLayer, ServiceConfig
 from loraquilt.server.metrics import Metrics
 
 
@@ -31,7 +31,7 @@ class ServerStartError(RuntimeError):
 @dataclass
 class Frontend:
     loop: EngineLoop
-    generations: Generations
+    generation_layer: GenerationLayer
     admin: AdapterAdmin
     service: ServiceConfig  # as the generation layer applies it (limits clamped to the model)
 
@@ -54,8 +54,8 @@ def build_frontend(engine: Engine, metrics: Metrics, service: ServiceConfig, *,
     limits = clamped(service, engine)
     admin = AdapterAdmin(engine, service.adapter_root, state, resolve_on_first_use=resolve_adapters,
                          reserved_names=reserved_names)
-    generations = Generations(loop, limits, metrics, resolve=admin.resolve)
-    return Frontend(loop, generations, admin, limits)
+    generation_layer = GenerationLayer(loop, limits, metrics, resolve=admin.resolve)
+    return Frontend(loop, generation_layer, admin, limits)
 
 
 class StartSequence:

@@ -107,7 +107,7 @@ class Generation:
     is freed if it still runs, a generation that never finished is counted as
     cancelled, and `on_close` runs, once."""
 
-    def __init__(self, owner: Generations, handle: RequestHandle, on_close: Callable[[], None] | None):
+    def __init__(self, owner: GenerationLayer, handle: RequestHandle, on_close: Callable[[], None] | None):
         self._owner, self._handle, self._on_close = owner, handle, on_close
         self._counted = self._closed = False
 
@@ -185,7 +185,7 @@ async def result_of(pieces) -> GenerationResult:
     raise GenerationError(ErrorKind.INTERNAL, "the generation ended without a result")
 
 
-class Generations:
+class GenerationLayer:
     """The generation layer of one server process: build, submit, count."""
 
     def __init__(self, loop: EngineLoop, config: ServiceConfig, metrics: Metrics,

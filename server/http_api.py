@@ -21,9 +21,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from loraquilt.server.adapter_admin import AdapterAdmin
-from loraquilt.server.auth import AdminCheck
+from loraquilt.server.auth import BearerCheck
 from loraquilt.server.json_input import JsonInputError, load_json
-from loraquilt.server.generation import ErrorKind, GenerationError, Generations, classify, result_of
+from loraquilt.server.generation import ErrorKind, GenerationError, GenerationLayer, classify, result_of
 from loraquilt.server.openai_protocol import (
     ResponseShape, body_param, error_body, model_card, parse_chat, parse_completion,
 )
@@ -37,8 +37,8 @@ ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/load_lor
 @dataclass(frozen=True)
 class HttpConfig:
     served_model_name: str  # the base model's id in `model` and /v1/models
-    api_key: AdminCheck | None = None  # inference calls need `Authorization: Bearer <key>`
-    admin: AdminCheck | None = None  # load/unload need the admin token
+    api_key: BearerCheck | None = None  # inference calls need `Authorization: Bearer <key>`
+    admin: BearerCheck | None = None  # load/unload need the admin token
 
 
 class HttpFailure(Exception):
@@ -62,7 +62,7 @@ def admin_failure(error: GenerationError) -> HttpFailure:
     return HttpFailure(error.kind.http_status, error.message, param, error.kind.name.lower())
 
 
-def _check_bearer(request: Request, check: AdminCheck | None) -> None:
+def _check_bearer(request: Request, check: BearerCheck | None) -> None:
     """The same decision as the gRPC interceptor's, from the Authorization header."""
     if check is None:
         return
@@ -130,8 +130,8 @@ class LocalBackend:
     """The HTTP API on this process's generation layer and adapter admin (`serve`);
     `serve-ray`'s ingress has its own backend with the same methods (scaleout/)."""
 
-    def __init__(self, generations: Generations, admin: AdapterAdmin):
-        self.generations, self.admin = generations, admin
+    def __init__(self, generation_layer: GenerationLayer, admin: AdapterAdmin):
+        self.generation_layer, self.admin = generation_layer, admin
         self.adapter_root = admin.adapter_root
 
     async def max_model_len(self) -> int:
@@ -141,11 +141,11 @@ class LocalBackend:
         """A generation (async-iterable pieces, `cancel()`), or GenerationError."""
         request = None
         try:
-            request = self.generations.build_request(**fields)
-            await asyncio.to_thread(self.generations.resolve_adapters, request)  # off the event loop
+            request = self.generation_layer.build_request(**fields)
+            await asyncio.to_thread(self.generation_layer.resolve_adapters, request)  # off the event loop
         except Exception as error:
-            raise self.generations.count_failure(error, request) from None
-        return self.generations.open(request, stream=stream, asynchronous=True)
+            raise self.generation_layer.count_failure(error, request) from None
+        return self.generation_layer.open(request, stream=stream, asynchronous=True)
 
     async def adapters(self) -> list[tuple[str, int, Path]]:
         """(name, registration time, folder) of every registered adapter."""

@@ -35,7 +35,7 @@ def bad(param: str, message: str) -> GenerationError:
 
 @dataclass(frozen=True)
 class ParsedBody:
-    """A completions or chat body, ready for `Generations.build_request(**fields)`."""
+    """A completions or chat body, ready for `GenerationLayer.build_request(**fields)`."""
 
     model: str
     fields: dict  # build_request keyword arguments

@@ -10,7 +10,7 @@ from loraquilt.v1 import loraquilt_pb2 as pb
 
 
 def grpc_fields(request: pb.GenerateRequest) -> dict:
-    """A GenerateRequest as the generation layer's fields (`Generations.build_request`);
+    """A GenerateRequest as the generation layer's fields (`GenerationLayer.build_request`);
     proto3's zero values mean "unset" where the proto says so (max_new_tokens, top_p)."""
     return dict(
         prompt=request.prompt, chat=request.chat, adapter=request.adapter or None,

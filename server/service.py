@@ -15,7 +15,7 @@ from __future__ import annotations
 import grpc
 
 from loraquilt.server.adapter_admin import AdapterAdmin
-from loraquilt.server.generation import GenerationError, Generations, classify
+from loraquilt.server.generation import GenerationError, GenerationLayer, classify
 from loraquilt.server.proto_mapping import adapter_info, final_response, grpc_fields, piece_response
 from loraquilt.v1 import loraquilt_pb2 as pb
 from loraquilt.v1 import loraquilt_pb2_grpc as pb_grpc
@@ -26,8 +26,8 @@ def grpc_code(error: GenerationError) -> grpc.StatusCode:
 
 
 class LoraQuiltService(pb_grpc.LoraQuiltServicer):
-    def __init__(self, generations: Generations, admin: AdapterAdmin):
-        self.generations, self.admin = generations, admin
+    def __init__(self, generation_layer: GenerationLayer, admin: AdapterAdmin):
+        self.generation_layer, self.admin = generation_layer, admin
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
         generation = self._open(request, context, stream=False)
@@ -47,13 +47,13 @@ class LoraQuiltService(pb_grpc.LoraQuiltServicer):
     def _open(self, request: pb.GenerateRequest, context: grpc.ServicerContext, stream: bool):
         engine_request = None
         try:
-            engine_request = self.generations.build_request(**grpc_fields(request))
-            self.generations.resolve_adapters(engine_request)
+            engine_request = self.generation_layer.build_request(**grpc_fields(request))
+            self.generation_layer.resolve_adapters(engine_request)
         except Exception as error:  # refused before it ran
-            failure = self.generations.count_failure(error, engine_request)
+            failure = self.generation_layer.count_failure(error, engine_request)
             context.abort(grpc_code(failure), failure.message)
         try:
-            generation = self.generations.open(engine_request, stream=stream)
+            generation = self.generation_layer.open(engine_request, stream=stream)
         except GenerationError as error:
             context.abort(grpc_code(error), error.message)
         context.add_callback(generation.cancel)  # client cancel or deadline: free the sequence

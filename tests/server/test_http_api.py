@@ -156,7 +156,7 @@ def test_default_max_tokens_follow_openai_for_completions_and_the_server_for_cha
     chat = oai.chat.completions.create(model=BASE_ID, temperature=0, messages=[{"role": "user", "content": "Hi"}],
                                        extra_body={"ignore_eos": True})
     assert chat.usage.completion_tokens == NEW_TOKENS  # --default-max-new-tokens
-    assert server.generations.config.default_max_new_tokens == NEW_TOKENS
+    assert server.generation_layer.config.default_max_new_tokens == NEW_TOKENS
 
 
 def test_stop_string_ends_with_finish_reason_stop(oai):

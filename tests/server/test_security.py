@@ -12,7 +12,7 @@ from fixtures_models import build_tiny_model, make_adapter_zoo
 from loraquilt.__main__ import main
 from loraquilt.client import LoraQuiltClient
 from loraquilt.server.app import RunningServer, ServerConfig
-from loraquilt.server.auth import AdminCheck, AuthConfigError, TLSFiles, read_token_file
+from loraquilt.server.auth import AuthConfigError, BearerCheck, TLSFiles, read_token_file
 from loraquilt.server.engine import Engine, EngineConfig
 from loraquilt.server.generation import ServiceConfig
 from loraquilt.server.model.weights import DeviceConfig
@@ -129,7 +129,7 @@ def test_adapter_count_limit(world):
     ((("x-other", "1"), ("authorization", "Bearer " + TOKEN)), None),
 ])
 def test_admin_check_decisions(metadata, code):
-    refusal = AdminCheck.for_token(TOKEN).refusal(metadata)
+    refusal = BearerCheck.for_token(TOKEN).refusal(metadata)
     assert (refusal[0] if refusal else None) == code
 
 
