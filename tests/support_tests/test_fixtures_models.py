@@ -1,5 +1,6 @@
-"""The offline builders in tests/support/fixtures_models.py: tokenizer, tiny models, PEFT
-adapters, and the transformers + bitsandbytes NF4 reference built on them."""
+"""The offline builders in tests/support (fixtures_tokenizer, fixtures_models,
+fixtures_adapters): tokenizer, tiny models, PEFT adapters, and the transformers +
+bitsandbytes NF4 reference built on them."""
 
 from __future__ import annotations
 

@@ -1,0 +1,2 @@
+"""Detokenization: render() and IncrementalDetokenizer, one set of tokenizers (conftest.py)
+for the whole folder."""
