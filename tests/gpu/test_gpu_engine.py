@@ -218,7 +218,7 @@ def _prefill_logits(engine) -> torch.Tensor:
     requests = _requests()
     prompts = [engine.encode(r) for r in requests]
     names = [[name for name, _ in r.adapter_weights] for r in requests]
-    leases = [engine.adapters.acquire(n) if n else None for n in names]
+    leases = [engine.adapters.acquire(n).lease if n else None for n in names]
     try:
         for lease in leases:  # the warm-up batch put every adapter in memory and on the device
             assert lease is None or hasattr(lease, "slots"), f"adapters not resident: {lease!r}"

@@ -128,7 +128,7 @@ def test_prefill_logits_match_within_1e3(setup, reference):
     requests = _requests()
     prompts = [engine.encode(r) for r in requests]
     names = [[name for name, _ in r.adapter_weights] for r in requests]
-    leases = [engine.adapters.acquire(n) if n else None for n in names]
+    leases = [engine.adapters.acquire(n).lease if n else None for n in names]
     slots_per_request = [list(lease.slots) if lease else [] for lease in leases]
     try:
         block_size = engine.cache.block_size

@@ -62,7 +62,7 @@ def test_span_tables_equal_per_token_tables_and_are_reused(base, tmp_path):
     assert [b.token_ids for b in batched] == [s.token_ids for s in singles]
 
     slots = engine.slots
-    lease = engine.adapters.acquire(["a0", "a1"])
+    lease = engine.adapters.acquire(["a0", "a1"]).lease  # both resident after the warm-up
     try:
         a0, a1 = lease.slots
         spans = [LoraSpan(1, ((a0, 1.0),)), LoraSpan(1, ()), LoraSpan(3, ((a1, 0.5), (a0, 0.25)))]
