@@ -31,7 +31,7 @@ from loraquilt.server.model.sources import resolve_model
 from loraquilt.server.model.weights import load_causal_lm
 from loraquilt.server.postprocess import EngineStepError, NonFiniteLogits, Postprocessor
 from loraquilt.server.request import FINISH_CANCELLED, GenerationResult, Request, RequestError, StepOutput
-from loraquilt.server.runner import ModelRunner
+from loraquilt.server.runner import ModelRunner, SampledToken
 from loraquilt.server.scheduler import Admission, Scheduler, SchedulerConfig
 from loraquilt.server.sequence import Sequence
 from loraquilt.server.tokenizer import load_tokenizer, stop_token_ids
@@ -91,7 +91,7 @@ class Engine:
                                         events=events, on_loaded=self._progress.set)
         self.blocks = BlockManager(cache_config.num_blocks, cache_config.block_size, config.prefix_cache)
         self.scheduler = Scheduler(SchedulerConfig.from_engine(config), self.blocks)
-        self.runner = ModelRunner(self.model, self.cache, self.slots)
+        self.runner = ModelRunner(self.model, self.cache, self.slots, end_ids=lambda: self.eos_ids)
         self.postprocessor = Postprocessor(self.tokenizer, eos_ids, self.max_seq_len)
         self._lock = threading.RLock()
         self._aborted: set[str] = set()
@@ -146,6 +146,12 @@ class Engine:
             raise RequestError(
                 "prompt", f"{len(prompt_ids)} tokens; the context holds {self.max_seq_len} tokens "
                 "including at least one generated token")
+        vocab = self.model.config.vocab_size
+        sampling = request.sampling
+        for field_name, ids in (("logit_bias", [token for token, _ in sampling.logit_bias]),
+                                ("stop_token_ids", sampling.stop_token_ids)):
+            if any(token >= vocab for token in ids):
+                raise RequestError(field_name, f"token ids must be below the vocabulary size {vocab}")
         for name, _ in request.adapter_weights:
             self.adapters.get(name)  # UnknownAdapter now rather than at admission
         sequence = Sequence(request=request, prompt_ids=prompt_ids)
@@ -194,7 +200,7 @@ class Engine:
             outputs += self._postprocess(plan.sequences, tokens)
         return outputs
 
-    def _postprocess(self, sequences: tuple[Sequence, ...], tokens: list[int | None]) -> list[StepOutput]:
+    def _postprocess(self, sequences: tuple[Sequence, ...], tokens: list[SampledToken | None]) -> list[StepOutput]:
         """The step's tokens into the sequences; filled blocks sealed; finished ones released."""
         outputs = []
         for seq, token in zip(sequences, tokens):
@@ -205,7 +211,9 @@ class Engine:
                 if not seq.finished:
                     outputs.append(self.postprocessor.non_finite(seq))
                 continue
-            seq.append_token(token)
+            seq.append_token(token.token_id)
+            if token.logprob is not None:
+                seq.output_logprobs.append(self.postprocessor.with_texts(token.logprob))
             if not seq.finished:  # an abort may have landed during the forward
                 outputs.append(self.postprocessor.on_token(seq))
         self.scheduler.after_step(seq for seq in sequences if not seq.scrub_cache)

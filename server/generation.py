@@ -26,6 +26,10 @@ from loraquilt.server.scheduler import QueueFull
 
 
 
+PROCESSING_FIELDS = frozenset({"logit_bias", "min_tokens", "repetition_penalty", "presence_penalty",
+                               "frequency_penalty", "min_p", "stop_token_ids", "logprobs"})
+
+
 class ErrorKind(enum.Enum):
     """Why a call failed. The member name is the gRPC status code; `http_status` the HTTP
     status (values are (gRPC code number, HTTP status), so no two members alias)."""
@@ -98,6 +102,7 @@ class Piece:
     text: str
     token_ids: tuple[int, ...]
     result: GenerationResult | None = None
+    logprobs: tuple = ()  # TokenLogprob per token of token_ids, when the request asked for them
 
 
 class Generation:
@@ -123,9 +128,9 @@ class Generation:
         if output.finished is not None:
             self._counted = True
             self._owner.count_result(output.finished, self._handle.request)
-            return Piece(output.new_text, tuple(output.new_token_ids), output.finished)
+            return Piece(output.new_text, tuple(output.new_token_ids), output.finished, tuple(output.new_logprobs))
         if output.new_text or output.new_token_ids:
-            return Piece(output.new_text, tuple(output.new_token_ids))
+            return Piece(output.new_text, tuple(output.new_token_ids), logprobs=tuple(output.new_logprobs))
         return None
 
     def _close(self) -> None:
@@ -206,15 +211,21 @@ class GenerationLayer:
                       chat: bool = False, adapter: str | None = None,
                       mix: tuple[tuple[str, float], ...] = (), max_new_tokens: int | None = None,
                       temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                      stop: tuple[str, ...] = (), ignore_eos: bool = False) -> Request:
+                      stop: tuple[str, ...] = (), ignore_eos: bool = False, **processing) -> Request:
         """The engine Request for these fields (its types check the values; RequestError
-        names the first bad field); this layer adds the server's own limits."""
+        names the first bad field); this layer adds the server's own limits. `processing`:
+        SamplingParams' logits-processing and log-probability fields (logit_bias, min_tokens,
+        repetition_penalty, presence_penalty, frequency_penalty, min_p, stop_token_ids,
+        logprobs)."""
+        unknown = set(processing) - PROCESSING_FIELDS
+        if unknown:
+            raise TypeError(f"build_request() got unexpected fields {sorted(unknown)}")
         max_new = self.config.default_max_new_tokens if max_new_tokens is None else max_new_tokens
         if isinstance(max_new, int) and not isinstance(max_new, bool) and max_new > self.config.max_new_tokens_limit:
             raise RequestError("max_new_tokens", f"{max_new} is over this server's limit of "
                                                  f"{self.config.max_new_tokens_limit}")
         sampling = SamplingParams(max_new_tokens=max_new, temperature=temperature, top_p=top_p, top_k=top_k,
-                                  seed=seed, stop=tuple(stop), ignore_eos=ignore_eos)
+                                  seed=seed, stop=tuple(stop), ignore_eos=ignore_eos, **processing)
         return Request(prompt=prompt, messages=messages, chat=chat, adapter=adapter or None, mix=tuple(mix),
                        sampling=sampling)
 

@@ -206,7 +206,7 @@ def build_app(backend, config: HttpConfig, http_requests=None, is_serving=lambda
             generation = await backend.open(parsed.fields, parsed.stream)
         except GenerationError as error:
             raise failure_of(error, chat) from None
-        shape = ResponseShape(chat, parsed.model)
+        shape = ResponseShape(chat, parsed.model, logprobs=parsed.fields.get("logprobs") is not None)
         if parsed.stream:
             return StreamingResponse(_events(generation, shape, parsed.include_usage, chat),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -269,14 +269,14 @@ async def _events(generation, shape: ResponseShape, include_usage: bool, chat: b
     try:
         async for piece in generation:
             if piece.result is not None:
-                if piece.text or first:
-                    yield _sse(shape.chunk(piece.text, first=first))
+                if piece.text or first or piece.logprobs:
+                    yield _sse(shape.chunk(piece.text, first=first, logprobs=piece.logprobs))
                     first = False
                 yield _sse(shape.chunk("", piece.result))
                 if include_usage:
                     yield _sse(shape.usage_chunk(piece.result))
-            elif piece.text or first:
-                yield _sse(shape.chunk(piece.text, first=first))
+            elif piece.text or first or piece.logprobs:  # a token held back from the text still has its logprob
+                yield _sse(shape.chunk(piece.text, first=first, logprobs=piece.logprobs))
                 first = False
     except GenerationError as error:
         failure = failure_of(error, chat)

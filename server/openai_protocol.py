@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraquilt.server.generation import ErrorKind, GenerationError
-from loraquilt.server.request import FINISH_CANCELLED, FINISH_LENGTH, GenerationResult
+from loraquilt.server.request import FINISH_CANCELLED, FINISH_LENGTH, MAX_LOGPROBS, GenerationResult
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's completions API
 OPENAI_DEFAULT_TEMPERATURE = 1.0
@@ -104,8 +104,6 @@ def _common(body: dict, base_model: str, max_tokens: int | None) -> tuple[str, d
         raise bad("n", f"only n=1 is supported (one choice per request), got {n!r}")
     if body.get("best_of") not in (None, 1):
         raise bad("best_of", "only best_of=1 is supported")
-    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
-        raise bad("logprobs", "log probabilities are not supported")
     if body.get("echo"):
         raise bad("echo", "echo is not supported")
     if body.get("suffix"):
@@ -124,7 +122,57 @@ def _common(body: dict, base_model: str, max_tokens: int | None) -> tuple[str, d
     )
     if fields["top_k"] == -1:  # vLLM's "off"
         fields["top_k"] = 0
-    return model, fields
+    return model, {**fields, **_processing(body)}
+
+
+def _processing(body: dict) -> dict:
+    """The logits-processing fields (OpenAI's penalties and logit_bias, vLLM's extras);
+    their ranges are the engine's checks (SamplingParams)."""
+    fields = {}
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
+        if body.get(name) is not None:
+            fields[name] = _number(body, name, 0.0)
+    if body.get("min_tokens") is not None:
+        fields["min_tokens"] = _typed(body, "min_tokens", (int,), 0, "an integer")
+    ids = body.get("stop_token_ids")
+    if ids is not None:
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise bad("stop_token_ids", "must be a list of token ids (integers)")
+        fields["stop_token_ids"] = tuple(ids)
+    bias = body.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, dict):
+            raise bad("logit_bias", 'must be an object mapping token ids to biases, e.g. {"50256": -100}')
+        entries = []
+        for key, value in bias.items():
+            if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 10):
+                raise bad("logit_bias", f"keys must be token ids written as decimal strings, got {key[:20]!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise bad("logit_bias", f"the bias of token {key} must be a number")
+            entries.append((int(key), _as_float(value, "logit_bias")))
+        fields["logit_bias"] = tuple(entries)
+    return fields
+
+
+def _completion_logprobs(body: dict) -> int | None:
+    """completions' `logprobs`: the number of alternatives per token (0 = the token's own only)."""
+    count = body.get("logprobs")
+    if count is None:
+        return None
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}] (alternatives per token)")
+    return count
+
+
+def _chat_logprobs(body: dict) -> int | None:
+    """chat's `logprobs: true` with `top_logprobs: k`."""
+    wanted = _typed(body, "logprobs", (bool,), False, "a boolean")
+    top = body.get("top_logprobs")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int)):
+        raise bad("top_logprobs", f"must be an integer in [0, {MAX_LOGPROBS}]")
+    if top and not wanted:
+        raise bad("top_logprobs", "needs logprobs: true")
+    return (top or 0) if wanted else None
 
 
 def _stream_flags(body: dict) -> tuple[bool, bool]:
@@ -145,7 +193,8 @@ def parse_completion(body: dict, base_model: str) -> ParsedBody:
     max_tokens = _typed(body, "max_tokens", (int,), COMPLETIONS_DEFAULT_MAX_TOKENS, "an integer")
     model, fields = _common(body, base_model, max_tokens)
     stream, include_usage = _stream_flags(body)
-    return ParsedBody(model, {**fields, "prompt": prompt}, stream, include_usage)
+    return ParsedBody(model, {**fields, "prompt": prompt, "logprobs": _completion_logprobs(body)}, stream,
+                      include_usage)
 
 
 def _message_text(content, index: int) -> str:
@@ -180,7 +229,8 @@ def parse_chat(body: dict, base_model: str) -> ParsedBody:
         max_tokens = _typed(body, "max_tokens", (int,), None, "an integer")  # None: the server's default
     model, fields = _common(body, base_model, max_tokens)
     stream, include_usage = _stream_flags(body)
-    return ParsedBody(model, {**fields, "messages": tuple(parsed)}, stream, include_usage)
+    return ParsedBody(model, {**fields, "messages": tuple(parsed), "logprobs": _chat_logprobs(body)}, stream,
+                      include_usage)
 
 
 def body_param(error: GenerationError, chat: bool) -> str | None:
@@ -201,36 +251,61 @@ def finish_reason(result: GenerationResult) -> str:
 
 def usage(result: GenerationResult) -> dict:
     return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens}
+            "total_tokens": result.prompt_tokens + result.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": result.cached_tokens}}
 
 
 class ResponseShape:
     """The objects of one response (completion or chat), sharing an id and a timestamp."""
 
-    def __init__(self, chat: bool, model: str):
-        self.chat, self.model = chat, model
+    def __init__(self, chat: bool, model: str, logprobs: bool = False):
+        """logprobs: the request asked for log probabilities (else the field is null)."""
+        self.chat, self.model, self.logprobs = chat, model, logprobs
         self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
+        self._text_offset = 0  # completions: characters of the tokens already sent
+
+    def _logprobs(self, entries) -> dict | None:
+        """OpenAI's logprobs object for these tokens (chat: `content` entries with bytes;
+        completions: parallel lists with text offsets)."""
+        if not self.logprobs:
+            return None
+        if self.chat:
+            return {"content": [{"token": e.text, "logprob": e.logprob, "bytes": list(e.text.encode()),
+                                 "top_logprobs": [{"token": text, "logprob": value, "bytes": list(text.encode())}
+                                                  for (_, value), text in zip(e.top, e.top_texts)]}
+                                for e in entries]}
+        offsets = []
+        for entry in entries:
+            offsets.append(self._text_offset)
+            self._text_offset += len(entry.text)
+        return {"tokens": [e.text for e in entries], "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{**{text: value for (_, value), text in zip(e.top, e.top_texts)}, e.text: e.logprob}
+                                 for e in entries],
+                "text_offset": offsets}
 
     def _envelope(self, obj: str, choices: list, **extra) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "choices": choices, **extra}
 
     def whole(self, result: GenerationResult) -> dict:
-        choice = {"index": 0, "finish_reason": finish_reason(result), "logprobs": None}
+        choice = {"index": 0, "finish_reason": finish_reason(result), "logprobs": self._logprobs(result.logprobs)}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": result.text}
             return self._envelope("chat.completion", [choice], usage=usage(result))
         choice["text"] = result.text
         return self._envelope("text_completion", [choice], usage=usage(result))
 
-    def chunk(self, text: str, result: GenerationResult | None = None, first: bool = False) -> dict:
+    def chunk(self, text: str, result: GenerationResult | None = None, first: bool = False,
+              logprobs=()) -> dict:
+        """One streamed piece: its text and the log probabilities of its tokens (when asked)."""
         reason = None if result is None else finish_reason(result)
+        entries = self._logprobs(logprobs)
         if self.chat:
             delta = {"role": "assistant", "content": text} if first else {"content": text}
-            choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+            choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": entries}
             return self._envelope("chat.completion.chunk", [choice])
-        choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+        choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": entries}
         return self._envelope("text_completion", [choice])
 
     def usage_chunk(self, result: GenerationResult) -> dict:

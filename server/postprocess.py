@@ -5,8 +5,10 @@ failed and cancelled sequences. No torch, no scheduling."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from loraquilt.server.detokenizer import IncrementalDetokenizer
+from loraquilt.server.logits_processing import TokenLogprob
 from loraquilt.server.request import (
     FINISH_EOS, FINISH_LENGTH, FINISH_STOP, GenerationResult, StepOutput,
 )
@@ -34,6 +36,9 @@ class Postprocessor:
         if not params.ignore_eos and token in self.eos_ids:
             seq.finish_reason = FINISH_EOS
             text_ids = ()  # the end-of-sequence token is not part of the text
+        elif token in params.stop_token_ids:
+            seq.finish_reason = FINISH_STOP
+            text_ids = ()  # nor is a stop token
         elif len(seq.output_ids) >= params.max_new_tokens or seq.num_tokens >= self.max_seq_len:
             seq.finish_reason = FINISH_LENGTH
         if seq.detokenizer is None:
@@ -44,7 +49,14 @@ class Postprocessor:
             if not seq.finished:
                 new_text += detokenizer.add((), final=True)
             seq.finish_reason = FINISH_STOP
-        return StepOutput(seq.request_id, new_text, (token,), self.result(seq) if seq.finished else None)
+        logprobs = (seq.output_logprobs[-1],) if params.logprobs is not None and seq.output_logprobs else ()
+        return StepOutput(seq.request_id, new_text, (token,), self.result(seq) if seq.finished else None,
+                          new_logprobs=logprobs)
+
+    def with_texts(self, entry: TokenLogprob) -> TokenLogprob:
+        """The entry with its token and alternatives decoded, each on its own."""
+        texts = self.tokenizer.batch_decode([[entry.token_id], *[[token] for token, _ in entry.top]])
+        return replace(entry, text=texts[0], top_texts=tuple(texts[1:]))
 
     def non_finite(self, seq: Sequence) -> StepOutput:
         weights = seq.request.adapter_weights
@@ -62,4 +74,5 @@ class Postprocessor:
             finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt_ids),
             completion_tokens=len(seq.output_ids),
             queue_seconds=(seq.admitted_time or time.monotonic()) - seq.arrival_time,
+            cached_tokens=seq.num_cached_tokens, logprobs=tuple(seq.output_logprobs),
         )

@@ -19,24 +19,41 @@ def grpc_fields(request: pb.GenerateRequest) -> dict:
         top_p=request.top_p if request.top_p != 0 else 1.0, top_k=request.top_k,
         seed=request.seed if request.HasField("seed") else None, stop=tuple(request.stop),
         ignore_eos=request.ignore_eos,
+        logit_bias=tuple(sorted(request.logit_bias.items())), min_tokens=request.min_tokens,
+        repetition_penalty=request.repetition_penalty or 1.0, presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty, min_p=request.min_p,
+        stop_token_ids=tuple(request.stop_token_ids),
+        logprobs=request.logprobs if request.HasField("logprobs") else None,
     )
 
 
-def final_response(result: GenerationResult, text: str | None = None, token_ids=None) -> pb.GenerateResponse:
+def token_logprobs(entries) -> list[pb.TokenLogprob]:
+    """TokenLogprob messages of the engine's (logits_processing.TokenLogprob) entries."""
+    return [pb.TokenLogprob(token_id=entry.token_id, logprob=entry.logprob, text=entry.text,
+                            top=[pb.TopLogprob(token_id=token, logprob=value, text=text)
+                                 for (token, value), text in zip(entry.top, entry.top_texts)])
+            for entry in entries]
+
+
+def final_response(result: GenerationResult, text: str | None = None, token_ids=None,
+                   logprobs=None) -> pb.GenerateResponse:
     """The last GenerateResponse: the whole text (unary) or the last piece (stream), with counts."""
     return pb.GenerateResponse(
         text=result.text if text is None else text,
         token_ids=list(result.token_ids if token_ids is None else token_ids),
         finish_reason=result.finish_reason, prompt_tokens=result.prompt_tokens,
         completion_tokens=result.completion_tokens,
+        logprobs=token_logprobs(result.logprobs if logprobs is None else logprobs),
+        cached_tokens=result.cached_tokens,
     )
 
 
 def piece_response(piece) -> pb.GenerateResponse:
     """One streamed piece (`generation.Piece`): text and token ids; the last carries the counts."""
     if piece.result is not None:
-        return final_response(piece.result, piece.text, piece.token_ids)
-    return pb.GenerateResponse(text=piece.text, token_ids=list(piece.token_ids))
+        return final_response(piece.result, piece.text, piece.token_ids, piece.logprobs)
+    return pb.GenerateResponse(text=piece.text, token_ids=list(piece.token_ids),
+                               logprobs=token_logprobs(piece.logprobs))
 
 
 def adapter_info(record: AdapterRecord) -> pb.AdapterInfo:

@@ -12,6 +12,9 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_MIX_WEIGHT = 1000.0  # |weight| of one adapter in a mix; far past any useful composition
 MAX_MIX = 8  # adapters in one mix
+MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's bound)
+MAX_LOGIT_BIAS = 300  # entries of one request's logit_bias (OpenAI's bound)
+MAX_STOP_TOKEN_IDS = 64
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _ids = itertools.count()
 
@@ -22,6 +25,10 @@ def new_request_id() -> str:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_token_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31
 
 
 def shown(text: str, limit: int = 40) -> str:
@@ -62,8 +69,23 @@ class SamplingParams:
     seed: int | None = None  # None = fresh randomness; same seed -> same output
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # -- logits processing (server/logits_processing.py), applied in this order per row
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), each in [-100, 100]
+    min_tokens: int = 0  # end-of-sequence and stop_token_ids are masked until this many were generated
+    repetition_penalty: float = 1.0  # > 0; 1 = off: logits of prompt and output tokens divided (>0) / multiplied
+    presence_penalty: float = 0.0  # [-2, 2]: subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # [-2, 2]: subtracted per time a token was generated
+    min_p: float = 0.0  # [0, 1]: sampling drops tokens below min_p x the top probability
+    stop_token_ids: tuple[int, ...] = ()  # a generated one ends the request (finish "stop")
+    # -- log probabilities, of the model's raw logits (before the processing above)
+    logprobs: int | None = None  # None: none; k: each generated token's and its top-k alternatives'
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
 
     def __post_init__(self) -> None:
+        self._check_sampling()
+        self._check_processing()
+
+    def _check_sampling(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise RequestError("max_new_tokens", f"must be an integer >= 1, got {self.max_new_tokens!r}")
         if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
@@ -85,6 +107,41 @@ class SamplingParams:
             if not isinstance(text, str) or not text or len(text) > MAX_STOP_CHARS:
                 raise RequestError("stop", f"stop strings must be 1..{MAX_STOP_CHARS} characters")
             check_text("stop", text)
+
+    def _check_processing(self) -> None:
+        for name, low, high in (("presence_penalty", -2.0, 2.0), ("frequency_penalty", -2.0, 2.0),
+                                ("min_p", 0.0, 1.0)):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or not low <= value <= high:
+                raise RequestError(name, f"must be a number in [{low:g}, {high:g}], got {value!r}")
+        if not _is_number(self.repetition_penalty) or not math.isfinite(self.repetition_penalty) \
+                or not 0 < self.repetition_penalty <= 100:
+            raise RequestError("repetition_penalty", f"must be in (0, 100], got {self.repetition_penalty!r}")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) \
+                or not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise RequestError("min_tokens", f"must be an integer in [0, max_new_tokens], got {self.min_tokens!r}")
+        object.__setattr__(self, "logit_bias", tuple(self.logit_bias))
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise RequestError("logit_bias", f"at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}")
+        for entry in self.logit_bias:
+            token, bias = entry if isinstance(entry, tuple) and len(entry) == 2 else (None, None)
+            if not _is_token_id(token) or not _is_number(bias) or not -100 <= bias <= 100:
+                raise RequestError("logit_bias", f"entries map a token id (>= 0) to a bias in [-100, 100], "
+                                                 f"got {entry!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS or not all(map(_is_token_id, self.stop_token_ids)):
+            raise RequestError("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} token ids (integers >= 0)")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value <= MAX_LOGPROBS):
+                raise RequestError(name, f"must be an integer in [0, {MAX_LOGPROBS}] or unset, got {value!r}")
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether any logits processing applies to this request's rows."""
+        return bool(self.logit_bias or self.min_tokens or self.repetition_penalty != 1.0
+                    or self.presence_penalty or self.frequency_penalty)
 
     @property
     def greedy(self) -> bool:
@@ -159,6 +216,8 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     queue_seconds: float = 0.0  # arrival to admission into the running batch
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (at the last admission)
+    logprobs: tuple = ()  # TokenLogprob per generated token, when the request asked for them
 
 
 @dataclass(frozen=True)
@@ -169,4 +228,5 @@ class StepOutput:
     new_text: str
     new_token_ids: tuple[int, ...]
     finished: GenerationResult | None = None
+    new_logprobs: tuple = ()  # TokenLogprob of each new token, when the request asked for them
     error: Exception | None = None  # the request failed; no result follows

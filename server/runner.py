@@ -5,9 +5,13 @@ scheduler's call, which adapter slots they use is the registry's."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 from loraquilt.server.adapters.slots import LoraSlots, LoraSpan
+from loraquilt.server.logits_processing import RowHistory, TokenLogprob, process_logits, raw_logprobs
 from loraquilt.server.model.batch import build_forward_batch
 from loraquilt.server.model.kv_cache import KVCache
 from loraquilt.server.model.llama import CausalLM
@@ -15,11 +19,21 @@ from loraquilt.server.sampler import new_generator, sample_next_tokens
 from loraquilt.server.sequence import Sequence
 
 
-class ModelRunner:
-    def __init__(self, model: CausalLM, cache: KVCache, slots: LoraSlots):
-        self.model, self.cache, self.slots = model, cache, slots
+@dataclass(frozen=True)
+class SampledToken:
+    token_id: int
+    logprob: TokenLogprob | None = None  # when the request asked for log probabilities
 
-    def execute(self, decodes: tuple[Sequence, ...], prefills: tuple[Sequence, ...]) -> list[int | None]:
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, cache: KVCache, slots: LoraSlots,
+                 end_ids: Callable[[], frozenset[int]] = frozenset):
+        """end_ids: the model's end-of-sequence ids (masked while a request's min_tokens
+        are not reached)."""
+        self.model, self.cache, self.slots = model, cache, slots
+        self.end_ids = end_ids
+
+    def execute(self, decodes: tuple[Sequence, ...], prefills: tuple[Sequence, ...]) -> list[SampledToken | None]:
         """One forward over every sequence; returns the next token of each, decodes first.
         None for a sequence that gets no token this step: a chunk that does not reach its
         last token (no logits are computed for it and its random stream is not touched), or
@@ -29,12 +43,12 @@ class ModelRunner:
         # as one contiguous slice (no gather of x, no scatter into y)
         order = sorted(range(len(decodes)), key=lambda i: decodes[i].adapter_slots)
         tokens = self._execute(tuple(decodes[i] for i in order), prefills)
-        result: list[int | None] = [None] * len(decodes)
+        result: list[SampledToken | None] = [None] * len(decodes)
         for position, index in enumerate(order):
             result[index] = tokens[position]
         return result + tokens[len(decodes):]
 
-    def _execute(self, decodes: tuple[Sequence, ...], prefills: tuple[Sequence, ...]) -> list[int | None]:
+    def _execute(self, decodes: tuple[Sequence, ...], prefills: tuple[Sequence, ...]) -> list[SampledToken | None]:
         """`execute` on decodes in the order given."""
         sequences = decodes + prefills
         prefill_tokens = [seq.next_input() for seq in prefills]
@@ -63,18 +77,22 @@ class ModelRunner:
         for seq in sampled:
             if seq.generator is None and not seq.request.sampling.greedy:
                 seq.generator = new_generator(seq.request.sampling.seed)
-        tokens = iter(sample_next_tokens(
-            logits, [seq.request.sampling for seq in sampled],
-            [seq.generator if ok else None for seq, ok in zip(sampled, finite)],
-        ))
-        ok_rows = iter(finite)
-        result: list[int | None] = []
+        params = [seq.request.sampling for seq in sampled]
+        tops = [param.logprobs for param in params]
+        raw = logits  # log probabilities are of the model's own logits
+        if any(param.processes_logits for param in params):  # on a copy (the forward's output is read-only)
+            logits = process_logits(logits.clone(), [RowHistory(seq.request.sampling, seq.prompt_ids, seq.output_ids)
+                                                     for seq in sampled], self.end_ids())
+        chosen = sample_next_tokens(logits, params, [seq.generator if ok else None for seq, ok in zip(sampled, finite)])
+        logprobs = iter(raw_logprobs(raw, chosen, [top if ok else None for top, ok in zip(tops, finite)]))
+        tokens, ok_rows = iter(chosen), iter(finite)
+        result: list[SampledToken | None] = []
         for wanted in sampling:
             if not wanted:
                 result.append(None)
                 continue
-            token, ok = next(tokens), next(ok_rows)
-            result.append(token if ok else None)
+            token, ok, logprob = next(tokens), next(ok_rows), next(logprobs)
+            result.append(SampledToken(token, logprob) if ok else None)
         return result
 
     def _begin_lora(self, decodes, prefills, prefill_tokens: list[list[int]]) -> LoraSlots | None:

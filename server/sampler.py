@@ -1,4 +1,4 @@
-"""Next-token choice per row: greedy, or temperature / top-k / top-p with a per-request
+"""Next-token choice per row: greedy, or temperature / min-p / top-k / top-p with a per-request
 random stream, so a seeded request draws the same tokens whatever batch it runs in.
 
 The stream is Python's Mersenne Twister seeded with the full 64-bit seed (torch's CPU
@@ -39,6 +39,9 @@ def _sample_row(logits: torch.Tensor, param: SamplingParams, generator: random.R
     """logits: [vocab]"""
     # float64 and shifted by the max: a tiny temperature tends to greedy instead of overflowing
     scores = (logits.double() - logits.max().double()) / param.temperature
+    if param.min_p > 0:  # tokens less likely than min_p x the most likely one are dropped
+        probs = torch.softmax(scores, dim=-1)
+        scores = scores.masked_fill(probs < param.min_p * probs.max(), float("-inf"))
     if param.top_k and param.top_k < scores.numel():
         kth = torch.topk(scores, param.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))

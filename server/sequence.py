@@ -30,6 +30,7 @@ class Sequence:
     num_computed_tokens: int = 0  # leading tokens whose KV is in the cache
     num_scheduled_tokens: int = 0  # tokens of this step's chunk (set by the scheduler)
     num_cached_tokens: int = 0  # leading prompt tokens found in the prefix cache at the last admission
+    output_logprobs: list = field(default_factory=list)  # TokenLogprob per output token, when asked for
     preemptions: int = 0  # times its blocks were taken back and its tokens recomputed
     finish_reason: str | None = None
     error: Exception | None = None  # why it was rejected or failed, if it was
