@@ -148,6 +148,8 @@ class Engine:
                 "including at least one generated token")
         vocab = self.model.config.vocab_size
         sampling = request.sampling
+        if sampling.prompt_logprobs is not None:
+            raise RequestError("prompt_logprobs", "prompt log probabilities are not supported yet")
         for field_name, ids in (("logit_bias", [token for token, _ in sampling.logit_bias]),
                                 ("stop_token_ids", sampling.stop_token_ids)):
             if any(token >= vocab for token in ids):

@@ -27,7 +27,7 @@ from loraquilt.server.scheduler import QueueFull
 
 
 PROCESSING_FIELDS = frozenset({"logit_bias", "min_tokens", "repetition_penalty", "presence_penalty",
-                               "frequency_penalty", "min_p", "stop_token_ids", "logprobs"})
+                               "frequency_penalty", "min_p", "stop_token_ids", "logprobs", "prompt_logprobs"})
 
 
 class ErrorKind(enum.Enum):

@@ -5,13 +5,19 @@ records out. No wire I/O, no validation (the request types own it)."""
 from __future__ import annotations
 
 from loraquilt.server.adapters.registry import AdapterRecord
-from loraquilt.server.request import GenerationResult
+from loraquilt.server.request import GenerationResult, RequestError
 from loraquilt.v1 import loraquilt_pb2 as pb
 
 
 def grpc_fields(request: pb.GenerateRequest) -> dict:
     """A GenerateRequest as the generation layer's fields (`GenerationLayer.build_request`);
-    proto3's zero values mean "unset" where the proto says so (max_new_tokens, top_p)."""
+    proto3's zero values mean "unset" where the proto says so (max_new_tokens, top_p).
+    RequestError for a field this server does not serve yet."""
+    for name in ("json_schema", "json_object", "regex", "grammar"):
+        if getattr(request, name):
+            raise RequestError(name, "structured output is not supported yet")
+    if request.n > 1:
+        raise RequestError("n", f"only one choice per request is supported, got n={request.n}")
     return dict(
         prompt=request.prompt, chat=request.chat, adapter=request.adapter or None,
         mix=tuple((entry.name, entry.weight) for entry in request.adapters),
@@ -24,6 +30,7 @@ def grpc_fields(request: pb.GenerateRequest) -> dict:
         frequency_penalty=request.frequency_penalty, min_p=request.min_p,
         stop_token_ids=tuple(request.stop_token_ids),
         logprobs=request.logprobs if request.HasField("logprobs") else None,
+        prompt_logprobs=request.prompt_logprobs if request.HasField("prompt_logprobs") else None,
     )
 
 
