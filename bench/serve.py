@@ -8,6 +8,7 @@ over gRPC; the peers run in this process. All get the same prompts, adapters (se
 folders), greedy decoding and exactly T new tokens per request. The KV-cache scenarios
 (`prefix`, `high_concurrency`: see `serve_kv`) compare pairs of float32 servers of their own.
 With `--peers`, vLLM and llama.cpp run the throughput scenarios too (see `bench/peers`).
+`structured` (see `serve_structured`) runs on a server of its own.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class BenchConfig:
     concurrency_new_tokens: int = 64  # prompt + new <= 128 positions per request
     concurrency_cache_positions: int = 1024  # the KV pool of both servers: 32 sequences of this many positions
     concurrency_max_seq_len: int = 256
+    structured_requests: int = 24  # `structured`: requests on distinct adapters, every other one with a JSON schema
+    structured_new_tokens: int = 128  # their max_tokens (the unconstrained rows generate exactly this many)
     seed: int = 0
 
     @classmethod
@@ -181,6 +184,9 @@ def run_bench(model: str | None, config: BenchConfig, workdir: Path, quick: bool
     if wanted & set(KV_SCENARIOS):
         _run_kv_scenarios(config, wanted, model_folder, root, heavy, tokenizer, prompts[0], scenarios)
 
+    if "structured" in wanted:
+        _run_structured_scenario(config, model_folder, root, heavy, prompts, scenarios)
+
     accuracy = {}
     if "accuracy" in wanted:
         from loraquilt.bench.accuracy import bf16_vs_fp32
@@ -260,6 +266,21 @@ def _run_kv_scenarios(config: BenchConfig, wanted: set[str], model_folder: Path,
             prompt_tokens=config.concurrency_prompt_tokens, new_tokens=config.concurrency_new_tokens,
             cache_positions=config.concurrency_cache_positions, max_seq_len=config.concurrency_max_seq_len,
             repeats=config.repeats, seed=config.seed + 8, warm_prompt=warm_prompt, progress=_progress)
+
+
+def _run_structured_scenario(config: BenchConfig, model_folder: Path, root: Path, heavy: list[Path],
+                             prompts: list[str], scenarios: dict) -> None:
+    """`structured` (bench/serve_structured.py), on one server of its own."""
+    from loraquilt.bench import serve_kv
+    from loraquilt.bench.serve_structured import run_structured
+    from loraquilt.bench.serve_systems import LQ
+
+    settings = serve_kv.ServerSettings(model_folder, root, config.max_active_adapters,
+                                       max(256, 2 * config.batch))
+    scenarios["structured"][LQ] = run_structured(
+        settings, {f"heavy-{index}": folder for index, folder in enumerate(heavy)},
+        requests=config.structured_requests, prompts=prompts, new_tokens=config.structured_new_tokens,
+        repeats=config.repeats, progress=_progress)
 
 
 def _link_many(folder: Path, pool: list[Path], count: int) -> list[Path]:

@@ -95,6 +95,7 @@ def ratios(scenarios: dict) -> dict:
     half = scenarios.get("latency", {}).get(LQ, {}).get("50pct", {})
     prefix = scenarios.get("prefix", {}).get(LQ, {})
     on, off = prefix.get("cache_on", {}), prefix.get("cache_off", {})
+    structured = scenarios.get("structured", {}).get(LQ, {})
     crowd = scenarios.get("high_concurrency", {}).get(LQ, {})
     return {
         **pair("", LQ, PEFT),
@@ -108,6 +109,8 @@ def ratios(scenarios: dict) -> dict:
         "prefix_ttft_p50_on_over_off": ratio(on.get("ttft_p50_ms"), off.get("ttft_p50_ms")),
         "prefix_tokens_per_s_on_over_off": ratio(on.get("tokens_per_s"), off.get("tokens_per_s")),
         "high_concurrency_over_slots32": ratio(crowd.get("tokens_per_s"), crowd.get("slots32_tokens_per_s")),
+        "structured_over_unconstrained": ratio(structured.get("tokens_per_s"),
+                                               structured.get("unconstrained_tokens_per_s")),
         **engine_ratios(scenarios),  # per throughput scenario: {"loraquilt_auto_vs_vllm": ..., ...}
     }
 
@@ -174,6 +177,12 @@ def print_table(results: dict) -> None:
         rows.append((f"high_concurrency tok/s paged/32 slots ({crowd['requests']} req)",
                      f"{crowd['tokens_per_s']:.1f}/{crowd['slots32_tokens_per_s']:.1f}", "-",
                      ratio(crowd["tokens_per_s"], crowd["slots32_tokens_per_s"]), "-", "-", "-", "-"))
+    structured = scenarios.get("structured", {}).get(LQ, {})
+    if structured:
+        rows.append((f"structured tok/s with/without ({structured['constrained_requests']} of "
+                     f"{structured['requests']} req, valid {structured['structured_valid_fraction']:.0%})",
+                     f"{structured['tokens_per_s']:.1f}/{structured['unconstrained_tokens_per_s']:.1f}", "-",
+                     ratio(structured["tokens_per_s"], structured["unconstrained_tokens_per_s"]), "-", "-", "-", "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))

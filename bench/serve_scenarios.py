@@ -16,7 +16,8 @@ from loraquilt.bench.serve_systems import LQ, LQ_AUTO, PEERS, PEFT_DEFAULT, Syst
 THROUGHPUT = ("distinct", "same", "base", "recipe_distinct", "recipe_same")
 OTHER = ("sequential", "many", "hotload", "latency", "accuracy", "prefix", "high_concurrency")
 KV_SCENARIOS = ("prefix", "high_concurrency")  # bench/serve_kv.py: servers of their own
-SCENARIOS = THROUGHPUT + OTHER
+STRUCTURED_SCENARIOS = ("structured",)  # bench/serve_structured.py: one server of its own
+SCENARIOS = THROUGHPUT + OTHER + STRUCTURED_SCENARIOS
 
 Progress = Callable[[str], None]
 PEER_WARMUP_ROWS = 4

@@ -119,6 +119,7 @@ class LoraQuiltReplica:
         engine_request = None
         try:
             engine_request = self.generation_layer.build_request(**fields)  # bad fields first, as `serve`
+            await asyncio.to_thread(self.generation_layer.compile_constraint, engine_request)
             key = key_for(engine_request.adapter, (name for name, _ in engine_request.mix))
             names = key_members(key)
             if names:

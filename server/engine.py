@@ -11,6 +11,11 @@ disk is read by the registry's loader thread while its request waits (running ro
 stepping; requests behind it whose adapters are in memory may go first). A long prompt
 is prefilled in chunks of at most `max_prefill_tokens` per step beside the decodes; only
 the step that completes it samples a token.
+
+A constrained request (structured output) gets its matcher in add_request, where its
+constraint is compiled (or found in the cache) off the engine lock; an invalid one is a
+RequestError before anything is queued. Each step's masks are computed while its forward
+runs (server/structured_output.py).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from loraquilt.server.request import FINISH_CANCELLED, GenerationResult, Request
 from loraquilt.server.runner import ModelRunner, SampledToken
 from loraquilt.server.scheduler import Admission, Scheduler, SchedulerConfig
 from loraquilt.server.sequence import Sequence
+from loraquilt.server.structured_output import StructuredOutput
 from loraquilt.server.tokenizer import load_tokenizer, stop_token_ids
 
 __all__ = ["Engine", "EngineConfig", "EngineStats", "EngineStepError", "NonFiniteLogits", "adapter_identity"]
@@ -91,7 +97,10 @@ class Engine:
                                         events=events, on_loaded=self._progress.set)
         self.blocks = BlockManager(cache_config.num_blocks, cache_config.block_size, config.prefix_cache)
         self.scheduler = Scheduler(SchedulerConfig.from_engine(config), self.blocks)
-        self.runner = ModelRunner(self.model, self.cache, self.slots, end_ids=lambda: self.eos_ids)
+        self.structured = StructuredOutput(self.tokenizer, model_config.vocab_size, eos_ids,
+                                           max_rows=config.max_batch_size)
+        self.runner = ModelRunner(self.model, self.cache, self.slots, end_ids=lambda: self.eos_ids,
+                                  structured=self.structured)
         self.postprocessor = Postprocessor(self.tokenizer, eos_ids, self.max_seq_len)
         self._lock = threading.RLock()
         self._aborted: set[str] = set()
@@ -157,6 +166,8 @@ class Engine:
         for name, _ in request.adapter_weights:
             self.adapters.get(name)  # UnknownAdapter now rather than at admission
         sequence = Sequence(request=request, prompt_ids=prompt_ids)
+        if sampling.constraint is not None:  # compiled (or cached) here, off the lock; RequestError if invalid
+            sequence.matcher = self.structured.matcher(sampling.constraint)
         with self._lock:
             self.scheduler.add(sequence)
         self._progress.set()

@@ -27,7 +27,8 @@ from loraquilt.server.scheduler import QueueFull
 
 
 PROCESSING_FIELDS = frozenset({"logit_bias", "min_tokens", "repetition_penalty", "presence_penalty",
-                               "frequency_penalty", "min_p", "stop_token_ids", "logprobs", "prompt_logprobs"})
+                               "frequency_penalty", "min_p", "stop_token_ids", "logprobs", "prompt_logprobs",
+                               "constraint"})
 
 
 class ErrorKind(enum.Enum):
@@ -206,6 +207,14 @@ class GenerationLayer:
         a thread."""
         if self._resolve is not None and request.adapter_weights:
             self._resolve(tuple(name for name, _ in request.adapter_weights))
+
+    def compile_constraint(self, request: Request) -> None:
+        """Compile the request's structured-output constraint into the engine's cache before
+        `open` (RequestError, naming the field, when it is invalid), so the engine's
+        add_request finds it there; it may take milliseconds, so an asyncio caller runs it
+        in a thread."""
+        if request.sampling.constraint is not None:
+            self.loop.engine.structured.compile(request.sampling.constraint)
 
     def build_request(self, *, prompt: str | None = None, messages: tuple[dict, ...] | None = None,
                       chat: bool = False, adapter: str | None = None,

@@ -143,6 +143,7 @@ class LocalBackend:
         try:
             request = self.generation_layer.build_request(**fields)
             await asyncio.to_thread(self.generation_layer.resolve_adapters, request)  # off the event loop
+            await asyncio.to_thread(self.generation_layer.compile_constraint, request)
         except Exception as error:
             raise self.generation_layer.count_failure(error, request) from None
         return self.generation_layer.open(request, stream=stream, asynchronous=True)

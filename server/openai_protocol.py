@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraquilt.server.generation import ErrorKind, GenerationError
+from loraquilt.server.openai_structured import structured_fields
 from loraquilt.server.request import FINISH_CANCELLED, FINISH_LENGTH, MAX_LOGPROBS, GenerationResult
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's completions API
@@ -122,7 +123,7 @@ def _common(body: dict, base_model: str, max_tokens: int | None) -> tuple[str, d
     )
     if fields["top_k"] == -1:  # vLLM's "off"
         fields["top_k"] = 0
-    return model, {**fields, **_processing(body)}
+    return model, {**fields, **_processing(body), **structured_fields(body)}
 
 
 def _processing(body: dict) -> dict:

@@ -13,6 +13,7 @@ from loraquilt.server.request import (
     FINISH_EOS, FINISH_LENGTH, FINISH_STOP, GenerationResult, StepOutput,
 )
 from loraquilt.server.sequence import Sequence
+from loraquilt.server.structured_output import Accepted
 
 
 class EngineStepError(RuntimeError):
@@ -33,7 +34,13 @@ class Postprocessor:
         params = seq.request.sampling
         token = seq.output_ids[-1]
         text_ids: tuple[int, ...] = (token,)
-        if not params.ignore_eos and token in self.eos_ids:
+        accepted = seq.matcher.accept(token) if seq.matcher is not None else None
+        if accepted is Accepted.REJECTED:
+            return self._constraint_broken(seq, token)
+        if accepted is Accepted.COMPLETE:  # a constrained request ends where its constraint does
+            seq.finish_reason = FINISH_STOP
+            text_ids = () if token in self.eos_ids else text_ids
+        elif not params.ignore_eos and token in self.eos_ids:
             seq.finish_reason = FINISH_EOS
             text_ids = ()  # the end-of-sequence token is not part of the text
         elif token in params.stop_token_ids:
@@ -57,6 +64,14 @@ class Postprocessor:
         """The entry with its token and alternatives decoded, each on its own."""
         texts = self.tokenizer.batch_decode([[entry.token_id], *[[token] for token, _ in entry.top]])
         return replace(entry, text=texts[0], top_texts=tuple(texts[1:]))
+
+    def _constraint_broken(self, seq: Sequence, token: int) -> StepOutput:
+        """The sampled token breaks the request's constraint: only where the mask left no
+        allowed token a finite logit, which the request types rule out (min_tokens)."""
+        seq.error = EngineStepError(f"engine step failed for this request: token {token} breaks its "
+                                    f"structured-output constraint ({seq.matcher.error})")
+        seq.finish_reason = "error"
+        return StepOutput(seq.request_id, "", (), error=seq.error)
 
     def non_finite(self, seq: Sequence) -> StepOutput:
         weights = seq.request.adapter_weights

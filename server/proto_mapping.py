@@ -5,17 +5,17 @@ records out. No wire I/O, no validation (the request types own it)."""
 from __future__ import annotations
 
 from loraquilt.server.adapters.registry import AdapterRecord
-from loraquilt.server.request import GenerationResult, RequestError
+from loraquilt.server.request import Constraint, GenerationResult, RequestError
 from loraquilt.v1 import loraquilt_pb2 as pb
+
+STRUCTURED_FIELDS = ("json_schema", "json_object", "regex", "grammar")  # GenerateRequest's, one at most
 
 
 def grpc_fields(request: pb.GenerateRequest) -> dict:
     """A GenerateRequest as the generation layer's fields (`GenerationLayer.build_request`);
     proto3's zero values mean "unset" where the proto says so (max_new_tokens, top_p).
     RequestError for a field this server does not serve yet."""
-    for name in ("json_schema", "json_object", "regex", "grammar"):
-        if getattr(request, name):
-            raise RequestError(name, "structured output is not supported yet")
+    constraint = _constraint(request)
     if request.n > 1:
         raise RequestError("n", f"only one choice per request is supported, got n={request.n}")
     return dict(
@@ -24,7 +24,7 @@ def grpc_fields(request: pb.GenerateRequest) -> dict:
         max_new_tokens=request.max_new_tokens or None, temperature=request.temperature,
         top_p=request.top_p if request.top_p != 0 else 1.0, top_k=request.top_k,
         seed=request.seed if request.HasField("seed") else None, stop=tuple(request.stop),
-        ignore_eos=request.ignore_eos,
+        ignore_eos=request.ignore_eos, constraint=constraint,
         logit_bias=tuple(sorted(request.logit_bias.items())), min_tokens=request.min_tokens,
         repetition_penalty=request.repetition_penalty or 1.0, presence_penalty=request.presence_penalty,
         frequency_penalty=request.frequency_penalty, min_p=request.min_p,
@@ -32,6 +32,17 @@ def grpc_fields(request: pb.GenerateRequest) -> dict:
         logprobs=request.logprobs if request.HasField("logprobs") else None,
         prompt_logprobs=request.prompt_logprobs if request.HasField("prompt_logprobs") else None,
     )
+
+
+def _constraint(request: pb.GenerateRequest) -> Constraint | None:
+    """The structured-output field that is set (at most one may be): json_schema (a JSON
+    schema as JSON text), json_object, regex or grammar."""
+    given = [name for name in STRUCTURED_FIELDS if getattr(request, name)]
+    if len(given) > 1:
+        raise RequestError(given[1], f"set at most one of {', '.join(given)} (one constraint per request)")
+    if not given:
+        return None
+    return Constraint(given[0], "" if given[0] == "json_object" else getattr(request, given[0]), given[0])
 
 
 def token_logprobs(entries) -> list[pb.TokenLogprob]:

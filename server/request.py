@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -15,6 +17,9 @@ MAX_MIX = 8  # adapters in one mix
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's bound)
 MAX_LOGIT_BIAS = 300  # entries of one request's logit_bias (OpenAI's bound)
 MAX_STOP_TOKEN_IDS = 64
+CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")
+MAX_CONSTRAINT_CHARS = 65536  # a schema's, regex's or grammar's text
+MAX_CHOICES = 256
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _ids = itertools.count()
 
@@ -61,6 +66,52 @@ class RequestError(ValueError):
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """Structured output: what the whole generated text must match (compiled and enforced
+    per row by server/structured_output.py). kind: "json_schema" (value: the schema, a JSON
+    object as text), "json_object" (any JSON object; value ""), "regex" (value: a regular
+    expression the whole output matches), "grammar" (value: a Lark or GBNF grammar),
+    "choice" (value: a JSON list of strings; the output is one of them). field: the request
+    field it came from, which errors name (default: kind)."""
+
+    kind: str
+    value: str = ""
+    field: str = ""
+
+    def __post_init__(self) -> None:
+        name = self.field or (self.kind if self.kind in CONSTRAINT_KINDS else "constraint")
+        object.__setattr__(self, "field", name)
+        if self.kind not in CONSTRAINT_KINDS:
+            raise RequestError(name, f"unknown constraint kind {shown(str(self.kind))!r}; "
+                                     f"one of {', '.join(CONSTRAINT_KINDS)}")
+        if not isinstance(self.value, str):
+            raise RequestError(name, f"must be text, got {type(self.value).__name__}")
+        if (self.kind == "json_object") != (not self.value):
+            raise RequestError(name, "json_object takes no value" if self.value else "must not be empty")
+        if len(self.value) > MAX_CONSTRAINT_CHARS:
+            raise RequestError(name, f"at most {MAX_CONSTRAINT_CHARS} characters, got {len(self.value)}")
+        check_text(name, self.value)
+        if self.kind in ("json_schema", "choice"):
+            self._check_json()
+
+    def _check_json(self) -> None:
+        try:
+            value = json.loads(self.value)
+        except (ValueError, RecursionError) as error:
+            raise RequestError(self.field, f"is not valid JSON: {shown(str(error), 80)}") from None
+        if self.kind == "json_schema" and not isinstance(value, dict):
+            raise RequestError(self.field, f"a JSON schema is a JSON object, got {type(value).__name__}")
+        if self.kind == "choice" and not (isinstance(value, list) and 0 < len(value) <= MAX_CHOICES and all(
+                isinstance(choice, str) and choice for choice in value)):
+            raise RequestError(self.field, f"must be a list of 1..{MAX_CHOICES} non-empty strings")
+
+    @property
+    def key(self) -> str:
+        """What its compiled form depends on (not the field it came from)."""
+        return hashlib.sha256(f"{self.kind}\0{self.value}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0 = greedy
@@ -77,6 +128,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # [-2, 2]: subtracted per time a token was generated
     min_p: float = 0.0  # [0, 1]: sampling drops tokens below min_p x the top probability
     stop_token_ids: tuple[int, ...] = ()  # a generated one ends the request (finish "stop")
+    # -- structured output (server/structured_output.py): after the processing above, tokens
+    # the constraint does not allow next are masked; a complete constraint ends the request
+    # (finish "stop", whatever ignore_eos says); max_new_tokens may cut it short ("length")
+    constraint: Constraint | None = None
     # -- log probabilities, of the model's raw logits (before the processing above)
     logprobs: int | None = None  # None: none; k: each generated token's and its top-k alternatives'
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
@@ -136,6 +191,11 @@ class SamplingParams:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or not 0 <= value <= MAX_LOGPROBS):
                 raise RequestError(name, f"must be an integer in [0, {MAX_LOGPROBS}] or unset, got {value!r}")
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            raise RequestError("constraint", f"must be a Constraint, got {type(self.constraint).__name__}")
+        if self.constraint is not None and self.min_tokens:
+            raise RequestError("min_tokens", "cannot be combined with structured output (the constraint "
+                                             "decides where the output ends)")
 
     @property
     def processes_logits(self) -> bool:

@@ -17,6 +17,7 @@ from loraquilt.server.model.kv_cache import KVCache
 from loraquilt.server.model.llama import CausalLM
 from loraquilt.server.sampler import new_generator, sample_next_tokens
 from loraquilt.server.sequence import Sequence
+from loraquilt.server.structured_output import MaskJob, StructuredOutput, apply_masks
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,12 @@ class SampledToken:
 
 class ModelRunner:
     def __init__(self, model: CausalLM, cache: KVCache, slots: LoraSlots,
-                 end_ids: Callable[[], frozenset[int]] = frozenset):
+                 end_ids: Callable[[], frozenset[int]] = frozenset, structured: StructuredOutput | None = None):
         """end_ids: the model's end-of-sequence ids (masked while a request's min_tokens
-        are not reached)."""
+        are not reached); structured: the masks of constrained rows (None: no row is)."""
         self.model, self.cache, self.slots = model, cache, slots
         self.end_ids = end_ids
+        self.structured = structured
 
     def execute(self, decodes: tuple[Sequence, ...], prefills: tuple[Sequence, ...]) -> list[SampledToken | None]:
         """One forward over every sequence; returns the next token of each, decodes first.
@@ -65,10 +67,13 @@ class ModelRunner:
             device=self.model.device,
         )
         lora = self._begin_lora(decodes, prefills, prefill_tokens)
+        masks = None
         try:
+            masks = self._start_masks([seq for seq, wanted in zip(sequences, sampling) if wanted])  # during the forward
             logits = self.model(batch, self.cache, lora)  # [N, vocab], N = sequences that sample
         finally:
             self.slots.end_step()
+            bitmask = masks.join() if masks is not None else None  # [C, W] int32, C = constrained rows
         sampled = [seq for seq, wanted in zip(sequences, sampling) if wanted]
         # a row is finite iff its sum is (NaN and +-inf propagate into it; finite logits are
         # far too small to overflow it): one pass, 15-30x faster on CPU than aminmax or
@@ -83,6 +88,9 @@ class ModelRunner:
         if any(param.processes_logits for param in params):  # on a copy (the forward's output is read-only)
             logits = process_logits(logits.clone(), [RowHistory(seq.request.sampling, seq.prompt_ids, seq.output_ids)
                                                      for seq in sampled], self.end_ids())
+        if bitmask is not None:  # the constraints' masks, after the processing, on a copy too
+            logits = logits.clone() if logits is raw else logits
+            apply_masks(logits, [row for row, seq in enumerate(sampled) if seq.matcher is not None], bitmask)
         chosen = sample_next_tokens(logits, params, [seq.generator if ok else None for seq, ok in zip(sampled, finite)])
         logprobs = iter(raw_logprobs(raw, chosen, [top if ok else None for top, ok in zip(tops, finite)]))
         tokens, ok_rows = iter(chosen), iter(finite)
@@ -94,6 +102,13 @@ class ModelRunner:
             token, ok, logprob = next(tokens), next(ok_rows), next(logprobs)
             result.append(SampledToken(token, logprob) if ok else None)
         return result
+
+    def _start_masks(self, sampled: list[Sequence]) -> MaskJob | None:
+        """The masks of the constrained rows among `sampled` (the sequences that sample, in
+        logits order), begun on the structured-output worker: each depends only on the
+        tokens its matcher has accepted, so it overlaps the forward."""
+        matchers = [seq.matcher for seq in sampled if seq.matcher is not None]
+        return self.structured.start(matchers) if matchers else None
 
     def _begin_lora(self, decodes, prefills, prefill_tokens: list[list[int]]) -> LoraSlots | None:
         """The step's LoRA tables, one span per sequence (decodes: 1 row, prefills: their chunk)."""

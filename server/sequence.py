@@ -37,6 +37,7 @@ class Sequence:
     scrub_cache: bool = False  # its KV blocks may hold non-finite values: zero them on release
     detokenizer: Any = None  # the postprocessor's IncrementalDetokenizer (made at the first token)
     generator: Any = None  # random stream of a sampled request (made by the runner at its first draw)
+    matcher: Any = None  # a constrained request's structured_output.RowMatcher (has accepted output_ids)
     arrival_time: float = field(default_factory=time.monotonic)
     admitted_time: float | None = None
 

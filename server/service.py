@@ -49,6 +49,7 @@ class LoraQuiltService(pb_grpc.LoraQuiltServicer):
         try:
             engine_request = self.generation_layer.build_request(**grpc_fields(request))
             self.generation_layer.resolve_adapters(engine_request)
+            self.generation_layer.compile_constraint(engine_request)
         except Exception as error:  # refused before it ran
             failure = self.generation_layer.count_failure(error, engine_request)
             context.abort(grpc_code(failure), failure.message)

@@ -39,6 +39,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "loraquilt.server.request",
         "loraquilt.server.runner",
         "loraquilt.server.sampler",
+        "loraquilt.server.structured_output",
         "loraquilt.server.postprocess",
         "loraquilt.server.detokenizer",
         "loraquilt.server.tokenizer",

@@ -134,19 +134,22 @@ class Live:
         assert self._canaries() == self.canaries
 
 
-def start_live(tmp: Path, seed: int = 7) -> Live:
+def start_live(tmp: Path, seed: int = 7, *, max_seq_len: int = MAX_SEQ_LEN,
+               new_tokens_limit: int = NEW_TOKENS_LIMIT) -> Live:
+    """max_seq_len: the engine's context (the tiny model holds 256 positions);
+    new_tokens_limit: the most new tokens one request may ask for."""
     base = build_tiny_model(tmp / "base", "llama", seed=seed)
     root = tmp / "adapters"
     good, other = make_adapter_zoo(base, root, count=2, seed=seed * 10)
     outside = Path(shutil.copytree(good, tmp / "outside" / "adapter"))
     engine_config = EngineConfig(device=DeviceConfig(dtype="float32"), model=str(base), max_batch_size=8,
                                  max_active_adapters=4, max_cpu_adapters=8, max_lora_rank=16,
-                                 max_seq_len=MAX_SEQ_LEN, lora_backend="torch", progress=False)
+                                 max_seq_len=max_seq_len, lora_backend="torch", progress=False)
     server = RunningServer(Engine(engine_config), ServerConfig(
         port=0, metrics_port=None, http_port=0, grace_seconds=5, served_model_name=BASE_ID,
         admin_token=ADMIN_TOKEN, preload=(("a0", str(good)), ("a1", str(other))),
         service=ServiceConfig(adapter_root=root, default_max_new_tokens=CANARY_TOKENS,
-                              max_new_tokens_limit=NEW_TOKENS_LIMIT)))
+                              max_new_tokens_limit=new_tokens_limit)))
     channel = grpc.insecure_channel(server.target)
     live = Live(server, channel, pb_grpc.LoraQuiltStub(channel), root, good, outside)
     live.record_canaries()
