@@ -40,6 +40,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "loraquilt.server.runner",
         "loraquilt.server.sampler",
         "loraquilt.server.structured_output",
+        "loraquilt.server.logits_processing",
         "loraquilt.server.postprocess",
         "loraquilt.server.detokenizer",
         "loraquilt.server.tokenizer",
