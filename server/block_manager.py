@@ -19,7 +19,9 @@ Semantics:
   referenced (ref_count > 0), or cached (sealed, ref_count 0: evictable, least recently
   released first). Allocation takes free blocks first, then evicts cached ones.
 - The last prompt token is never served from the cache: the step that computes it makes
-  the logits of the first new token.
+  the logits of the first new token. A caller may cap the positions served from the cache
+  further (`max_cached_tokens`: a request scoring its prompt needs the logits of every
+  position it has not scored yet, so the cache may serve only those it has).
 """
 
 from __future__ import annotations
@@ -100,10 +102,12 @@ class BlockManager:
 
     # -- sequences ------------------------------------------------------------------------------
 
-    def allocate(self, prompt_ids: list[int] | tuple[int, ...], adapter_key: str = "") -> BlockTable:
+    def allocate(self, prompt_ids: list[int] | tuple[int, ...], adapter_key: str = "",
+                 max_cached_tokens: int | None = None) -> BlockTable:
         """Blocks for a new sequence's prompt: leading full blocks from the cache where their
         hash (and tokens) are resident, new blocks for the rest. Raises NoFreeBlocks, and
-        then takes nothing, when the pool cannot hold the prompt."""
+        then takes nothing, when the pool cannot hold the prompt. max_cached_tokens: at most
+        this many leading positions come from the cache (None: no cap)."""
         size = self.block_size
         table = BlockTable(adapter_key=adapter_key)
         needed = self.blocks_for(len(prompt_ids))
@@ -111,6 +115,8 @@ class BlockManager:
         previous = b""
         if self.prefix_cache:
             cacheable = (len(prompt_ids) - 1) // size  # full blocks before the last prompt token
+            if max_cached_tokens is not None:
+                cacheable = min(cacheable, max_cached_tokens // size)
             self.queries_tokens += cacheable * size
             for index in range(cacheable):
                 tokens = tuple(prompt_ids[index * size:(index + 1) * size])

@@ -6,6 +6,11 @@ appended, filled blocks sealed for prefix reuse, finish checks and new text, fin
 sequences released). `generate` drives steps until a list of requests is answered; the
 servers drive the same `step` from a background thread.
 
+A request asking for prompt log probabilities gets them from its prefill chunks: their
+positions' logits are computed beside the sampled rows (no second pass), scored and kept
+on the sequence; the first output carries them (Sequence: how they survive preemption and
+the prefix cache). With max_new_tokens 0 it finishes ("length") once its prompt is scored.
+
 A step reads no file: admission pins only adapters in memory, and one that is only on
 disk is read by the registry's loader thread while its request waits (running rows keep
 stepping; requests behind it whose adapters are in memory may go first). A long prompt
@@ -36,7 +41,7 @@ from loraquilt.server.model.sources import resolve_model
 from loraquilt.server.model.weights import load_causal_lm
 from loraquilt.server.postprocess import EngineStepError, NonFiniteLogits, Postprocessor
 from loraquilt.server.request import FINISH_CANCELLED, GenerationResult, Request, RequestError, StepOutput
-from loraquilt.server.runner import ModelRunner, SampledToken
+from loraquilt.server.runner import ModelRunner, StepResult
 from loraquilt.server.scheduler import Admission, Scheduler, SchedulerConfig
 from loraquilt.server.sequence import Sequence
 from loraquilt.server.structured_output import StructuredOutput
@@ -157,8 +162,6 @@ class Engine:
                 "including at least one generated token")
         vocab = self.model.config.vocab_size
         sampling = request.sampling
-        if sampling.prompt_logprobs is not None:
-            raise RequestError("prompt_logprobs", "prompt log probabilities are not supported yet")
         for field_name, ids in (("logit_bias", [token for token, _ in sampling.logit_bias]),
                                 ("stop_token_ids", sampling.stop_token_ids)):
             if any(token >= vocab for token in ids):
@@ -200,7 +203,7 @@ class Engine:
             return outputs
         self.last_batch_size = len(plan.sequences)
         try:
-            tokens = self.runner.execute(plan.decodes, plan.prefills)
+            result = self.runner.execute(plan.decodes, plan.prefills)
         except Exception as error:  # fail this step's requests only; the engine goes on
             failure = EngineStepError(f"engine step failed: {type(error).__name__}: {error}")
             with self._lock:
@@ -210,15 +213,28 @@ class Engine:
                 self._release_finished()
             return outputs
         with self._lock:
-            outputs += self._postprocess(plan.sequences, tokens)
+            outputs += self._postprocess(plan.sequences, result)
         return outputs
 
-    def _postprocess(self, sequences: tuple[Sequence, ...], tokens: list[SampledToken | None]) -> list[StepOutput]:
-        """The step's tokens into the sequences; filled blocks sealed; finished ones released."""
+    def _postprocess(self, sequences: tuple[Sequence, ...], result: StepResult) -> list[StepOutput]:
+        """The step's tokens (and scored prompt tokens) into the sequences; filled blocks
+        sealed; finished ones released."""
         outputs = []
-        for seq, token in zip(sequences, tokens):
-            if not seq.finish_chunk():
+        for seq, token, scored in zip(sequences, result.tokens, result.scored):
+            if scored is not None and scored.entries is not None:
+                if scored.start != len(seq.prompt_logprobs):
+                    raise AssertionError(f"{seq.request_id}: scored prompt tokens from position {scored.start}, "
+                                         f"{len(seq.prompt_logprobs)} scored before")
+                seq.prompt_logprobs.extend(self.postprocessor.all_with_texts(scored.entries))
+            completed = seq.finish_chunk()
+            if scored is not None and scored.entries is None:
+                token = None  # its prompt rows' logits are not finite: it fails below
+            elif not completed:
                 continue  # a chunk that does not reach the last token: no token yet
+            elif seq.request.sampling.max_new_tokens == 0:  # the prompt scored, nothing to generate
+                if not seq.finished:
+                    outputs.append(self.postprocessor.prompt_only(seq))
+                continue
             if token is None:
                 seq.scrub_cache = True
                 if not seq.finished:

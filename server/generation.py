@@ -104,6 +104,7 @@ class Piece:
     token_ids: tuple[int, ...]
     result: GenerationResult | None = None
     logprobs: tuple = ()  # TokenLogprob per token of token_ids, when the request asked for them
+    prompt_logprobs: tuple = ()  # the first piece: GenerationResult.prompt_logprobs, when asked for
 
 
 class Generation:
@@ -129,9 +130,11 @@ class Generation:
         if output.finished is not None:
             self._counted = True
             self._owner.count_result(output.finished, self._handle.request)
-            return Piece(output.new_text, tuple(output.new_token_ids), output.finished, tuple(output.new_logprobs))
+            return Piece(output.new_text, tuple(output.new_token_ids), output.finished, tuple(output.new_logprobs),
+                         tuple(output.prompt_logprobs))
         if output.new_text or output.new_token_ids:
-            return Piece(output.new_text, tuple(output.new_token_ids), logprobs=tuple(output.new_logprobs))
+            return Piece(output.new_text, tuple(output.new_token_ids), logprobs=tuple(output.new_logprobs),
+                         prompt_logprobs=tuple(output.prompt_logprobs))
         return None
 
     def _close(self) -> None:
@@ -217,7 +220,7 @@ class GenerationLayer:
             self.loop.engine.structured.compile(request.sampling.constraint)
 
     def build_request(self, *, prompt: str | None = None, messages: tuple[dict, ...] | None = None,
-                      chat: bool = False, adapter: str | None = None,
+                      prompt_token_ids: tuple[int, ...] | None = None, chat: bool = False, adapter: str | None = None,
                       mix: tuple[tuple[str, float], ...] = (), max_new_tokens: int | None = None,
                       temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                       stop: tuple[str, ...] = (), ignore_eos: bool = False, **processing) -> Request:
@@ -225,7 +228,7 @@ class GenerationLayer:
         names the first bad field); this layer adds the server's own limits. `processing`:
         SamplingParams' logits-processing and log-probability fields (logit_bias, min_tokens,
         repetition_penalty, presence_penalty, frequency_penalty, min_p, stop_token_ids,
-        logprobs)."""
+        logprobs, prompt_logprobs)."""
         unknown = set(processing) - PROCESSING_FIELDS
         if unknown:
             raise TypeError(f"build_request() got unexpected fields {sorted(unknown)}")
@@ -235,8 +238,8 @@ class GenerationLayer:
                                                  f"{self.config.max_new_tokens_limit}")
         sampling = SamplingParams(max_new_tokens=max_new, temperature=temperature, top_p=top_p, top_k=top_k,
                                   seed=seed, stop=tuple(stop), ignore_eos=ignore_eos, **processing)
-        return Request(prompt=prompt, messages=messages, chat=chat, adapter=adapter or None, mix=tuple(mix),
-                       sampling=sampling)
+        return Request(prompt=prompt, messages=messages, prompt_token_ids=prompt_token_ids, chat=chat,
+                       adapter=adapter or None, mix=tuple(mix), sampling=sampling)
 
     def open(self, request: Request, *, stream: bool = True, asynchronous: bool = False,
              on_close: Callable[[], None] | None = None) -> Generation:

@@ -207,7 +207,8 @@ def build_app(backend, config: HttpConfig, http_requests=None, is_serving=lambda
             generation = await backend.open(parsed.fields, parsed.stream)
         except GenerationError as error:
             raise failure_of(error, chat) from None
-        shape = ResponseShape(chat, parsed.model, logprobs=parsed.fields.get("logprobs") is not None)
+        shape = ResponseShape(chat, parsed.model, logprobs=parsed.fields.get("logprobs") is not None,
+                              prompt=parsed.prompt_return)
         if parsed.stream:
             return StreamingResponse(_events(generation, shape, parsed.include_usage, chat),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -271,13 +272,15 @@ async def _events(generation, shape: ResponseShape, include_usage: bool, chat: b
         async for piece in generation:
             if piece.result is not None:
                 if piece.text or first or piece.logprobs:
-                    yield _sse(shape.chunk(piece.text, first=first, logprobs=piece.logprobs))
+                    yield _sse(shape.chunk(piece.text, first=first, logprobs=piece.logprobs,
+                                           prompt_logprobs=piece.prompt_logprobs))
                     first = False
                 yield _sse(shape.chunk("", piece.result))
                 if include_usage:
                     yield _sse(shape.usage_chunk(piece.result))
             elif piece.text or first or piece.logprobs:  # a token held back from the text still has its logprob
-                yield _sse(shape.chunk(piece.text, first=first, logprobs=piece.logprobs))
+                yield _sse(shape.chunk(piece.text, first=first, logprobs=piece.logprobs,
+                                       prompt_logprobs=piece.prompt_logprobs))
                 first = False
     except GenerationError as error:
         failure = failure_of(error, chat)

@@ -4,6 +4,7 @@ row is left untouched and costs nothing).
 
 Semantics (per row r with its request's SamplingParams p; V = vocabulary):
   raw_logprobs[r]  = log_softmax(logits[r])  (before anything below; OpenAI's and vLLM's default)
+                     (the same for the prefill rows that score prompt tokens: `token_logprobs`)
   logits[r, t]    += p.logit_bias[t]                                  (the tokens it names)
   logits[r, e]     = -inf for e in eos ∪ p.stop_token_ids            while len(output) < p.min_tokens
   logits[r, t]     = logits[r, t] / p.repetition_penalty  if > 0, else * p.repetition_penalty,
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loraquilt.kernels.logprobs import score_rows
 from loraquilt.server.request import SamplingParams
 
 
@@ -34,13 +36,16 @@ class RowHistory:
 class TokenLogprob:
     """A token's log probability and its top alternatives (token id, log probability),
     most likely first; `text` and `top_texts`: each token decoded on its own (filled in
-    after the step, by the postprocessor, which owns the tokenizer)."""
+    after the step, by the postprocessor, which owns the tokenizer). `logprob` is None only
+    for a prompt's first token (nothing predicts it); `rank`: 1 + the number of tokens more
+    likely than it (0 for that first token)."""
 
     token_id: int
-    logprob: float
+    logprob: float | None
     top: tuple[tuple[int, float], ...] = ()
     text: str = ""
     top_texts: tuple[str, ...] = ()
+    rank: int = 0
 
 
 def process_logits(logits: torch.Tensor, rows: list[RowHistory], end_ids: frozenset[int]) -> torch.Tensor:
@@ -107,19 +112,27 @@ def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device
 
 def raw_logprobs(logits: torch.Tensor, chosen: list[int], tops: list[int | None]) -> list[TokenLogprob | None]:
     """logits: [N, V] raw; chosen: the token picked per row; tops: the row's `logprobs`
-    (None: the row wants none). One log_softmax over the rows that want them."""
+    (None: the row wants none). One pass over the rows that want them."""
     wanted = [index for index, top in enumerate(tops) if top is not None]
     result: list[TokenLogprob | None] = [None] * len(tops)
     if not wanted:
         return result
-    select = torch.tensor(wanted, device=logits.device)
-    logprobs = torch.log_softmax(logits.index_select(0, select).float(), dim=-1)  # [W, V]
-    token_lp = logprobs.gather(1, torch.tensor([[chosen[i]] for i in wanted], device=logits.device))[:, 0].tolist()
-    k = max(tops[i] for i in wanted)
-    values, indices = (torch.topk(logprobs, k, dim=-1) if k else (None, None))
-    for position, index in enumerate(wanted):
-        top = ()
-        if tops[index]:
-            top = tuple(zip(indices[position, : tops[index]].tolist(), values[position, : tops[index]].tolist()))
-        result[index] = TokenLogprob(chosen[index], token_lp[position], top)
+    rows = logits.index_select(0, torch.tensor(wanted, device=logits.device))  # [W, V]
+    entries = token_logprobs(rows, [chosen[i] for i in wanted], [tops[i] for i in wanted])
+    for index, entry in zip(wanted, entries):
+        result[index] = entry
     return result
+
+
+def token_logprobs(logits: torch.Tensor, targets: list[int], tops: list[int]) -> list[TokenLogprob]:
+    """logits: [M, V] raw rows; targets: [M] the token each row scores; tops: [M]
+    alternatives per row. Each entry: the target's log probability and rank, and the row's
+    tops[m] most likely tokens (`kernels.logprobs.score_rows`: one native pass per row on
+    CPU, no [M, V] tensor of log probabilities written; a whole prompt chunk's rows are
+    scored at once)."""
+    if not targets:
+        return []
+    target_lp, rank, top_ids, top_lp = score_rows(logits.float(), torch.tensor(targets, dtype=torch.int64), max(tops))
+    return [TokenLogprob(target, value, tuple(zip(ids[:top], lps[:top])), rank=position)
+            for target, value, ids, lps, top, position in zip(targets, target_lp.tolist(), top_ids.tolist(),
+                                                              top_lp.tolist(), tops, rank.tolist())]

@@ -3,7 +3,12 @@ and `/v1/chat/completions` into the generation layer's fields, and results into 
 response, chunk, model-card and error objects.
 
 `model` names the base model (its served id) or a registered adapter; a weighted mix is
-the extra field `adapters: [{"name", "weight"}]` with `model` = the base id. Fields the
+the extra field `adapters: [{"name", "weight"}]` with `model` = the base id. Completions'
+`echo` returns the prompt before the completion, with (given `logprobs`) its tokens' log
+probabilities in OpenAI's legacy shape (null for the first token), `max_tokens: 0` then
+scoring the prompt only; vLLM's extra `prompt_logprobs: k` (completions and chat) returns
+a `prompt_logprobs` list in the choice: null, then per prompt token {token id: {logprob,
+rank, decoded_token}} for the token and its k most likely alternatives. Fields the
 API has and loraquilt does not implement are refused (400, naming them) when set; fields
 nobody knows are ignored, as OpenAI's clients send some.
 """
@@ -12,10 +17,11 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraquilt.server.generation import ErrorKind, GenerationError
+from loraquilt.server.openai_prompt import PromptReturn, completion_prompt, scoring_fields, vllm_prompt_logprobs
 from loraquilt.server.openai_structured import structured_fields
 from loraquilt.server.request import FINISH_CANCELLED, FINISH_LENGTH, MAX_LOGPROBS, GenerationResult
 
@@ -24,7 +30,7 @@ OPENAI_DEFAULT_TEMPERATURE = 1.0
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # the engine's field names -> the body's, for the `param` of an error
 ENGINE_TO_BODY = {"adapter": "model", "max_new_tokens": "max_tokens", "adapters.name": "adapters", "adapters.weight": "adapters",
-                  "chat": "messages"}
+                  "chat": "messages", "prompt_token_ids": "prompt"}
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
                429: "rate_limit_error", 500: "server_error", 503: "service_unavailable_error"}
@@ -42,6 +48,7 @@ class ParsedBody:
     fields: dict  # build_request keyword arguments
     stream: bool
     include_usage: bool
+    prompt_return: PromptReturn = field(default_factory=PromptReturn)  # what the response returns of the prompt
 
 
 def _typed(body: dict, name: str, kinds: tuple, default=None, what: str = ""):
@@ -105,8 +112,6 @@ def _common(body: dict, base_model: str, max_tokens: int | None) -> tuple[str, d
         raise bad("n", f"only n=1 is supported (one choice per request), got {n!r}")
     if body.get("best_of") not in (None, 1):
         raise bad("best_of", "only best_of=1 is supported")
-    if body.get("echo"):
-        raise bad("echo", "echo is not supported")
     if body.get("suffix"):
         raise bad("suffix", "suffix is not supported")
     mix = _mix(body)
@@ -186,16 +191,15 @@ def _stream_flags(body: dict) -> tuple[bool, bool]:
 
 
 def parse_completion(body: dict, base_model: str) -> ParsedBody:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise bad("prompt", "must be a string, or a list holding one string")
+    prompt = completion_prompt(body.get("prompt"))
     max_tokens = _typed(body, "max_tokens", (int,), COMPLETIONS_DEFAULT_MAX_TOKENS, "an integer")
     model, fields = _common(body, base_model, max_tokens)
     stream, include_usage = _stream_flags(body)
-    return ParsedBody(model, {**fields, "prompt": prompt, "logprobs": _completion_logprobs(body)}, stream,
-                      include_usage)
+    logprobs = _completion_logprobs(body)
+    echo = _typed(body, "echo", (bool,), False, "a boolean")
+    returned = PromptReturn(echo, prompt.get("prompt"), logprobs if echo else None, vllm_prompt_logprobs(body))
+    return ParsedBody(model, {**fields, **prompt, **scoring_fields(returned), "logprobs": logprobs}, stream,
+                      include_usage, returned)
 
 
 def _message_text(content, index: int) -> str:
@@ -229,9 +233,12 @@ def parse_chat(body: dict, base_model: str) -> ParsedBody:
     if max_tokens is None:
         max_tokens = _typed(body, "max_tokens", (int,), None, "an integer")  # None: the server's default
     model, fields = _common(body, base_model, max_tokens)
+    if body.get("echo"):
+        raise bad("echo", "echo is supported on completions only")
     stream, include_usage = _stream_flags(body)
-    return ParsedBody(model, {**fields, "messages": tuple(parsed), "logprobs": _chat_logprobs(body)}, stream,
-                      include_usage)
+    returned = PromptReturn(vllm_top=vllm_prompt_logprobs(body))
+    return ParsedBody(model, {**fields, **scoring_fields(returned), "messages": tuple(parsed),
+                              "logprobs": _chat_logprobs(body)}, stream, include_usage, returned)
 
 
 def body_param(error: GenerationError, chat: bool) -> str | None:
@@ -259,18 +266,21 @@ def usage(result: GenerationResult) -> dict:
 class ResponseShape:
     """The objects of one response (completion or chat), sharing an id and a timestamp."""
 
-    def __init__(self, chat: bool, model: str, logprobs: bool = False):
-        """logprobs: the request asked for log probabilities (else the field is null)."""
-        self.chat, self.model, self.logprobs = chat, model, logprobs
+    def __init__(self, chat: bool, model: str, logprobs: bool = False, prompt: PromptReturn = PromptReturn()):
+        """logprobs: the request asked for log probabilities (else the field is null);
+        prompt: what it returns of the prompt (echo, vLLM's prompt_logprobs)."""
+        self.chat, self.model, self.logprobs, self.prompt = chat, model, logprobs, prompt
         self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
         self._text_offset = 0  # completions: characters of the tokens already sent
 
-    def _logprobs(self, entries) -> dict | None:
+    def _logprobs(self, entries, prompt_entries=()) -> dict | None:
         """OpenAI's logprobs object for these tokens (chat: `content` entries with bytes;
-        completions: parallel lists with text offsets)."""
+        completions: parallel lists with text offsets; with echo, the prompt's tokens first,
+        the first of them with null log probabilities)."""
         if not self.logprobs:
             return None
+        entries = self.prompt.echoed_entries(entries, prompt_entries)
         if self.chat:
             return {"content": [{"token": e.text, "logprob": e.logprob, "bytes": list(e.text.encode()),
                                  "top_logprobs": [{"token": text, "logprob": value, "bytes": list(text.encode())}
@@ -282,7 +292,7 @@ class ResponseShape:
             self._text_offset += len(entry.text)
         return {"tokens": [e.text for e in entries], "token_logprobs": [e.logprob for e in entries],
                 "top_logprobs": [{**{text: value for (_, value), text in zip(e.top, e.top_texts)}, e.text: e.logprob}
-                                 for e in entries],
+                                 if e.logprob is not None else None for e in entries],
                 "text_offset": offsets}
 
     def _envelope(self, obj: str, choices: list, **extra) -> dict:
@@ -290,24 +300,29 @@ class ResponseShape:
                 "choices": choices, **extra}
 
     def whole(self, result: GenerationResult) -> dict:
-        choice = {"index": 0, "finish_reason": finish_reason(result), "logprobs": self._logprobs(result.logprobs)}
+        prompt = result.prompt_logprobs
+        choice = {"index": 0, "finish_reason": finish_reason(result),
+                  "logprobs": self._logprobs(result.logprobs, prompt)}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": result.text}
-            return self._envelope("chat.completion", [choice], usage=usage(result))
-        choice["text"] = result.text
-        return self._envelope("text_completion", [choice], usage=usage(result))
+            return self._envelope("chat.completion", [self.prompt.add_vllm_field(choice, prompt)],
+                                  usage=usage(result))
+        choice["text"] = self.prompt.echoed(result.text, prompt)
+        return self._envelope("text_completion", [self.prompt.add_vllm_field(choice, prompt)], usage=usage(result))
 
     def chunk(self, text: str, result: GenerationResult | None = None, first: bool = False,
-              logprobs=()) -> dict:
-        """One streamed piece: its text and the log probabilities of its tokens (when asked)."""
+              logprobs=(), prompt_logprobs=()) -> dict:
+        """One streamed piece: its text and the log probabilities of its tokens (when asked);
+        the first piece also the prompt's (echo, vLLM's prompt_logprobs)."""
         reason = None if result is None else finish_reason(result)
-        entries = self._logprobs(logprobs)
+        entries = self._logprobs(logprobs, prompt_logprobs)
         if self.chat:
             delta = {"role": "assistant", "content": text} if first else {"content": text}
             choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": entries}
-            return self._envelope("chat.completion.chunk", [choice])
-        choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": entries}
-        return self._envelope("text_completion", [choice])
+            return self._envelope("chat.completion.chunk", [self.prompt.add_vllm_field(choice, prompt_logprobs)])
+        choice = {"index": 0, "text": self.prompt.echoed(text, prompt_logprobs), "finish_reason": reason,
+                  "logprobs": entries}
+        return self._envelope("text_completion", [self.prompt.add_vllm_field(choice, prompt_logprobs)])
 
     def usage_chunk(self, result: GenerationResult) -> dict:
         obj = "chat.completion.chunk" if self.chat else "text_completion"

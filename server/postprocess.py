@@ -57,13 +57,33 @@ class Postprocessor:
                 new_text += detokenizer.add((), final=True)
             seq.finish_reason = FINISH_STOP
         logprobs = (seq.output_logprobs[-1],) if params.logprobs is not None and seq.output_logprobs else ()
+        first = len(seq.output_ids) == 1  # the first output carries the prompt's entries
         return StepOutput(seq.request_id, new_text, (token,), self.result(seq) if seq.finished else None,
-                          new_logprobs=logprobs)
+                          new_logprobs=logprobs, prompt_logprobs=self.prompt_logprobs(seq) if first else ())
+
+    def prompt_only(self, seq: Sequence) -> StepOutput:
+        """A request generating no token (max_new_tokens 0) whose prompt is scored: done."""
+        seq.finish_reason = FINISH_LENGTH
+        return StepOutput(seq.request_id, "", (), self.result(seq), prompt_logprobs=self.prompt_logprobs(seq))
 
     def with_texts(self, entry: TokenLogprob) -> TokenLogprob:
         """The entry with its token and alternatives decoded, each on its own."""
-        texts = self.tokenizer.batch_decode([[entry.token_id], *[[token] for token, _ in entry.top]])
-        return replace(entry, text=texts[0], top_texts=tuple(texts[1:]))
+        return self.all_with_texts([entry])[0]
+
+    def all_with_texts(self, entries) -> list[TokenLogprob]:
+        """`with_texts` of every entry, in one batch_decode."""
+        ids = [[token] for entry in entries for token in (entry.token_id, *(t for t, _ in entry.top))]
+        texts = iter(self.tokenizer.batch_decode(ids))
+        return [replace(entry, text=next(texts), top_texts=tuple(next(texts) for _ in entry.top))
+                for entry in entries]
+
+    def prompt_logprobs(self, seq: Sequence) -> tuple[TokenLogprob, ...]:
+        """GenerationResult.prompt_logprobs: the first prompt token (no log probability),
+        then the scored ones; () unless the request asked for them."""
+        if seq.request.sampling.prompt_logprobs is None:
+            return ()
+        first = seq.prompt_ids[0]
+        return (TokenLogprob(first, None, text=self.tokenizer.decode([first])), *seq.prompt_logprobs)
 
     def _constraint_broken(self, seq: Sequence, token: int) -> StepOutput:
         """The sampled token breaks the request's constraint: only where the mask left no
@@ -82,12 +102,12 @@ class Postprocessor:
         seq.finish_reason, seq.scrub_cache = "error", True
         return StepOutput(seq.request_id, "", (), error=seq.error)
 
-    @staticmethod
-    def result(seq: Sequence) -> GenerationResult:
+    def result(self, seq: Sequence) -> GenerationResult:
         return GenerationResult(
             request_id=seq.request_id, text=seq.detokenizer.text if seq.detokenizer else "", token_ids=tuple(seq.output_ids),
             finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt_ids),
             completion_tokens=len(seq.output_ids),
             queue_seconds=(seq.admitted_time or time.monotonic()) - seq.arrival_time,
             cached_tokens=seq.num_cached_tokens, logprobs=tuple(seq.output_logprobs),
+            prompt_logprobs=self.prompt_logprobs(seq),
         )

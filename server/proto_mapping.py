@@ -46,16 +46,19 @@ def _constraint(request: pb.GenerateRequest) -> Constraint | None:
 
 
 def token_logprobs(entries) -> list[pb.TokenLogprob]:
-    """TokenLogprob messages of the engine's (logits_processing.TokenLogprob) entries."""
+    """TokenLogprob messages of the engine's (logits_processing.TokenLogprob) entries; a
+    prompt's first token, which has no log probability, is left out (the proto's
+    prompt_logprobs start at the second prompt token)."""
     return [pb.TokenLogprob(token_id=entry.token_id, logprob=entry.logprob, text=entry.text,
                             top=[pb.TopLogprob(token_id=token, logprob=value, text=text)
                                  for (token, value), text in zip(entry.top, entry.top_texts)])
-            for entry in entries]
+            for entry in entries if entry.logprob is not None]
 
 
 def final_response(result: GenerationResult, text: str | None = None, token_ids=None,
-                   logprobs=None) -> pb.GenerateResponse:
-    """The last GenerateResponse: the whole text (unary) or the last piece (stream), with counts."""
+                   logprobs=None, prompt_logprobs=None) -> pb.GenerateResponse:
+    """The last GenerateResponse: the whole text (unary) or the last piece (stream), with
+    counts; the prompt's log probabilities in unary (a stream's come in its first piece)."""
     return pb.GenerateResponse(
         text=result.text if text is None else text,
         token_ids=list(result.token_ids if token_ids is None else token_ids),
@@ -63,15 +66,17 @@ def final_response(result: GenerationResult, text: str | None = None, token_ids=
         completion_tokens=result.completion_tokens,
         logprobs=token_logprobs(result.logprobs if logprobs is None else logprobs),
         cached_tokens=result.cached_tokens,
+        prompt_logprobs=token_logprobs(result.prompt_logprobs if prompt_logprobs is None else prompt_logprobs),
     )
 
 
 def piece_response(piece) -> pb.GenerateResponse:
     """One streamed piece (`generation.Piece`): text and token ids; the last carries the counts."""
     if piece.result is not None:
-        return final_response(piece.result, piece.text, piece.token_ids, piece.logprobs)
+        return final_response(piece.result, piece.text, piece.token_ids, piece.logprobs, piece.prompt_logprobs)
     return pb.GenerateResponse(text=piece.text, token_ids=list(piece.token_ids),
-                               logprobs=token_logprobs(piece.logprobs))
+                               logprobs=token_logprobs(piece.logprobs),
+                               prompt_logprobs=token_logprobs(piece.prompt_logprobs))
 
 
 def adapter_info(record: AdapterRecord) -> pb.AdapterInfo:

@@ -134,15 +134,17 @@ class SamplingParams:
     constraint: Constraint | None = None
     # -- log probabilities, of the model's raw logits (before the processing above)
     logprobs: int | None = None  # None: none; k: each generated token's and its top-k alternatives'
-    prompt_logprobs: int | None = None  # the same for every prompt token after the first
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (from the prefill)
 
     def __post_init__(self) -> None:
         self._check_sampling()
         self._check_processing()
 
     def _check_sampling(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
             raise RequestError("max_new_tokens", f"must be an integer >= 1, got {self.max_new_tokens!r}")
+        if self.max_new_tokens == 0 and self.prompt_logprobs is None:  # 0: score the prompt, generate nothing
+            raise RequestError("max_new_tokens", "must be an integer >= 1 (0 only with prompt_logprobs), got 0")
         if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
             raise RequestError("temperature", f"must be a finite number >= 0, got {self.temperature!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
@@ -278,6 +280,9 @@ class GenerationResult:
     queue_seconds: float = 0.0  # arrival to admission into the running batch
     cached_tokens: int = 0  # prompt tokens served from the prefix cache (at the last admission)
     logprobs: tuple = ()  # TokenLogprob per generated token, when the request asked for them
+    # TokenLogprob per prompt token when the request asked for prompt_logprobs: the first
+    # one's logprob is None (nothing predicts it), the others' are scored by the prefill
+    prompt_logprobs: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -289,4 +294,5 @@ class StepOutput:
     new_token_ids: tuple[int, ...]
     finished: GenerationResult | None = None
     new_logprobs: tuple = ()  # TokenLogprob of each new token, when the request asked for them
+    prompt_logprobs: tuple = ()  # the request's first output: GenerationResult.prompt_logprobs
     error: Exception | None = None  # the request failed; no result follows

@@ -13,7 +13,9 @@ admitted first come first served while the batch has room, the budget has tokens
 pool holds blocks for all of their tokens (keeping one block per running sequence in
 reserve, so that admissions do not immediately preempt) and the engine can give them
 adapter slots (`try_admit`). At admission the prompt's leading full blocks that are in the
-prefix cache under the same adapter identity are reused, and only the rest is prefilled.
+prefix cache under the same adapter identity are reused, and only the rest is prefilled
+(a request scoring its prompt reuses only blocks of positions it has scored already:
+none at its first admission, Sequence.max_cached_tokens).
 
 Head of line: a waiting sequence whose adapters are still being read from disk
 (Admission.DEFER) keeps its place in line, but the ones behind it may be admitted
@@ -140,7 +142,8 @@ class Scheduler:
             if verdict is Admission.REJECT:
                 rejected.append(candidate)
                 continue
-            candidate.block_table = self.blocks.allocate(candidate.token_ids, candidate.adapter_key)
+            candidate.block_table = self.blocks.allocate(candidate.token_ids, candidate.adapter_key,
+                                                         candidate.max_cached_tokens)
             candidate.num_computed_tokens = candidate.num_cached_tokens = candidate.block_table.cached_tokens
             self.running.append(candidate)
             budget -= self._schedule_chunk(candidate, budget)

@@ -5,6 +5,12 @@ the cache (`num_computed_tokens`). Every step feeds it the next chunk of the tok
 computed: a prompt chunk, the whole prompt and generated tokens again after a preemption
 (recomputation), or, once only the last token is left, that one token (a decode). The step
 whose chunk reaches the last token samples the next one.
+
+A request asking for prompt log probabilities also gets, from each prompt chunk, the
+logits of its positions: position p scores prompt token p + 1. `prompt_logprobs` grows in
+position order and is never recomputed: after a preemption the recomputed chunks score
+only the positions past it, and at admission the prefix cache may serve only positions
+already scored (`max_cached_tokens`), so no entry is lost or doubled.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ class Sequence:
     num_scheduled_tokens: int = 0  # tokens of this step's chunk (set by the scheduler)
     num_cached_tokens: int = 0  # leading prompt tokens found in the prefix cache at the last admission
     output_logprobs: list = field(default_factory=list)  # TokenLogprob per output token, when asked for
+    prompt_logprobs: list = field(default_factory=list)  # TokenLogprob of prompt tokens 1, 2, ... scored so far
     preemptions: int = 0  # times its blocks were taken back and its tokens recomputed
     finish_reason: str | None = None
     error: Exception | None = None  # why it was rejected or failed, if it was
@@ -85,8 +92,27 @@ class Sequence:
     @property
     def samples_this_step(self) -> bool:
         """Whether this step's forward yields a token for it: its chunk reaches the last
-        token (an earlier chunk only fills the KV cache)."""
-        return self.num_computed_tokens + len(self.next_input()) >= self.num_tokens
+        token (an earlier chunk only fills the KV cache), and it generates at all."""
+        return (self.num_computed_tokens + len(self.next_input()) >= self.num_tokens
+                and self.request.sampling.max_new_tokens > 0)
+
+    @property
+    def max_cached_tokens(self) -> int | None:
+        """Leading positions the prefix cache may serve at admission (None: any): a request
+        scoring its prompt may skip only the positions it has scored already."""
+        scored = len(self.prompt_logprobs)
+        if self.request.sampling.prompt_logprobs is None or scored >= len(self.prompt_ids) - 1:
+            return None
+        return scored
+
+    def scored_positions(self) -> range:
+        """Positions of this step's chunk whose logits score a prompt token (the next one):
+        those not scored yet, before the last prompt token (whose logits sample)."""
+        if self.request.sampling.prompt_logprobs is None:
+            return range(0)
+        start = max(self.num_computed_tokens, len(self.prompt_logprobs))
+        end = min(self.num_computed_tokens + len(self.next_input()), len(self.prompt_ids) - 1)
+        return range(start, max(start, end))
 
     def finish_chunk(self) -> bool:
         """Record that this step's chunk is in the cache; True when that reached the last

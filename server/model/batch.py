@@ -47,7 +47,9 @@ class ForwardBatch:
     decode_block_tables:  [D, B] int64  each decode's blocks, padded with block 0 to the
                                       B blocks the longest decode context needs
     decode_context_lens:  [D] int64   positions each decode attends (its token's position + 1)
-    logits_rows:          [N] int64   token rows whose next-token logits are wanted
+    logits_rows:          [N + M] int64  token rows whose next-token logits are wanted: one
+                                      per sequence that samples, then the M rows that score
+                                      prompt tokens (`scored_rows` = M)
     """
 
     input_ids: torch.Tensor
@@ -57,6 +59,7 @@ class ForwardBatch:
     decode_block_tables: torch.Tensor
     decode_context_lens: torch.Tensor
     logits_rows: torch.Tensor
+    scored_rows: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -77,6 +80,7 @@ def build_forward_batch(
     decode_positions: list[int],
     block_size: int,
     prefill_logits: list[bool] | None = None,
+    prefill_scored: list[range] | None = None,
     device: torch.device,
 ) -> ForwardBatch:
     """Lay out one step: decodes first (one token each), then each chunk's tokens.
@@ -84,9 +88,13 @@ def build_forward_batch(
     A table lists a sequence's block ids in position order; it must cover every position
     the step writes. Logits rows: one per sequence in the same order (decodes, then
     chunks' last token), leaving out the chunks whose `prefill_logits` is False (a chunk
-    that does not end the prompt needs no next token).
+    that does not end the prompt needs no next token); then, per chunk in order, the rows
+    of the positions in its `prefill_scored` range (positions whose logits score prompt
+    tokens; inside the chunk).
     """
     wants_logits = prefill_logits if prefill_logits is not None else [True] * len(prefill_tokens)
+    scored = prefill_scored if prefill_scored is not None else [range(0)] * len(prefill_tokens)
+    scored_rows: list[int] = []
     decode_count = len(decode_tokens)
     ids: list[int] = list(decode_tokens)
     positions: list[int] = list(decode_positions)
@@ -94,7 +102,8 @@ def build_forward_batch(
              for table, p in zip(decode_tables, decode_positions)]
     spans: list[PrefillSpan] = []
     logits_rows = list(range(decode_count))
-    for tokens, table, start, wanted in zip(prefill_tokens, prefill_tables, prefill_starts, wants_logits):
+    for tokens, table, start, wanted, positions_scored in zip(prefill_tokens, prefill_tables, prefill_starts,
+                                                               wants_logits, scored):
         if not tokens:
             raise ValueError("a prefill needs at least one token")
         end = start + len(tokens)
@@ -108,6 +117,9 @@ def build_forward_batch(
         spans.append(PrefillSpan(first, len(ids), start, torch.tensor(table[:used], dtype=torch.int64).to(device)))
         if wanted:
             logits_rows.append(len(ids) - 1)
+        if positions_scored and not start <= positions_scored.start <= positions_scored.stop <= end:
+            raise ValueError(f"scored positions {positions_scored} outside the chunk {start}..{end}")
+        scored_rows.extend(first + p - start for p in positions_scored)
 
     width = max((-(-(p + 1) // block_size) for p in decode_positions), default=0)
     padded = [table[:width] + [0] * (width - len(table[:width])) for table in decode_tables]
@@ -123,7 +135,8 @@ def build_forward_batch(
         prefills=tuple(spans),
         decode_block_tables=tables.to(device),
         decode_context_lens=t([p + 1 for p in decode_positions]),
-        logits_rows=t(logits_rows),
+        logits_rows=t(logits_rows + scored_rows),
+        scored_rows=len(scored_rows),
     )
 
 
