@@ -6,7 +6,8 @@ float32` against PEFT in exact fp32, and the pair as users get them, `--dtype au
 PEFT with the user's defaults. loraquilt runs as real `loraquilt serve` processes driven
 over gRPC; the peers run in this process. All get the same prompts, adapters (seeded PEFT
 folders), greedy decoding and exactly T new tokens per request. The KV-cache scenarios
-(`prefix`, `high_concurrency`: see `serve_kv`) compare pairs of float32 servers of their own.
+(`prefix`, `high_concurrency`: see `serve_kv`) compare pairs of float32 servers of their own;
+the log-probability scenarios (`echo`, `logprobs`: see `serve_logprobs`) share one.
 With `--peers`, vLLM and llama.cpp run the throughput scenarios too (see `bench/peers`).
 `structured` (see `serve_structured`) runs on a server of its own.
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from loraquilt.bench.peers.options import PeerOptions, add_peer_arguments
 from loraquilt.bench.serve_report import draw_plot, print_table
-from loraquilt.bench.serve_scenarios import KV_SCENARIOS, SCENARIOS, THROUGHPUT
+from loraquilt.bench.serve_scenarios import KV_SCENARIOS, LOGPROB_SCENARIOS, SCENARIOS, THROUGHPUT
 from loraquilt.bench.workload import ModelShapes, build_adapters, build_tiny_model, make_prompts, zipf_choices
 
 
@@ -53,6 +54,8 @@ class BenchConfig:
     concurrency_max_seq_len: int = 256
     structured_requests: int = 24  # `structured`: requests on distinct adapters, every other one with a JSON schema
     structured_new_tokens: int = 128  # their max_tokens (the unconstrained rows generate exactly this many)
+    echo_prompts: int = 24  # `echo`: prompts scored at once
+    echo_prompt_tokens: int = 128  # each of exactly this many tokens
     seed: int = 0
 
     @classmethod
@@ -61,7 +64,7 @@ class BenchConfig:
                    max_active_adapters=8, hotload_repeats=3, sequential_timed=2, latency_seconds=3.0,
                    plot_points=(1, 8), repeats=1, accuracy_prompts=8, prefix_requests=8, prefix_tokens=96,
                    prefix_tail_tokens=(8, 24), concurrency_requests=32, concurrency_prompt_tokens=(16, 32),
-                   concurrency_new_tokens=16)
+                   concurrency_new_tokens=16, echo_prompts=8, echo_prompt_tokens=32)
 
 
 def _progress(message: str) -> None:
@@ -183,6 +186,8 @@ def run_bench(model: str | None, config: BenchConfig, workdir: Path, quick: bool
 
     if wanted & set(KV_SCENARIOS):
         _run_kv_scenarios(config, wanted, model_folder, root, heavy, tokenizer, prompts[0], scenarios)
+    if wanted & set(LOGPROB_SCENARIOS):
+        _run_logprob_scenarios(config, wanted, model_folder, root, heavy, tokenizer, prompts, scenarios)
 
     if "structured" in wanted:
         _run_structured_scenario(config, model_folder, root, heavy, prompts, scenarios)
@@ -266,6 +271,24 @@ def _run_kv_scenarios(config: BenchConfig, wanted: set[str], model_folder: Path,
             prompt_tokens=config.concurrency_prompt_tokens, new_tokens=config.concurrency_new_tokens,
             cache_positions=config.concurrency_cache_positions, max_seq_len=config.concurrency_max_seq_len,
             repeats=config.repeats, seed=config.seed + 8, warm_prompt=warm_prompt, progress=_progress)
+
+
+def _run_logprob_scenarios(config: BenchConfig, wanted: set[str], model_folder: Path, root: Path,
+                           heavy: list[Path], tokenizer, prompts: list[str], scenarios: dict) -> None:
+    """`echo` and `logprobs` (bench/serve_logprobs.py), on one server of their own."""
+    from loraquilt.bench import serve_kv
+    from loraquilt.bench.serve_logprobs import run_logprob_scenarios
+    from loraquilt.bench.serve_systems import LQ
+
+    settings = serve_kv.ServerSettings(model_folder, root, config.max_active_adapters,
+                                       max(256, 2 * config.batch))
+    found = run_logprob_scenarios(
+        settings, {f"heavy-{index}": folder for index, folder in enumerate(heavy)}, tokenizer,
+        wanted=wanted, echo_prompts=config.echo_prompts, echo_prompt_tokens=config.echo_prompt_tokens,
+        prompts=prompts, new_tokens=config.new_tokens, repeats=config.repeats, seed=config.seed + 9,
+        warm_prompt=prompts[0], progress=_progress)
+    for name, entry in found.items():
+        scenarios[name][LQ] = entry
 
 
 def _run_structured_scenario(config: BenchConfig, model_folder: Path, root: Path, heavy: list[Path],

@@ -97,6 +97,8 @@ def ratios(scenarios: dict) -> dict:
     on, off = prefix.get("cache_on", {}), prefix.get("cache_off", {})
     structured = scenarios.get("structured", {}).get(LQ, {})
     crowd = scenarios.get("high_concurrency", {}).get(LQ, {})
+    echo = scenarios.get("echo", {}).get(LQ, {})
+    scored = scenarios.get("logprobs", {}).get(LQ, {})
     return {
         **pair("", LQ, PEFT),
         **pair("auto_", LQ_AUTO, PEFT_DEFAULT),
@@ -109,6 +111,8 @@ def ratios(scenarios: dict) -> dict:
         "prefix_ttft_p50_on_over_off": ratio(on.get("ttft_p50_ms"), off.get("ttft_p50_ms")),
         "prefix_tokens_per_s_on_over_off": ratio(on.get("tokens_per_s"), off.get("tokens_per_s")),
         "high_concurrency_over_slots32": ratio(crowd.get("tokens_per_s"), crowd.get("slots32_tokens_per_s")),
+        "echo_over_prefill": echo.get("echo_over_prefill"),  # the median of its rounds' ratios
+        "logprobs_over_plain": scored.get("logprobs_over_plain"),
         "structured_over_unconstrained": ratio(structured.get("tokens_per_s"),
                                                structured.get("unconstrained_tokens_per_s")),
         **engine_ratios(scenarios),  # per throughput scenario: {"loraquilt_auto_vs_vllm": ..., ...}
@@ -177,6 +181,16 @@ def print_table(results: dict) -> None:
         rows.append((f"high_concurrency tok/s paged/32 slots ({crowd['requests']} req)",
                      f"{crowd['tokens_per_s']:.1f}/{crowd['slots32_tokens_per_s']:.1f}", "-",
                      ratio(crowd["tokens_per_s"], crowd["slots32_tokens_per_s"]), "-", "-", "-", "-"))
+    echo = scenarios.get("echo", {}).get(LQ, {})
+    if echo:
+        rows.append((f"echo wall s echo/prefill ({echo['prompts']} x {echo['prompt_tokens'][1]} tokens)",
+                     f"{echo['wall_s']:.2f}/{echo['prefill_wall_s']:.2f}", "-",
+                     f"{echo['echo_over_prefill']:.2f}x", "-", "-", "-", "-"))
+    scored = scenarios.get("logprobs", {}).get(LQ, {})
+    if scored:
+        rows.append(("logprobs 5 tok/s with/without",
+                     f"{scored['tokens_per_s']:.1f}/{scored['plain_tokens_per_s']:.1f}", "-",
+                     f"{scored['logprobs_over_plain']:.2f}x", "-", "-", "-", "-"))
     structured = scenarios.get("structured", {}).get(LQ, {})
     if structured:
         rows.append((f"structured tok/s with/without ({structured['constrained_requests']} of "

@@ -14,9 +14,10 @@ from loraquilt.bench.peers import ENGINES
 from loraquilt.bench.serve_systems import LQ, LQ_AUTO, PEERS, PEFT_DEFAULT, Systems
 
 THROUGHPUT = ("distinct", "same", "base", "recipe_distinct", "recipe_same")
-OTHER = ("sequential", "many", "hotload", "latency", "accuracy", "prefix", "high_concurrency")
+OTHER = ("sequential", "many", "hotload", "latency", "accuracy", "prefix", "high_concurrency", "echo", "logprobs")
 KV_SCENARIOS = ("prefix", "high_concurrency")  # bench/serve_kv.py: servers of their own
 STRUCTURED_SCENARIOS = ("structured",)  # bench/serve_structured.py: one server of its own
+LOGPROB_SCENARIOS = ("echo", "logprobs")  # bench/serve_logprobs.py: one server of their own
 SCENARIOS = THROUGHPUT + OTHER + STRUCTURED_SCENARIOS
 
 Progress = Callable[[str], None]

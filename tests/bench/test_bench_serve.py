@@ -1,6 +1,6 @@
 """`loraquilt bench serve --quick`: runs end to end, writes the contracted JSON keys (both
-pairs of systems and the KV-cache scenarios), and the exact pair produces the same greedy
-tokens."""
+pairs of systems, the KV-cache and the log-probability scenarios), and the exact pair
+produces the same greedy tokens."""
 
 from __future__ import annotations
 
@@ -60,6 +60,36 @@ def test_quick_kv_scenarios(tmp_path):
     check_kv_scenarios(results)
 
 
+def check_logprob_scenarios(results: dict) -> None:
+    """The `echo` and `logprobs` keys: both kinds of run, their medians, the ratios."""
+    echo = results["scenarios"]["echo"]["loraquilt"]
+    assert echo["served_dtype"] == "float32" and echo["prefix_cache"] is False
+    assert echo["prompt_tokens"] == [32, 32] and echo["prompts"] == 8  # --quick
+    assert echo["echo"]["runs"] and echo["prefill"]["runs"] and echo["echo"]["generated_tokens"] == 0
+    assert echo["echo"]["logprob_entries"] == 8 * 32 and echo["prefill"]["generated_tokens"] == 8
+    scored = results["scenarios"]["logprobs"]["loraquilt"]
+    assert scored["logprobs"]["generated_tokens"] == scored["plain"]["generated_tokens"] > 0
+    assert scored["logprobs"]["logprob_entries"] == scored["logprobs"]["generated_tokens"]
+    for key in ("echo_over_prefill", "logprobs_over_plain"):
+        assert _positive(results["ratios"][key]), key
+
+
+@pytest.mark.slow  # ~30 s on 2 shared cores: one server
+def test_quick_logprob_scenarios(tmp_path):
+    """`--scenarios echo,logprobs`: one server, only their keys."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "loraquilt", "bench", "serve", "--quick", "--scenarios", "echo,logprobs",
+         "--json", str(out), "--workdir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "echo wall s echo/prefill" in done.stdout and "logprobs 5 tok/s" in done.stdout
+    results = json.loads(out.read_text())
+    assert set(results["scenarios"]) == {"echo", "logprobs"}
+    check_logprob_scenarios(results)
+
+
 @pytest.mark.slow
 def test_quick_bench_serve(tmp_path):
     out = tmp_path / "bench.json"
@@ -112,6 +142,7 @@ def test_quick_bench_serve(tmp_path):
         assert ratios[key] is not None and ratios[key] > 0, key
     assert results["versions"]["torch"] and settings["batch"] > 0
     check_kv_scenarios(results)
+    check_logprob_scenarios(results)
 
 
 @pytest.mark.slow

@@ -130,6 +130,16 @@ def test_ratios_of_the_kv_scenarios():
     assert empty["prefix_ttft_p50_on_over_off"] is None and empty["high_concurrency_over_slots32"] is None
 
 
+def test_ratios_of_the_logprob_scenarios():
+    scenarios = {"echo": {LQ: {"wall_s": 2.4, "prefill_wall_s": 2.0, "echo_over_prefill": 1.2}},
+                 "logprobs": {LQ: {"tokens_per_s": 45.0, "plain_tokens_per_s": 50.0, "logprobs_over_plain": 0.9}}}
+    got = ratios(scenarios)
+    assert got["echo_over_prefill"] == pytest.approx(1.2) and got["logprobs_over_plain"] == pytest.approx(0.9)
+    assert ratios({})["echo_over_prefill"] is None and ratios({})["logprobs_over_plain"] is None
+    for name in ("echo", "logprobs"):
+        assert name in OTHER and name not in THROUGHPUT and name in SCENARIOS
+
+
 def test_kv_scenarios_are_other_scenarios_by_default():
     for name in ("prefix", "high_concurrency"):
         assert name in OTHER and name not in THROUGHPUT and name in SCENARIOS
