@@ -20,6 +20,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -87,6 +88,23 @@ def build_native_library(source: Path, stem: str,
         warn(f"building {source.name} failed ({str(error).strip().splitlines()[-1][:200]})")
         return None
     return library, path, openmp
+
+
+def load_native(source: Path, stem: str, instead: str,
+                signatures: dict[str, tuple[list, object]]) -> tuple[ctypes.CDLL, Path, bool] | None:
+    """`build_native_library` for a kernel family's native module: the warning line ends
+    with what runs instead (`instead`), and each function named in `signatures` gets its
+    (argument types, return type). (library, path, openmp), or None."""
+    def warn(message: str) -> None:
+        print(f"loraquilt: warning: {message}; {instead}", file=sys.stderr, flush=True)
+
+    built = build_native_library(source, stem, warn)
+    if built is None:
+        return None
+    for name, (argtypes, restype) in signatures.items():
+        function = getattr(built[0], name)
+        function.argtypes, function.restype = argtypes, restype
+    return built
 
 
 def _build(compiler: str, flags: list[str], source: Path, stem: str) -> Path:

@@ -16,37 +16,28 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import sys
 import weakref
 from pathlib import Path
 
 import torch
 
 from loraquilt.kernels.attention.cache import check_cache
-from loraquilt.kernels.native_build import build_native_library
+from loraquilt.kernels.native_build import load_native
 
 SOURCE = Path(__file__).with_name("paged_decode.c")
 DTYPES = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_decode_bf16"}
 
 
-def _warn(message: str) -> None:
-    print(f"loraquilt: warning: {message}; using the torch paged decode attention instead",
-          file=sys.stderr, flush=True)
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    built = build_native_library(SOURCE, "paged_decode", _warn)
-    if built is None:
-        return None
-    library = built[0]
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-    for name in DTYPES.values():
-        function = getattr(library, name)
-        function.argtypes = [pointer, pointer, pointer, pointer, i64, pointer, i64, i64, i64, i64, i64, i64,
-                             ctypes.c_float, pointer]
-        function.restype = None
-    return library
+    argtypes = [pointer, pointer, pointer, pointer, i64, pointer, i64, i64, i64, i64, i64, i64, ctypes.c_float,
+                pointer]
+    built = load_native(SOURCE, "paged_decode", "using the torch paged decode attention instead",
+                        {name: (argtypes, None) for name in DTYPES.values()})
+    return None if built is None else built[0]
 
 
 class _LastChecked:

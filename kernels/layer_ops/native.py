@@ -11,33 +11,24 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import sys
 from pathlib import Path
 
 import torch
 
-from loraquilt.kernels.native_build import build_native_library
+from loraquilt.kernels.native_build import load_native
 
 SOURCE = Path(__file__).with_name("layer_ops.c")
 DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _warn(message: str) -> None:
-    print(f"loraquilt: warning: {message}; using torch for RMSNorm and rotary", file=sys.stderr, flush=True)
-
-
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    built = build_native_library(SOURCE, "layer_ops", _warn)
-    if built is None:
-        return None
-    library = built[0]
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    library.layer_add_rms_norm.argtypes = [i64, p, p, p, p, i64, i64, ctypes.c_float]
-    library.layer_add_rms_norm.restype = None
-    library.layer_rotary.argtypes = [i64, p, i64, i64, p, i64, i64, p, p, i64, i64]
-    library.layer_rotary.restype = None
-    return library
+    built = load_native(SOURCE, "layer_ops", "using torch for RMSNorm and rotary", {
+        "layer_add_rms_norm": ([i64, p, p, p, p, i64, i64, ctypes.c_float], None),
+        "layer_rotary": ([i64, p, i64, i64, p, i64, i64, p, p, i64, i64], None),
+    })
+    return None if built is None else built[0]
 
 
 def available() -> bool:

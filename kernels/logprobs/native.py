@@ -10,31 +10,22 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import sys
 from pathlib import Path
 
 import torch
 
-from loraquilt.kernels.native_build import build_native_library
+from loraquilt.kernels.native_build import load_native
 
 SOURCE = Path(__file__).with_name("logprobs.c")
 MAX_TOP = 64  # logprobs.c's bound on k
 
 
-def _warn(message: str) -> None:
-    print(f"loraquilt: warning: {message}; using torch to score log probabilities", file=sys.stderr, flush=True)
-
-
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    built = build_native_library(SOURCE, "logprobs", _warn)
-    if built is None:
-        return None
-    library = built[0]
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    library.score_rows.argtypes = [p, i64, i64, i64, p, i64, p, p, p, p]
-    library.score_rows.restype = None
-    return library
+    built = load_native(SOURCE, "logprobs", "using torch to score log probabilities",
+                        {"score_rows": ([p, i64, i64, i64, p, i64, p, p, p, p], None)})
+    return None if built is None else built[0]
 
 
 def available() -> bool:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 from loraquilt.kernels.host import cpu_flags
-from loraquilt.kernels.native_build import build_native_library
+from loraquilt.kernels.native_build import load_native
 from loraquilt.kernels.nf4.weight import NF4_BLOCKSIZE, DequantScratch, NF4Weight
 
 SOURCE = Path(__file__).with_name("nf4_lora_gemm.c")
@@ -50,22 +49,16 @@ class LoraPartStruct(ctypes.Structure):
                 ("a", ctypes.c_void_p), ("bt", ctypes.c_void_p), ("slot_rank", ctypes.c_void_p)]
 
 
-def _warn(message: str) -> None:
-    print(f"loraquilt: warning: {message}; NF4 projections use dequantize + GEMM instead",
-          file=sys.stderr, flush=True)
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    built = build_native_library(SOURCE, "nf4_lora", _warn)
-    if built is None:
-        return None
-    library = built[0]
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    library.nf4_lora_linear.argtypes = [i64, i64, p, i64, i64, p, p, i64, p, p, i64, p, p, p, p]
-    library.nf4_lora_linear.restype = ctypes.c_int
-    library.nf4_lora_amx_enable.restype = ctypes.c_int
-    return library
+    built = load_native(SOURCE, "nf4_lora", "NF4 projections use dequantize + GEMM instead", {
+        "nf4_lora_linear": ([i64, i64, p, i64, i64, p, p, i64, p, p, i64, p, p, p, p], ctypes.c_int),
+        "nf4_lora_amx_enable": ([], ctypes.c_int),
+    })
+    return None if built is None else built[0]
 
 
 @functools.cache

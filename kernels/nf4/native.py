@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraquilt.kernels.native_build import build_native_library
+from loraquilt.kernels.native_build import load_native
 
 SOURCE = Path(__file__).with_name("nf4_dequant.c")
 
@@ -32,20 +31,12 @@ class NativeKernel:
         self.library.nf4_dequantize_bf16(packed_ptr, absmax_ptr, out_ptr, numel)
 
 
-def _warn(message: str) -> None:
-    print(f"loraquilt: warning: {message}; using bitsandbytes' NF4 dequantize kernel instead",
-          file=sys.stderr, flush=True)
 
 
 @functools.cache
 def native_kernel() -> NativeKernel | None:
     """The compiled kernel, built on first call; None (after one warning line) if it cannot be."""
-    built = build_native_library(SOURCE, "nf4", _warn)
-    if built is None:
-        return None
-    library, path, openmp = built
-    for name, out_type in (("nf4_dequantize_f32", ctypes.c_void_p), ("nf4_dequantize_bf16", ctypes.c_void_p)):
-        function = getattr(library, name)
-        function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, out_type, ctypes.c_int64]
-        function.restype = None
-    return NativeKernel(library, path, openmp)
+    argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    built = load_native(SOURCE, "nf4", "using bitsandbytes' NF4 dequantize kernel instead",
+                        {"nf4_dequantize_f32": (argtypes, None), "nf4_dequantize_bf16": (argtypes, None)})
+    return None if built is None else NativeKernel(*built)
