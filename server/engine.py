@@ -104,7 +104,7 @@ class Engine:
         self.scheduler = Scheduler(SchedulerConfig.from_engine(config), self.blocks)
         self.structured = StructuredOutput(self.tokenizer, model_config.vocab_size, eos_ids,
                                            max_rows=config.max_batch_size)
-        self.runner = ModelRunner(self.model, self.cache, self.slots, end_ids=lambda: self.eos_ids,
+        self.runner = ModelRunner(self.model, self.cache, self.slots, end_ids=frozenset(eos_ids),
                                   structured=self.structured)
         self.postprocessor = Postprocessor(self.tokenizer, eos_ids, self.max_seq_len)
         self._lock = threading.RLock()
@@ -123,7 +123,6 @@ class Engine:
     def eos_ids(self) -> frozenset[int]:
         """Token ids that end a generation (unless a request ignores them)."""
         return self.postprocessor.eos_ids
-
 
     # -- adapters -------------------------------------------------------------------------
 
@@ -220,6 +219,8 @@ class Engine:
         """The step's tokens (and scored prompt tokens) into the sequences; filled blocks
         sealed; finished ones released."""
         outputs = []
+        asked = [token.logprob for token in result.tokens if token is not None and token.logprob is not None]
+        decoded = dict(zip(map(id, asked), self.postprocessor.all_with_texts(asked))) if asked else {}  # one decode
         for seq, token, scored in zip(sequences, result.tokens, result.scored):
             if scored is not None and scored.entries is not None:
                 if scored.start != len(seq.prompt_logprobs):
@@ -242,7 +243,7 @@ class Engine:
                 continue
             seq.append_token(token.token_id)
             if token.logprob is not None:
-                seq.output_logprobs.append(self.postprocessor.with_texts(token.logprob))
+                seq.output_logprobs.append(decoded[id(token.logprob)])
             if not seq.finished:  # an abort may have landed during the forward
                 outputs.append(self.postprocessor.on_token(seq))
         self.scheduler.after_step(seq for seq in sequences if not seq.scrub_cache)

@@ -66,12 +66,9 @@ class Postprocessor:
         seq.finish_reason = FINISH_LENGTH
         return StepOutput(seq.request_id, "", (), self.result(seq), prompt_logprobs=self.prompt_logprobs(seq))
 
-    def with_texts(self, entry: TokenLogprob) -> TokenLogprob:
-        """The entry with its token and alternatives decoded, each on its own."""
-        return self.all_with_texts([entry])[0]
-
     def all_with_texts(self, entries) -> list[TokenLogprob]:
-        """`with_texts` of every entry, in one batch_decode."""
+        """The entries with their tokens and alternatives decoded, each on its own, in one
+        batch_decode."""
         ids = [[token] for entry in entries for token in (entry.token_id, *(t for t, _ in entry.top))]
         texts = iter(self.tokenizer.batch_decode(ids))
         return [replace(entry, text=next(texts), top_texts=tuple(next(texts) for _ in entry.top))

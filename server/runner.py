@@ -6,7 +6,6 @@ scheduler's call, which adapter slots they use is the registry's."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +47,7 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: CausalLM, cache: KVCache, slots: LoraSlots,
-                 end_ids: Callable[[], frozenset[int]] = frozenset, structured: StructuredOutput | None = None):
+                 end_ids: frozenset[int] = frozenset(), structured: StructuredOutput | None = None):
         """end_ids: the model's end-of-sequence ids (masked while a request's min_tokens
         are not reached); structured: the masks of constrained rows (None: no row is)."""
         self.model, self.cache, self.slots = model, cache, slots
@@ -134,7 +133,7 @@ class ModelRunner:
         raw = logits  # log probabilities are of the model's own logits
         if any(param.processes_logits for param in params):  # on a copy (the forward's output is read-only)
             logits = process_logits(logits.clone(), [RowHistory(seq.request.sampling, seq.prompt_ids, seq.output_ids)
-                                                     for seq in sampled], self.end_ids())
+                                                     for seq in sampled], self.end_ids)
         if bitmask is not None:  # the constraints' masks, after the processing, on a copy too
             logits = logits.clone() if logits is raw else logits
             apply_masks(logits, [row for row, seq in enumerate(sampled) if seq.matcher is not None], bitmask)

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import openai
 import pytest
+from fixtures_http import openai_client
 from fixtures_live import BASE_ID, start_live, stop_live
 
 from loraquilt.v1 import loraquilt_pb2 as pb
@@ -28,8 +29,7 @@ def live(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def oai(live):
-    with openai.OpenAI(base_url=f"http://127.0.0.1:{live.server.http_port}/v1", api_key="unused",
-                       max_retries=0, timeout=60) as client:
+    with openai_client(live.server) as client:
         yield client
 
 
@@ -90,8 +90,7 @@ def test_chat_logprobs_sync_stream_and_async(live, oai):
     assert values == pytest.approx([e.logprob for e in content], abs=1e-6)
 
     async def asynchronous():
-        async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{live.server.http_port}/v1", api_key="unused",
-                                      max_retries=0, timeout=60) as client:
+        async with openai_client(live.server, asynchronous=True) as client:
             return await client.chat.completions.create(model="a1", messages=messages, max_tokens=5, temperature=0,
                                                         logprobs=True, top_logprobs=1,
                                                         extra_body={"ignore_eos": True})

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-import openai
 import pytest
+from fixtures_http import openai_client
 from fixtures_live import BASE_ID, start_live, stop_live
 
 from loraquilt.server.request import Request
@@ -27,14 +27,9 @@ def live(tmp_path_factory):
     stop_live(live)
 
 
-def client(live) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"http://127.0.0.1:{live.server.http_port}/v1", api_key="unused", max_retries=0,
-                         timeout=60)
-
-
 @pytest.fixture(scope="module")
 def oai(live):
-    with client(live) as opened:
+    with openai_client(live.server) as opened:
         yield opened
 
 
@@ -104,8 +99,7 @@ def test_echo_with_a_completion_sync_async_and_streamed(live, oai, scored, promp
     assert choice.logprobs.token_logprobs[-3:] == pytest.approx([e.logprob for e in scored.logprobs], abs=1e-5)
 
     async def asynchronous():
-        async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{live.server.http_port}/v1", api_key="unused",
-                                      max_retries=0, timeout=60) as opened:
+        async with openai_client(live.server, asynchronous=True) as opened:
             return await opened.completions.create(**options)
 
     assert asyncio.run(asynchronous()).choices[0].logprobs.token_logprobs == \

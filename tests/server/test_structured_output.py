@@ -15,6 +15,7 @@ import grpc
 import jsonschema
 import openai
 import pytest
+from fixtures_http import openai_client
 from fixtures_live import BASE_ID, start_live, stop_live
 
 from loraquilt.server.request import Constraint, RequestError
@@ -85,8 +86,7 @@ def live(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def oai(live):
-    with openai.OpenAI(base_url=f"http://127.0.0.1:{live.server.http_port}/v1", api_key="unused",
-                       max_retries=0, timeout=120) as client:
+    with openai_client(live.server, timeout=120) as client:
         yield client
 
 

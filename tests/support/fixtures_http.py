@@ -38,9 +38,11 @@ def start(base, adapter_root, *, engine=None, **server) -> RunningServer:
     return RunningServer(Engine(engine or engine_config(base)), ServerConfig(**{**settings, **server}))
 
 
-def openai_client(server, **options) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key=options.pop("api_key", "unused"),
-                         max_retries=0, timeout=60, **options)
+def openai_client(server, *, asynchronous: bool = False, **options):
+    """The real `openai` client (AsyncOpenAI with asynchronous=True) on a server's HTTP API."""
+    options = {"api_key": "unused", "max_retries": 0, "timeout": 60, **options}
+    factory = openai.AsyncOpenAI if asynchronous else openai.OpenAI
+    return factory(base_url=f"http://127.0.0.1:{server.http_port}/v1", **options)
 
 
 def http(server, method: str, path: str, body=None, headers=None, raw: bytes | None = None):

@@ -8,9 +8,8 @@ import asyncio
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-import openai
 import pytest
-from fixtures_http import BASE_ID, NEW_TOKENS, PROMPTS, http
+from fixtures_http import BASE_ID, NEW_TOKENS, PROMPTS, http, openai_client
 
 
 # -- answers -----------------------------------------------------------------------------
@@ -143,8 +142,7 @@ def test_async_client_completion_and_streaming_chat(world, oai):
     server = world[2]
 
     async def main():
-        async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key="unused",
-                                      max_retries=0, timeout=60) as client:
+        async with openai_client(server, asynchronous=True) as client:
             completion, stream = await asyncio.gather(
                 client.completions.create(model="a6", prompt="Rain falls on", max_tokens=NEW_TOKENS, temperature=0),
                 client.chat.completions.create(model="a7", messages=[{"role": "user", "content": "Seven"}],
