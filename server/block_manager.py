@@ -22,6 +22,10 @@ Semantics:
   the logits of the first new token. A caller may cap the positions served from the cache
   further (`max_cached_tokens`: a request scoring its prompt needs the logits of every
   position it has not scored yet, so the cache may serve only those it has).
+- A table may be forked (several choices of one prompt): the copy references the same full
+  blocks and gets a block of its own for the one its next position falls in, into which
+  the caller copies that block's written positions (copy-on-write, done at the fork since
+  every choice writes its own tokens there next).
 """
 
 from __future__ import annotations
@@ -149,6 +153,28 @@ class BlockManager:
             raise NoFreeBlocks(f"{missing} more blocks needed, {self.available()} available")
         for _ in range(missing):
             table.block_ids.append(self._take())
+
+    def fork(self, table: BlockTable, num_written: int) -> tuple[BlockTable, tuple[int, int] | None]:
+        """A copy of `table`, whose first `num_written` positions hold KV and whose next
+        position (num_written) is its last one: the full blocks before that position are
+        shared, the block it falls in is a fresh one. Returns the copy and (source block,
+        fresh block) when the source holds written positions the caller must copy (None when
+        the position starts a block). Raises NoFreeBlocks, taking nothing, when no block is left."""
+        size = self.block_size
+        shared = num_written // size
+        if len(table.block_ids) != shared + 1:
+            raise ValueError(f"a fork needs the table to end at position {num_written}; it has "
+                             f"{len(table.block_ids)} blocks of {size}")
+        if not self.available():
+            raise NoFreeBlocks("no block left for a forked table")
+        for block_id in table.block_ids[:shared]:
+            self._reference(block_id)
+        fresh = self._take()
+        # only full written blocks are sealed, so the seals are all among the shared blocks
+        copy = BlockTable(block_ids=[*table.block_ids[:shared], fresh], cached_tokens=table.cached_tokens,
+                          sealed=table.sealed, last_hash=table.last_hash, adapter_key=table.adapter_key)
+        source = (table.block_ids[shared], fresh) if num_written % size else None
+        return copy, source
 
     def seal_full_blocks(self, table: BlockTable, token_ids: list[int] | tuple[int, ...],
                          num_written: int | None = None) -> None:

@@ -21,6 +21,11 @@ A constrained request (structured output) gets its matcher in add_request, where
 constraint is compiled (or found in the cache) off the engine lock; an invalid one is a
 RequestError before anything is queued. Each step's masks are computed while its forward
 runs (server/structured_output.py).
+
+A request for several choices (n > 1, best_of) is one sequence per choice, made here: the
+first prefills the prompt, the others fork from it (server/scheduler.py), each gets its
+own lease on the same adapter slots; the last to end gives the request's result
+(server/choices.py). One choice failing fails the request and stops the others.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from pathlib import Path
 from loraquilt.server.adapters.registry import Acquired, AdapterRecord, AdapterRegistry, Lease, RegistryEvents
 from loraquilt.server.adapters.slots import LoraSlots, SlotConfig
 from loraquilt.server.block_manager import BlockManager
+from loraquilt.server.choices import ChoiceGroup
 from loraquilt.server.cpu_contention import EngineThreads
 from loraquilt.server.engine_config import EngineConfig
 from loraquilt.server.model.kv_cache import KVCache, kv_bytes_per_position, plan_kv_cache
@@ -168,8 +174,21 @@ class Engine:
         for name, _ in request.adapter_weights:
             self.adapters.get(name)  # UnknownAdapter now rather than at admission
         sequence = Sequence(request=request, prompt_ids=prompt_ids)
+        members = [sequence]
+        if sampling.num_sequences > 1:
+            if sampling.num_sequences > self.config.max_batch_size:
+                raise RequestError("best_of" if sampling.best_of else "n",
+                                   f"{sampling.num_sequences} choices; a batch holds {self.config.max_batch_size} "
+                                   "sequences (--max-batch-size)")
+            sequence.forks = [Sequence(request=request, prompt_ids=prompt_ids, index=index)
+                              for index in range(1, sampling.num_sequences)]
+            members += sequence.forks
+            group = ChoiceGroup(members=members, keep=sampling.n, ranked=sampling.ranks_choices)
+            for member in members:
+                member.group = group
         if sampling.constraint is not None:  # compiled (or cached) here, off the lock; RequestError if invalid
-            sequence.matcher = self.structured.matcher(sampling.constraint)
+            for member in members:
+                member.matcher = self.structured.matcher(sampling.constraint)
         with self._lock:
             self.scheduler.add(sequence)
         self._progress.set()
@@ -195,6 +214,12 @@ class Engine:
             outputs = self._apply_aborts()
             plan = self.scheduler.schedule(self._try_admit)
             outputs += [StepOutput(seq.request_id, "", (), error=seq.error) for seq in plan.rejected]
+            self._fail_groups(plan.rejected)
+            for child in plan.forked:  # a lease of its own on the slots the choice it forked from holds
+                parent = child.group.members[0]
+                if parent.adapter_lease is not None:
+                    child.adapter_lease = self.adapters.share(parent.adapter_lease)
+                    child.adapter_slots = list(parent.adapter_slots)
             waiting = bool(self.scheduler.waiting)
         if not plan:
             if waiting and not outputs:  # only requests whose adapters are being read: no busy loop
@@ -202,6 +227,7 @@ class Engine:
             return outputs
         self.last_batch_size = len(plan.sequences)
         try:
+            self.cache.copy_blocks(list(plan.kv_copies))  # forked choices' own copies of a partly written block
             result = self.runner.execute(plan.decodes, plan.prefills)
         except Exception as error:  # fail this step's requests only; the engine goes on
             failure = EngineStepError(f"engine step failed: {type(error).__name__}: {error}")
@@ -209,6 +235,7 @@ class Engine:
                 for seq in plan.sequences:
                     seq.finish_reason, seq.error, seq.scrub_cache = "error", failure, True
                     outputs.append(StepOutput(seq.request_id, "", (), error=failure))
+                self._fail_groups(plan.sequences)
                 self._release_finished()
             return outputs
         with self._lock:
@@ -247,6 +274,7 @@ class Engine:
             if not seq.finished:  # an abort may have landed during the forward
                 outputs.append(self.postprocessor.on_token(seq))
         self.scheduler.after_step(seq for seq in sequences if not seq.scrub_cache)
+        self._fail_groups([seq for seq in sequences if seq.error is not None])
         self._release_finished()
         return outputs
 
@@ -303,19 +331,38 @@ class Engine:
     def _apply_aborts(self) -> list[StepOutput]:
         outputs = []
         for request_id in self._aborted:
-            waiting = self.scheduler.remove_waiting(request_id)
-            if waiting is not None:
-                self._release_adapters(waiting)  # a preempted sequence keeps its slots while it waits
-            seq = waiting or self.scheduler.find_running(request_id)
-            if seq is not None and seq.adapter_hold is not None:  # it waited for a read from disk
-                self.adapters.release_hold(seq.adapter_hold)
-                seq.adapter_hold = None
-            if seq is not None and not seq.finished:
-                seq.finish_reason = FINISH_CANCELLED
-                outputs.append(StepOutput(request_id, "", (), self.postprocessor.result(seq)))
+            sequences = self._remove_waiting(request_id) + self.scheduler.find_running(request_id)
+            live = [seq for seq in sequences if not seq.finished]
+            if live:  # every choice of it: the request's one final output
+                for seq in live:
+                    seq.finish_reason = FINISH_CANCELLED
+                outputs.append(self.postprocessor.cancelled(live[0]))
         self._aborted.clear()
         self._release_finished()
         return outputs
+
+    def _remove_waiting(self, request_id: str) -> list[Sequence]:
+        """Take a request's sequences out of the queue, with what they hold."""
+        sequences = self.scheduler.remove_waiting(request_id)
+        for seq in sequences:
+            self._release_adapters(seq)  # a preempted sequence keeps its slots while it waits
+            if seq.adapter_hold is not None:  # it waited for a read from disk
+                self.adapters.release_hold(seq.adapter_hold)
+                seq.adapter_hold = None
+        return sequences
+
+    def _fail_groups(self, failed) -> None:
+        """A choice failed: so did its request; its other choices stop (no output: the
+        request's failure was reported)."""
+        for seq in failed:
+            group = seq.group
+            if group is None or group.failed:
+                continue
+            group.failed = True
+            self._remove_waiting(seq.request_id)
+            for member in group.members:
+                if not member.finished:
+                    member.finish_reason, member.error = "error", seq.error
 
     def _release_finished(self) -> None:
         for seq in self.scheduler.remove_finished():

@@ -10,7 +10,7 @@ from dataclasses import replace
 from loraquilt.server.detokenizer import IncrementalDetokenizer
 from loraquilt.server.logits_processing import TokenLogprob
 from loraquilt.server.request import (
-    FINISH_EOS, FINISH_LENGTH, FINISH_STOP, GenerationResult, StepOutput,
+    FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, GenerationResult, StepOutput,
 )
 from loraquilt.server.sequence import Sequence
 from loraquilt.server.structured_output import Accepted
@@ -58,13 +58,37 @@ class Postprocessor:
             seq.finish_reason = FINISH_STOP
         logprobs = (seq.output_logprobs[-1],) if params.logprobs is not None and seq.output_logprobs else ()
         first = len(seq.output_ids) == 1  # the first output carries the prompt's entries
-        return StepOutput(seq.request_id, new_text, (token,), self.result(seq) if seq.finished else None,
-                          new_logprobs=logprobs, prompt_logprobs=self.prompt_logprobs(seq) if first else ())
+        return self._output(seq, new_text, (token,), logprobs, self.prompt_logprobs(seq) if first else ())
 
     def prompt_only(self, seq: Sequence) -> StepOutput:
         """A request generating no token (max_new_tokens 0) whose prompt is scored: done."""
         seq.finish_reason = FINISH_LENGTH
-        return StepOutput(seq.request_id, "", (), self.result(seq), prompt_logprobs=self.prompt_logprobs(seq))
+        return self._output(seq, "", (), (), self.prompt_logprobs(seq))
+
+    def _output(self, seq: Sequence, text: str, token_ids: tuple[int, ...], logprobs: tuple,
+                prompt_logprobs: tuple) -> StepOutput:
+        """A step's output of one sequence; once it ended, its result: for one choice of
+        several, the choice's result, and the request's too when it was the last to end."""
+        result = self.result(seq) if seq.finished else None
+        finished = result
+        if seq.group is not None and result is not None:
+            finished = seq.group.record(seq.index, result, seq.output_logprobs)
+        return StepOutput(seq.request_id, text, token_ids, finished, new_logprobs=logprobs,
+                          prompt_logprobs=prompt_logprobs, index=seq.index, choice_finished=result)
+
+    def cancelled(self, seq: Sequence) -> StepOutput:
+        """The request of `seq` was cancelled: its final output (every choice of it that had
+        not ended ends cancelled, with what it generated so far)."""
+        if seq.group is None:
+            seq.finish_reason = FINISH_CANCELLED
+            result = self.result(seq)
+            return StepOutput(seq.request_id, "", (), result, choice_finished=result)
+        group, finished = seq.group, None
+        for member in group.members:
+            if not group.recorded(member.index):
+                member.finish_reason = member.finish_reason or FINISH_CANCELLED
+                finished = group.record(member.index, self.result(member), member.output_logprobs) or finished
+        return StepOutput(seq.request_id, "", (), finished)
 
     def all_with_texts(self, entries) -> list[TokenLogprob]:
         """The entries with their tokens and alternatives decoded, each on its own, in one
@@ -105,6 +129,7 @@ class Postprocessor:
             finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt_ids),
             completion_tokens=len(seq.output_ids),
             queue_seconds=(seq.admitted_time or time.monotonic()) - seq.arrival_time,
-            cached_tokens=seq.num_cached_tokens, logprobs=tuple(seq.output_logprobs),
-            prompt_logprobs=self.prompt_logprobs(seq),
+            cached_tokens=seq.num_cached_tokens,
+            logprobs=tuple(seq.output_logprobs) if seq.request.sampling.logprobs is not None else (),
+            prompt_logprobs=self.prompt_logprobs(seq), index=seq.index,
         )

@@ -20,6 +20,7 @@ MAX_STOP_TOKEN_IDS = 64
 CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")
 MAX_CONSTRAINT_CHARS = 65536  # a schema's, regex's or grammar's text
 MAX_CHOICES = 256
+MAX_N = 16  # choices (n, best_of) of one request
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _ids = itertools.count()
 
@@ -135,10 +136,16 @@ class SamplingParams:
     # -- log probabilities, of the model's raw logits (before the processing above)
     logprobs: int | None = None  # None: none; k: each generated token's and its top-k alternatives'
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (from the prefill)
+    # -- several choices from one prompt (server/choices.py): best_of sequences share the
+    # prompt's prefill, each samples with its own random stream (seed + its index); the n
+    # with the highest mean token log probability are returned (all of them when best_of is unset)
+    n: int = 1
+    best_of: int | None = None
 
     def __post_init__(self) -> None:
         self._check_sampling()
         self._check_processing()
+        self._check_choices()
 
     def _check_sampling(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
@@ -198,6 +205,33 @@ class SamplingParams:
         if self.constraint is not None and self.min_tokens:
             raise RequestError("min_tokens", "cannot be combined with structured output (the constraint "
                                              "decides where the output ends)")
+
+    def _check_choices(self) -> None:
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
+            raise RequestError("n", f"must be an integer in [1, {MAX_N}], got {self.n!r}")
+        if self.best_of is not None and (isinstance(self.best_of, bool) or not isinstance(self.best_of, int)
+                                         or not self.n <= self.best_of <= MAX_N):
+            raise RequestError("best_of", f"must be an integer in [n, {MAX_N}] (n = {self.n}), got {self.best_of!r}")
+        if self.num_sequences > 1 and self.max_new_tokens == 0:
+            raise RequestError("n", "several choices need max_new_tokens >= 1 (a prompt-only request has one)")
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences sampled for the request: best_of, else n."""
+        return self.best_of or self.n
+
+    @property
+    def ranks_choices(self) -> bool:
+        """Whether the returned choices are picked among more sampled ones (best_of > n)."""
+        return self.num_sequences > self.n
+
+    @property
+    def token_logprobs_top(self) -> int | None:
+        """Alternatives to score per generated token (None: none): the request's logprobs,
+        or 0 when its choices are ranked by their tokens' log probabilities."""
+        if self.logprobs is not None:
+            return self.logprobs
+        return 0 if self.ranks_choices else None
 
     @property
     def processes_logits(self) -> bool:
@@ -283,6 +317,16 @@ class GenerationResult:
     # TokenLogprob per prompt token when the request asked for prompt_logprobs: the first
     # one's logprob is None (nothing predicts it), the others' are scored by the prefill
     prompt_logprobs: tuple = ()
+    index: int = 0  # which choice of its request this is (n > 1)
+    # n > 1: every returned choice (each a GenerationResult with its index; the fields above
+    # are then the first choice's, completion_tokens counts every sampled sequence's tokens
+    # and prompt_tokens the prompt once); () for a single choice
+    choices: tuple = ()
+
+    @property
+    def all_choices(self) -> tuple:
+        """The returned choices: `choices`, or this result alone."""
+        return self.choices or (self,)
 
 
 @dataclass(frozen=True)
@@ -296,3 +340,5 @@ class StepOutput:
     new_logprobs: tuple = ()  # TokenLogprob of each new token, when the request asked for them
     prompt_logprobs: tuple = ()  # the request's first output: GenerationResult.prompt_logprobs
     error: Exception | None = None  # the request failed; no result follows
+    index: int = 0  # the choice these tokens belong to (n > 1)
+    choice_finished: GenerationResult | None = None  # that choice ended (with n = 1: `finished`)

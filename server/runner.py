@@ -127,9 +127,9 @@ class ModelRunner:
         finite = torch.isfinite(logits.sum(dim=-1)).tolist()  # [N]
         for seq in sampled:
             if seq.generator is None and not seq.request.sampling.greedy:
-                seq.generator = new_generator(seq.request.sampling.seed)
+                seq.generator = new_generator(seq.seed)
         params = [seq.request.sampling for seq in sampled]
-        tops = [param.logprobs for param in params]
+        tops = [param.token_logprobs_top for param in params]
         raw = logits  # log probabilities are of the model's own logits
         if any(param.processes_logits for param in params):  # on a copy (the forward's output is read-only)
             logits = process_logits(logits.clone(), [RowHistory(seq.request.sampling, seq.prompt_ids, seq.output_ids)

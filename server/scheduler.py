@@ -22,6 +22,12 @@ Head of line: a waiting sequence whose adapters are still being read from disk
 meanwhile, so a disk read never holds up requests whose adapters are in memory; among
 everything else the order stays first come first served (WAIT, resources busy, stops
 admission for the step; a prompt never overtakes an earlier one for budget reasons).
+
+Several choices of one prompt (n > 1): the request's sequence is admitted with room for
+all of them (`Sequence.width` rows of the batch, and a block per choice beyond its
+prompt's), prefills its prompt but the last token, and is then forked here: every other
+choice gets a copy of its block table (sharing the full blocks; the partly written one
+is copied, `StepPlan.kv_copies`) and from then on runs as a sequence of its own.
 """
 
 from __future__ import annotations
@@ -65,6 +71,8 @@ class StepPlan:
     decodes: tuple[Sequence, ...]
     prefills: tuple[Sequence, ...]  # each with num_scheduled_tokens set: this step's chunk
     rejected: tuple[Sequence, ...] = ()
+    forked: tuple[Sequence, ...] = ()  # choices forked this step (the engine gives them their adapter leases)
+    kv_copies: tuple[tuple[int, int], ...] = ()  # (source, destination) KV blocks to copy before the forward
 
     @property
     def sequences(self) -> tuple[Sequence, ...]:
@@ -117,19 +125,24 @@ class Scheduler:
             else:
                 self.blocks.append(seq.block_table, seq.num_tokens)
                 decodes.append(seq)
+        forked: list[Sequence] = []
+        copies: list[tuple[int, int]] = []
+        for seq in list(self.running):
+            if seq.forks and not seq.finished and seq.num_computed_tokens >= seq.fork_at:
+                self._fork(seq, forked, copies)  # when the pool has no block for them, next step
         budget = self.config.max_prefill_tokens
         prefills: list[Sequence] = []
         for seq in self.running:  # chunks of sequences already admitted continue first
             if budget == 0:
                 break
-            if not seq.prefilled and not seq.finished:
+            if not seq.prefilled and not seq.finished and seq.schedulable_tokens:
                 budget -= self._schedule_chunk(seq, budget)
                 prefills.append(seq)
         rejected: list[Sequence] = []
         deferred: list[Sequence] = []
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_batch_size:
+        while self.waiting and budget > 0 and self.width + self.waiting[0].width <= self.config.max_batch_size:
             candidate = self.waiting[0]
-            if not self.blocks.can_allocate(candidate.num_tokens, reserve=len(self.running)):
+            if not self.blocks.can_allocate(candidate.num_tokens, reserve=len(self.running) + candidate.width - 1):
                 break  # the pool is full: wait for blocks to free (never for a lone sequence)
             self.waiting.popleft()
             verdict = try_admit(candidate)
@@ -146,10 +159,41 @@ class Scheduler:
                                                          candidate.max_cached_tokens)
             candidate.num_computed_tokens = candidate.num_cached_tokens = candidate.block_table.cached_tokens
             self.running.append(candidate)
-            budget -= self._schedule_chunk(candidate, budget)
-            prefills.append(candidate)
+            admitted = [candidate]
+            if candidate.forks and candidate.num_computed_tokens >= candidate.fork_at:  # nothing left to share
+                admitted += self._fork(candidate, forked, copies)
+            for seq in admitted:
+                if budget > 0 and seq.schedulable_tokens:
+                    budget -= self._schedule_chunk(seq, budget)
+                    prefills.append(seq)
         self.waiting.extendleft(reversed(deferred))  # back at the front, in arrival order
-        return StepPlan(decodes=tuple(decodes), prefills=tuple(prefills), rejected=tuple(rejected))
+        return StepPlan(decodes=tuple(decodes), prefills=tuple(prefills), rejected=tuple(rejected),
+                        forked=tuple(forked), kv_copies=tuple(copies))
+
+    @property
+    def width(self) -> int:
+        """Rows of the batch the running sequences stand for (with choices still to fork)."""
+        return sum(seq.width for seq in self.running)
+
+    def _fork(self, parent: Sequence, forked: list[Sequence], copies: list[tuple[int, int]]) -> list[Sequence]:
+        """Start the choices waiting on `parent`, whose prompt but the last token is in the
+        cache: each gets a fork of its block table and goes right after it in the running
+        order. Returns them ([] when the pool lacks a block each: it tries again next step)."""
+        children = parent.forks
+        if self.blocks.available() < len(children):
+            return []
+        for child in children:
+            child.block_table, copy = self.blocks.fork(parent.block_table, parent.num_computed_tokens)
+            if copy is not None:
+                copies.append(copy)
+            child.num_computed_tokens, child.num_cached_tokens = parent.num_computed_tokens, parent.num_cached_tokens
+            child.adapter_key, child.admitted_time = parent.adapter_key, parent.admitted_time
+            child.prompt_logprobs = list(parent.prompt_logprobs)  # it scored every prompt token
+        at = self.running.index(parent) + 1
+        self.running[at:at] = children
+        parent.forks = []
+        forked.extend(children)
+        return children
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -174,7 +218,7 @@ class Scheduler:
 
     @staticmethod
     def _schedule_chunk(seq: Sequence, budget: int) -> int:
-        seq.num_scheduled_tokens = min(seq.remaining_tokens, budget)
+        seq.num_scheduled_tokens = min(seq.schedulable_tokens, budget)
         return seq.num_scheduled_tokens
 
     def remove_finished(self) -> list[Sequence]:
@@ -182,12 +226,13 @@ class Scheduler:
         self.running = [seq for seq in self.running if not seq.finished]
         return done
 
-    def remove_waiting(self, request_id: str) -> Sequence | None:
-        for seq in self.waiting:
-            if seq.request_id == request_id:
-                self.waiting.remove(seq)
-                return seq
-        return None
+    def remove_waiting(self, request_id: str) -> list[Sequence]:
+        """Take a request's sequences (its choices) out of the queue."""
+        found = [seq for seq in self.waiting if seq.request_id == request_id]
+        for seq in found:
+            self.waiting.remove(seq)
+        return found
 
-    def find_running(self, request_id: str) -> Sequence | None:
-        return next((seq for seq in self.running if seq.request_id == request_id), None)
+    def find_running(self, request_id: str) -> list[Sequence]:
+        """A request's running sequences (its choices)."""
+        return [seq for seq in self.running if seq.request_id == request_id]

@@ -11,6 +11,13 @@ logits of its positions: position p scores prompt token p + 1. `prompt_logprobs`
 position order and is never recomputed: after a preemption the recomputed chunks score
 only the positions past it, and at admission the prefix cache may serve only positions
 already scored (`max_cached_tokens`), so no entry is lost or doubled.
+
+A request sampling several choices (n > 1, best_of) starts as one sequence, choice 0,
+holding the others unstarted in `forks`: it prefills every prompt token but the last
+(`fork_at`) alone; then the scheduler forks it (the others get copies of its block table,
+sharing its full blocks) and each feeds the last prompt token itself, so each draws its
+first token with its own random stream. Until then it counts as `width` sequences of the
+batch.
 """
 
 from __future__ import annotations
@@ -45,6 +52,9 @@ class Sequence:
     detokenizer: Any = None  # the postprocessor's IncrementalDetokenizer (made at the first token)
     generator: Any = None  # random stream of a sampled request (made by the runner at its first draw)
     matcher: Any = None  # a constrained request's structured_output.RowMatcher (has accepted output_ids)
+    index: int = 0  # which choice of its request it samples (n > 1)
+    group: Any = None  # the choices.ChoiceGroup of a request sampling several choices
+    forks: list = field(default_factory=list)  # the other choices' sequences, until they fork from this one
     arrival_time: float = field(default_factory=time.monotonic)
     admitted_time: float | None = None
 
@@ -63,6 +73,31 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def width(self) -> int:
+        """Rows of the batch it stands for: itself and the choices still to fork from it."""
+        return 1 + len(self.forks)
+
+    @property
+    def seed(self) -> int | None:
+        """Its random stream's seed: the request's, offset by the choice index (so choices
+        differ, and a seeded request's choices repeat)."""
+        seed = self.request.sampling.seed
+        return None if seed is None else (seed + self.index) % 2**64
+
+    @property
+    def fork_at(self) -> int | None:
+        """Computed tokens after which it forks (every prompt token but the last), or None
+        when nothing forks from it."""
+        return len(self.prompt_ids) - 1 if self.forks else None
+
+    @property
+    def schedulable_tokens(self) -> int:
+        """Tokens the next chunks may feed: up to the fork point while it has forks to make,
+        else every remaining one."""
+        end = self.fork_at if self.forks else self.num_tokens
+        return end - self.num_computed_tokens
 
     @property
     def remaining_tokens(self) -> int:

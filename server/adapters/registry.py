@@ -253,6 +253,15 @@ class AdapterRegistry:
         with self._lock:
             self.host.release(hold)
 
+    def share(self, lease: Lease) -> Lease:
+        """Another lease on the same pinned slots (a choice forked from the request that
+        holds `lease`); each is released on its own."""
+        with self._lock:
+            slots = self.device.pin(list(lease.records))
+        if slots != lease.slots:  # pinned slots never move
+            raise AssertionError(f"shared lease got slots {slots}, the lease holds {lease.slots}")
+        return Lease(slots=slots, records=lease.records)
+
     def release(self, lease: Lease) -> None:
         with self._lock:
             self.device.unpin(list(lease.records))

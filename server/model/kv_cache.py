@@ -85,6 +85,15 @@ class KVCache:
             self.keys[:, index] = 0
             self.values[:, index] = 0
 
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole blocks, (source, destination) pairs, in every layer: a forked table's
+        own copy of a partly written block."""
+        if pairs:
+            source, destination = (torch.tensor(ids, dtype=torch.int64, device=self.keys.device)
+                                   for ids in zip(*pairs))
+            self.keys[:, destination] = self.keys[:, source]
+            self.values[:, destination] = self.values[:, source]
+
     @property
     def num_bytes(self) -> int:
         return 2 * self.keys.numel() * self.keys.element_size()

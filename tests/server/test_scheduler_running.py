@@ -73,10 +73,10 @@ def test_remove_waiting():
     a, b, c = (make_sequence(request_id=name) for name in ("a", "b", "c"))
     for seq in (a, b, c):
         scheduler.add(seq)
-    assert scheduler.remove_waiting("b") is b
+    assert scheduler.remove_waiting("b") == [b]
     assert list(scheduler.waiting) == [a, c]
-    assert scheduler.remove_waiting("b") is None
-    assert scheduler.remove_waiting("unknown") is None
+    assert scheduler.remove_waiting("b") == []
+    assert scheduler.remove_waiting("unknown") == []
 
 
 def test_remove_waiting_ignores_running_sequences():
@@ -84,7 +84,7 @@ def test_remove_waiting_ignores_running_sequences():
     seq = make_sequence(request_id="r")
     scheduler.add(seq)
     scheduler.schedule(admit_all)
-    assert scheduler.remove_waiting("r") is None
+    assert scheduler.remove_waiting("r") == []
     assert scheduler.running == [seq]
 
 
@@ -94,6 +94,6 @@ def test_find_running():
     scheduler.add(running)
     scheduler.add(waiting)
     scheduler.schedule(admit_all)
-    assert scheduler.find_running("run") is running
-    assert scheduler.find_running("wait") is None
-    assert scheduler.find_running("unknown") is None
+    assert scheduler.find_running("run") == [running]
+    assert scheduler.find_running("wait") == []
+    assert scheduler.find_running("unknown") == []
