@@ -49,13 +49,16 @@ def with_bearer(metadata: list[tuple[str, str]] | None, token: str | None) -> li
 def build_request(prompt: str, *, adapter: str = "", mix: Mix = None, max_new_tokens: int = 0,
                   temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0, seed: int | None = None,
                   stop: list[str] | tuple[str, ...] = (), chat: bool = False,
-                  ignore_eos: bool = False) -> pb.GenerateRequest:
+                  ignore_eos: bool = False, **fields) -> pb.GenerateRequest:
+    """fields: any other GenerateRequest field by its proto name (n, best_of, logprobs,
+    prompt_logprobs, logit_bias, min_tokens, the penalties, min_p, stop_token_ids,
+    json_schema, json_object, regex, grammar); ValueError names an unknown one."""
     entries = list(mix.items()) if isinstance(mix, Mapping) else list(mix or [])
     request = pb.GenerateRequest(
         prompt=prompt, adapter=adapter,
         adapters=[pb.AdapterWeight(name=name, weight=weight) for name, weight in entries],
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-        stop=list(stop), chat=chat, ignore_eos=ignore_eos,
+        stop=list(stop), chat=chat, ignore_eos=ignore_eos, **fields,
     )
     if seed is not None:
         request.seed = seed

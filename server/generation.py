@@ -28,7 +28,7 @@ from loraquilt.server.scheduler import QueueFull
 
 PROCESSING_FIELDS = frozenset({"logit_bias", "min_tokens", "repetition_penalty", "presence_penalty",
                                "frequency_penalty", "min_p", "stop_token_ids", "logprobs", "prompt_logprobs",
-                               "constraint"})
+                               "constraint", "n", "best_of"})
 
 
 class ErrorKind(enum.Enum):
@@ -104,7 +104,9 @@ class Piece:
     token_ids: tuple[int, ...]
     result: GenerationResult | None = None
     logprobs: tuple = ()  # TokenLogprob per token of token_ids, when the request asked for them
-    prompt_logprobs: tuple = ()  # the first piece: GenerationResult.prompt_logprobs, when asked for
+    prompt_logprobs: tuple = ()  # a choice's first piece: GenerationResult.prompt_logprobs, when asked for
+    index: int = 0  # the choice it belongs to (n > 1)
+    choice_result: GenerationResult | None = None  # that choice ended (with n = 1: `result`)
 
 
 class Generation:
@@ -130,11 +132,10 @@ class Generation:
         if output.finished is not None:
             self._counted = True
             self._owner.count_result(output.finished, self._handle.request)
+        if output.finished is not None or output.choice_finished is not None or output.new_text \
+                or output.new_token_ids:
             return Piece(output.new_text, tuple(output.new_token_ids), output.finished, tuple(output.new_logprobs),
-                         tuple(output.prompt_logprobs))
-        if output.new_text or output.new_token_ids:
-            return Piece(output.new_text, tuple(output.new_token_ids), logprobs=tuple(output.new_logprobs),
-                         prompt_logprobs=tuple(output.prompt_logprobs))
+                         tuple(output.prompt_logprobs), output.index, output.choice_finished)
         return None
 
     def _close(self) -> None:
@@ -226,9 +227,9 @@ class GenerationLayer:
                       stop: tuple[str, ...] = (), ignore_eos: bool = False, **processing) -> Request:
         """The engine Request for these fields (its types check the values; RequestError
         names the first bad field); this layer adds the server's own limits. `processing`:
-        SamplingParams' logits-processing and log-probability fields (logit_bias, min_tokens,
-        repetition_penalty, presence_penalty, frequency_penalty, min_p, stop_token_ids,
-        logprobs, prompt_logprobs)."""
+        SamplingParams' logits-processing, log-probability, constraint and choice fields
+        (logit_bias, min_tokens, repetition_penalty, presence_penalty, frequency_penalty,
+        min_p, stop_token_ids, logprobs, prompt_logprobs, constraint, n, best_of)."""
         unknown = set(processing) - PROCESSING_FIELDS
         if unknown:
             raise TypeError(f"build_request() got unexpected fields {sorted(unknown)}")
@@ -245,9 +246,12 @@ class GenerationLayer:
              on_close: Callable[[], None] | None = None) -> Generation:
         """Submit to the engine loop. stream=False delivers only the result (one wake-up);
         asynchronous=True: iterate it with `async for` on the calling asyncio loop.
-        A refusal (unknown adapter, queue full, shutting down) is counted and raised as
-        GenerationError; on_close then runs at once."""
+        A refusal (unknown adapter, queue full, shutting down, best_of streamed) is counted
+        and raised as GenerationError; on_close then runs at once."""
         try:
+            if stream and request.sampling.ranks_choices:
+                raise RequestError("best_of", "cannot be streamed: the choices returned are known only "
+                                              "once every sampled one has ended")
             handle = (self.loop.submit_async if asynchronous else self.loop.submit)(request, stream=stream)
         except Exception as error:
             if on_close is not None:

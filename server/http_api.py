@@ -264,24 +264,27 @@ def build_app(backend, config: HttpConfig, http_requests=None, is_serving=lambda
 
 
 async def _events(generation, shape: ResponseShape, include_usage: bool, chat: bool):
-    """The event stream of one generation; a failure after the start is an error event.
-    Cancelled with the response when the client disconnects: the iteration's end frees
-    the sequence."""
-    first = True
+    """The event stream of one generation: chunks of each choice (`index`), a choice's
+    finish chunk when it ends, the usage after the last; a failure after the start is an
+    error event. Cancelled with the response when the client disconnects: the iteration's
+    end frees the sequences."""
+    started, ended = set(), set()
     try:
         async for piece in generation:
+            index = piece.index
+            if piece.text or index not in started or piece.logprobs:  # a token held back from the text still has its logprob
+                yield _sse(shape.chunk(piece.text, first=index not in started, logprobs=piece.logprobs,
+                                       prompt_logprobs=piece.prompt_logprobs, index=index))
+                started.add(index)
+            if piece.choice_result is not None:
+                yield _sse(shape.chunk("", piece.choice_result, index=index))
+                ended.add(index)
             if piece.result is not None:
-                if piece.text or first or piece.logprobs:
-                    yield _sse(shape.chunk(piece.text, first=first, logprobs=piece.logprobs,
-                                           prompt_logprobs=piece.prompt_logprobs))
-                    first = False
-                yield _sse(shape.chunk("", piece.result))
+                for choice in piece.result.all_choices:  # those a cancel ended
+                    if choice.index not in ended:
+                        yield _sse(shape.chunk("", choice, index=choice.index))
                 if include_usage:
                     yield _sse(shape.usage_chunk(piece.result))
-            elif piece.text or first or piece.logprobs:  # a token held back from the text still has its logprob
-                yield _sse(shape.chunk(piece.text, first=first, logprobs=piece.logprobs,
-                                       prompt_logprobs=piece.prompt_logprobs))
-                first = False
     except GenerationError as error:
         failure = failure_of(error, chat)
         yield _sse(error_body(failure.status, failure.message, failure.param, failure.code))

@@ -107,11 +107,6 @@ def _common(body: dict, base_model: str, max_tokens: int | None) -> tuple[str, d
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad("model", "must name the base model or a registered adapter")
-    n = body.get("n", 1)
-    if n is not None and n != 1:
-        raise bad("n", f"only n=1 is supported (one choice per request), got {n!r}")
-    if body.get("best_of") not in (None, 1):
-        raise bad("best_of", "only best_of=1 is supported")
     if body.get("suffix"):
         raise bad("suffix", "suffix is not supported")
     mix = _mix(body)
@@ -125,6 +120,7 @@ def _common(body: dict, base_model: str, max_tokens: int | None) -> tuple[str, d
         top_k=_typed(body, "top_k", (int,), 0, "an integer"),
         seed=None if seed is None else seed % 2**64,  # OpenAI seeds may be negative
         stop=_stop(body), ignore_eos=_typed(body, "ignore_eos", (bool,), False, "a boolean"),
+        n=_typed(body, "n", (int,), 1, "an integer"), best_of=_typed(body, "best_of", (int,), None, "an integer"),
     )
     if fields["top_k"] == -1:  # vLLM's "off"
         fields["top_k"] = 0
@@ -272,9 +268,9 @@ class ResponseShape:
         self.chat, self.model, self.logprobs, self.prompt = chat, model, logprobs, prompt
         self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
-        self._text_offset = 0  # completions: characters of the tokens already sent
+        self._text_offset: dict[int, int] = {}  # completions: characters of the tokens already sent, per choice
 
-    def _logprobs(self, entries, prompt_entries=()) -> dict | None:
+    def _logprobs(self, entries, prompt_entries=(), index: int = 0) -> dict | None:
         """OpenAI's logprobs object for these tokens (chat: `content` entries with bytes;
         completions: parallel lists with text offsets; with echo, the prompt's tokens first,
         the first of them with null log probabilities)."""
@@ -286,10 +282,11 @@ class ResponseShape:
                                  "top_logprobs": [{"token": text, "logprob": value, "bytes": list(text.encode())}
                                                   for (_, value), text in zip(e.top, e.top_texts)]}
                                 for e in entries]}
-        offsets = []
+        offsets, offset = [], self._text_offset.get(index, 0)
         for entry in entries:
-            offsets.append(self._text_offset)
-            self._text_offset += len(entry.text)
+            offsets.append(offset)
+            offset += len(entry.text)
+        self._text_offset[index] = offset
         return {"tokens": [e.text for e in entries], "token_logprobs": [e.logprob for e in entries],
                 "top_logprobs": [{**{text: value for (_, value), text in zip(e.top, e.top_texts)}, e.text: e.logprob}
                                  if e.logprob is not None else None for e in entries],
@@ -300,27 +297,31 @@ class ResponseShape:
                 "choices": choices, **extra}
 
     def whole(self, result: GenerationResult) -> dict:
-        prompt = result.prompt_logprobs
-        choice = {"index": 0, "finish_reason": finish_reason(result),
-                  "logprobs": self._logprobs(result.logprobs, prompt)}
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": result.text}
-            return self._envelope("chat.completion", [self.prompt.add_vllm_field(choice, prompt)],
-                                  usage=usage(result))
-        choice["text"] = self.prompt.echoed(result.text, prompt)
-        return self._envelope("text_completion", [self.prompt.add_vllm_field(choice, prompt)], usage=usage(result))
+        """The whole response: one choice per returned choice (n), the usage of them all."""
+        choices = []
+        for each in result.all_choices:
+            prompt = each.prompt_logprobs
+            choice = {"index": each.index, "finish_reason": finish_reason(each),
+                      "logprobs": self._logprobs(each.logprobs, prompt, each.index)}
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": each.text}
+            else:
+                choice["text"] = self.prompt.echoed(each.text, prompt)
+            choices.append(self.prompt.add_vllm_field(choice, prompt))
+        return self._envelope("chat.completion" if self.chat else "text_completion", choices, usage=usage(result))
 
     def chunk(self, text: str, result: GenerationResult | None = None, first: bool = False,
-              logprobs=(), prompt_logprobs=()) -> dict:
-        """One streamed piece: its text and the log probabilities of its tokens (when asked);
-        the first piece also the prompt's (echo, vLLM's prompt_logprobs)."""
+              logprobs=(), prompt_logprobs=(), index: int = 0) -> dict:
+        """One streamed piece of choice `index`: its text and the log probabilities of its
+        tokens (when asked); the choice's first piece also the prompt's (echo, vLLM's
+        prompt_logprobs); `result`: the choice ended."""
         reason = None if result is None else finish_reason(result)
-        entries = self._logprobs(logprobs, prompt_logprobs)
+        entries = self._logprobs(logprobs, prompt_logprobs, index)
         if self.chat:
             delta = {"role": "assistant", "content": text} if first else {"content": text}
-            choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": entries}
+            choice = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": entries}
             return self._envelope("chat.completion.chunk", [self.prompt.add_vllm_field(choice, prompt_logprobs)])
-        choice = {"index": 0, "text": self.prompt.echoed(text, prompt_logprobs), "finish_reason": reason,
+        choice = {"index": index, "text": self.prompt.echoed(text, prompt_logprobs), "finish_reason": reason,
                   "logprobs": entries}
         return self._envelope("text_completion", [self.prompt.add_vllm_field(choice, prompt_logprobs)])
 

@@ -16,8 +16,6 @@ def grpc_fields(request: pb.GenerateRequest) -> dict:
     proto3's zero values mean "unset" where the proto says so (max_new_tokens, top_p).
     RequestError for a field this server does not serve yet."""
     constraint = _constraint(request)
-    if request.n > 1:
-        raise RequestError("n", f"only one choice per request is supported, got n={request.n}")
     return dict(
         prompt=request.prompt, chat=request.chat, adapter=request.adapter or None,
         mix=tuple((entry.name, entry.weight) for entry in request.adapters),
@@ -31,6 +29,7 @@ def grpc_fields(request: pb.GenerateRequest) -> dict:
         stop_token_ids=tuple(request.stop_token_ids),
         logprobs=request.logprobs if request.HasField("logprobs") else None,
         prompt_logprobs=request.prompt_logprobs if request.HasField("prompt_logprobs") else None,
+        n=request.n or 1, best_of=request.best_of or None,
     )
 
 
@@ -58,8 +57,17 @@ def token_logprobs(entries) -> list[pb.TokenLogprob]:
 def final_response(result: GenerationResult, text: str | None = None, token_ids=None,
                    logprobs=None, prompt_logprobs=None) -> pb.GenerateResponse:
     """The last GenerateResponse: the whole text (unary) or the last piece (stream), with
-    counts; the prompt's log probabilities in unary (a stream's come in its first piece)."""
-    return pb.GenerateResponse(
+    counts; the prompt's log probabilities in unary (a stream's come in its first piece);
+    unary with several choices: every one of them in `choices`."""
+    response = _response(result, text, token_ids, logprobs, prompt_logprobs)
+    if text is None and result.choices:
+        response.choices.extend(_response(choice, prompt_logprobs=()) for choice in result.choices)
+    return response
+
+
+def _response(result: GenerationResult, text: str | None = None, token_ids=None,
+              logprobs=None, prompt_logprobs=None) -> pb.GenerateResponse:
+    return pb.GenerateResponse(index=result.index,
         text=result.text if text is None else text,
         token_ids=list(result.token_ids if token_ids is None else token_ids),
         finish_reason=result.finish_reason, prompt_tokens=result.prompt_tokens,
@@ -71,10 +79,15 @@ def final_response(result: GenerationResult, text: str | None = None, token_ids=
 
 
 def piece_response(piece) -> pb.GenerateResponse:
-    """One streamed piece (`generation.Piece`): text and token ids; the last carries the counts."""
+    """One streamed piece (`generation.Piece`): text and token ids of its choice (`index`);
+    the one ending a choice has its finish_reason, the last one the request's counts."""
     if piece.result is not None:
-        return final_response(piece.result, piece.text, piece.token_ids, piece.logprobs, piece.prompt_logprobs)
-    return pb.GenerateResponse(text=piece.text, token_ids=list(piece.token_ids),
+        response = final_response(piece.result, piece.text, piece.token_ids, piece.logprobs, piece.prompt_logprobs)
+        response.index = piece.index
+        response.finish_reason = (piece.choice_result or piece.result).finish_reason
+        return response
+    return pb.GenerateResponse(text=piece.text, token_ids=list(piece.token_ids), index=piece.index,
+                               finish_reason=piece.choice_result.finish_reason if piece.choice_result else "",
                                logprobs=token_logprobs(piece.logprobs),
                                prompt_logprobs=token_logprobs(piece.prompt_logprobs))
 

@@ -42,6 +42,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "loraquilt.server.structured_output",
         "loraquilt.server.logits_processing",
         "loraquilt.server.postprocess",
+        "loraquilt.server.choices",
         "loraquilt.server.detokenizer",
         "loraquilt.server.tokenizer",
         "loraquilt.server.adapters",
