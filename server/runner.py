@@ -51,6 +51,7 @@ class ModelRunner:
         """end_ids: the model's end-of-sequence ids (masked while a request's min_tokens
         are not reached); structured: the masks of constrained rows (None: no row is)."""
         self.model, self.cache, self.slots = model, cache, slots
+        slots.attach_base(model)  # DoRA adapters' norms read the base weights the slots' deltas add to
         self.end_ids = end_ids
         self.structured = structured
 

@@ -8,6 +8,7 @@ Modules:
     triton_sgmv.py  the GPU path (SGMV shrink/expand in Triton)
     dispatch.py     the one place that picks a backend (`lora_add_`) and splits a step's
                     rows into tables for it (`split_spans`)
+    row_scale.py    DoRA's per-row output scales (`row_scale_`) and their reference
     bench.py        `loraquilt bench kernels`
 
 Public API:
@@ -15,11 +16,14 @@ Public API:
     lora_add_(y, x, lora_a, lora_b, meta, backend="auto")                     per projection
     build_segments(pair_slots) -> Segments                                    the grouping itself
     split_spans(meta, span_rows, device) -> ((first, last), ...)              tables per step
+    build_row_scale_meta(span_slots, span_rows) -> RowScaleMeta | None        once per step (DoRA)
+    row_scale_(y, scale, meta)                                                per projection (DoRA)
 Backends: `reference` (ground truth loop), `torch` (CPU), `triton` (GPU); `auto` picks
 triton for CUDA tensors and torch otherwise.
 """
 
 from loraquilt.kernels.lora.dispatch import BACKENDS, lora_add_, resolve_backend, split_spans
+from loraquilt.kernels.lora.row_scale import RowScaleMeta, build_row_scale_meta, row_scale_
 from loraquilt.kernels.lora.segments import (
     NO_ADAPTER,
     LoraBatchMeta,
@@ -32,10 +36,13 @@ __all__ = [
     "BACKENDS",
     "NO_ADAPTER",
     "LoraBatchMeta",
+    "RowScaleMeta",
     "Segments",
     "build_lora_meta",
+    "build_row_scale_meta",
     "build_segments",
     "lora_add_",
     "resolve_backend",
+    "row_scale_",
     "split_spans",
 ]

@@ -2,7 +2,9 @@
 
 Everything the engine cannot honour is refused with an error that names it; nothing is
 silently ignored. The result holds, per (layer, projection), A [r, in] and B [out, r]
-with the module's scaling (alpha/r, or alpha/sqrt(r) for rsLoRA) already folded into B.
+with the module's scaling (alpha/r, or alpha/sqrt(r) for rsLoRA) already folded into B,
+and for a DoRA adapter (`use_dora`) each module's magnitude vector m [out]; its output
+scales m / ||W + s·B·A|| need the base weights and are computed apart (`dora.py`).
 """
 
 from __future__ import annotations
@@ -31,11 +33,10 @@ HARMLESS_FIELDS = frozenset({
     "lora_dropout", "use_rslora", "init_lora_weights", "layers_to_transform", "layers_pattern",
     "rank_pattern", "alpha_pattern", "megatron_config", "megatron_core", "loftq_config",
     "eva_config", "corda_config", "lora_ga_config", "runtime_config", "ensure_weight_tying",
-    "qalora_group_size",
+    "qalora_group_size", "use_dora",
 })
 # Features the engine does not implement, with the value that means "off".
 UNSUPPORTED_FEATURES = {
-    "use_dora": "DoRA (use_dora)",
     "bias": "trained biases (bias)",
     "lora_bias": "LoRA bias (lora_bias)",
     "modules_to_save": "fully trained extra modules (modules_to_save)",
@@ -47,8 +48,11 @@ UNSUPPORTED_FEATURES = {
     "target_parameters": "LoRA on parameters (target_parameters)",
 }
 _OFF_VALUES = (None, False, "none", [], {}, "")
+# lora_A / lora_B weights, and DoRA's magnitude vectors (saved by PEFT as
+# `...<proj>.lora_magnitude_vector`; an adapter name and `.weight` may follow)
 _KEY = re.compile(
-    r"^(?:.*\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.[^.]+)?\.weight$"
+    r"^(?:.*\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\."
+    r"(?:lora_([AB])(?:\.[^.]+)?\.weight|(lora_magnitude_vector)(?:\.[^.]+)?(?:\.weight)?)$"
 )
 
 
@@ -75,10 +79,19 @@ class LoadedAdapter:
     size_bytes: int
     warnings: tuple[str, ...] = ()
     content_hash: str = ""  # of every module's name, shape and scaled weights: what its KV depends on
+    # DoRA only (use_dora): per module its magnitude vector m [out] float32, read from the folder
+    magnitudes: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict, repr=False)
+    # DoRA only: per module its output scale m / ||W + s·B·A|| [out] float32 (dora.py)
+    dora_scales: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def use_dora(self) -> bool:
+        return bool(self.magnitudes)
 
     def nbytes_in(self, dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
-        return sum((m.a.numel() + m.b.numel()) * elem for m in self.modules.values())
+        dora = sum(v.numel() * v.element_size() for v in (*self.magnitudes.values(), *self.dora_scales.values()))
+        return sum((m.a.numel() + m.b.numel()) * elem for m in self.modules.values()) + dora
 
 
 def _pattern_value(patterns: dict, module_name: str, default):
@@ -142,8 +155,9 @@ def read_adapter_config(folder: Path, max_rank: int) -> dict:
         raise AdapterError("adapter uses features loraquilt does not implement: " + ", ".join(names))
     _rank(config.get("r", 8), "r", max_rank)
     _finite_number(config.get("lora_alpha", 8), "lora_alpha")
-    if not isinstance(config.get("use_rslora", False), bool):
-        raise AdapterError(f"use_rslora must be true or false, got {config['use_rslora']!r}")
+    for flag in ("use_rslora", "use_dora"):
+        if not isinstance(config.get(flag, False), bool):
+            raise AdapterError(f"{flag} must be true or false, got {config[flag]!r}")
     for field_name, check in (("rank_pattern", lambda v, what: _rank(v, what, max_rank)),
                               ("alpha_pattern", _finite_number)):
         patterns = config.get(field_name) or {}
@@ -185,7 +199,7 @@ def load_peft_adapter(folder: Path | str, model: ModelConfig, *, max_rank: int,
     _check_file_size(weights_path, model, max_rank)
 
     default_r, default_alpha = config.get("r", 8), float(config.get("lora_alpha", 8))
-    rslora = config.get("use_rslora", False)
+    rslora, dora = config.get("use_rslora", False), config.get("use_dora", False)
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     try:
         with safe_open(str(weights_path), framework="pt") as handle:
@@ -193,7 +207,9 @@ def load_peft_adapter(folder: Path | str, model: ModelConfig, *, max_rank: int,
                 match = _KEY.match(key)
                 if match is None:
                     raise AdapterError(f"unexpected tensor {key!r} in {WEIGHTS_FILE}")
-                layer, group, proj, half = int(match[1]), match[2], match[3], match[4]
+                layer, group, proj, half = int(match[1]), match[2], match[3], match[4] or "M"
+                if half == "M" and not dora:
+                    raise AdapterError(f"tensor {key!r} is a DoRA magnitude, but use_dora is not set")
                 if proj not in PROJECTIONS or (group == "self_attn") != (proj in ATTENTION_PROJECTIONS):
                     raise AdapterError(f"tensor {key!r} targets unsupported module {group}.{proj}")
                 if layer >= model.num_layers:
@@ -211,12 +227,13 @@ def load_peft_adapter(folder: Path | str, model: ModelConfig, *, max_rank: int,
     # shapes and ranks first, then every module's A and scaled B into one flat buffer of
     # the slot dtype (one allocation per adapter, one finiteness pass over all of it)
     checked: list[tuple[tuple[int, str], str, torch.Tensor, torch.Tensor, float, float, int]] = []
+    magnitudes: dict[tuple[int, str], torch.Tensor] = {}
     for (layer, proj), pair in sorted(halves.items(), key=lambda item: (item[0][0], PROJECTIONS.index(item[0][1]))):
         group = "self_attn" if proj in ATTENTION_PROJECTIONS else "mlp"
         name = f"model.layers.{layer}.{group}.{proj}"
-        if set(pair) != {"A", "B"}:
-            missing = "lora_B" if "A" in pair else "lora_A"
-            raise AdapterError(f"{name}: {missing} weight missing")
+        for half, label in (("A", "lora_A weight"), ("B", "lora_B weight"), ("M", "DoRA lora_magnitude_vector")):
+            if half not in pair and (half != "M" or dora):
+                raise AdapterError(f"{name}: {label} missing")
         r = _rank(_pattern_value(config.get("rank_pattern") or {}, name, default_r), f"rank of {name}", max_rank)
         alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, default_alpha))
         a, b = pair["A"], pair["B"]
@@ -226,9 +243,15 @@ def load_peft_adapter(folder: Path | str, model: ModelConfig, *, max_rank: int,
                 f"{name}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base "
                 f"model; expected ({r}, {in_features}) / ({out_features}, {r})"
             )
-        for half, tensor in (("lora_A", a), ("lora_B", b)):
+        for half, tensor in (("lora_A", a), ("lora_B", b), ("lora_magnitude_vector", pair.get("M", a))):
             if not tensor.dtype.is_floating_point:
                 raise AdapterError(f"{name}.{half} has dtype {tensor.dtype}; a float dtype is required")
+        if dora:
+            magnitude = pair["M"]
+            if tuple(magnitude.shape) != (out_features,):
+                raise AdapterError(f"{name}: lora_magnitude_vector {tuple(magnitude.shape)} does not fit the base "
+                                   f"model; expected ({out_features},)")
+            magnitudes[(layer, proj)] = magnitude.to(torch.float32)
         scaling = alpha / math.sqrt(r) if rslora else alpha / r
         checked.append(((layer, proj), name, a, b, scaling, alpha, r))
 
@@ -246,12 +269,19 @@ def load_peft_adapter(folder: Path | str, model: ModelConfig, *, max_rank: int,
     low, high = torch.aminmax(flat)  # NaN propagates through both: one pass, no mask
     if not (math.isfinite(low) and math.isfinite(high)):
         raise _non_finite_error(checked, dtype)
+    for key, magnitude in magnitudes.items():
+        if not bool(torch.isfinite(magnitude).all()):
+            raise AdapterError(f"{dict((k, n) for k, n, *_ in checked)[key]}.lora_magnitude_vector has NaN or "
+                               "infinite values")
     targets = tuple(p for p in PROJECTIONS if any(proj == p for _, proj in modules))
     digest = hashlib.blake2b(digest_size=16)
     for (layer, proj), module in modules.items():
         digest.update(f"{layer}.{proj}:{tuple(module.a.shape)}:{tuple(module.b.shape)};".encode())
     digest.update(str(dtype).encode())
     digest.update(flat.view(torch.uint8).numpy().data)
+    for key, magnitude in magnitudes.items():  # a DoRA adapter's output depends on them too
+        digest.update(f"m{key}".encode())
+        digest.update(magnitude.contiguous().view(torch.uint8).numpy().data)
     return LoadedAdapter(
         path=folder,
         rank=max(m.rank for m in modules.values()),
@@ -259,6 +289,7 @@ def load_peft_adapter(folder: Path | str, model: ModelConfig, *, max_rank: int,
         modules=modules,
         size_bytes=weights_path.stat().st_size,
         content_hash=digest.hexdigest(),
+        magnitudes=magnitudes,
     )
 
 

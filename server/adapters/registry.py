@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraquilt.server.adapters.device_tier import TIER_DEVICE, DeviceTier
+from loraquilt.server.adapters.dora import with_dora_scales
 from loraquilt.server.adapters.host_tier import TIER_HOST, AdapterChanged, HostTier
 from loraquilt.server.adapters.loader import HostHold, PendingRead
 from loraquilt.server.adapters.peft_folder import (
@@ -29,6 +30,7 @@ from loraquilt.server.adapters.peft_folder import (
 )
 from loraquilt.server.adapters.slots import LoraSlots
 from loraquilt.server.engine_config import EngineConfig
+from loraquilt.server.request import RequestError
 from loraquilt.server.torch_threads import one_thread_off_main
 from loraquilt.server.model.config import ModelConfig
 
@@ -57,6 +59,7 @@ class AdapterRecord:
     rank: int
     target_modules: tuple[str, ...]
     size_bytes: int
+    dora: bool = False  # a DoRA adapter (use_dora): served alone, never in a mix
     fingerprint: tuple | None = field(default=None, repr=False)  # the files as registered
     content_hash: str = ""  # of the weights as registered (the prefix cache's adapter identity)
     host: LoadedAdapter | None = field(default=None, repr=False)  # set by the host tier
@@ -168,7 +171,7 @@ class AdapterRegistry:
         if file_fingerprint(path) != before:
             raise AdapterError(f"the files under {path} changed while they were being read; retry")
         record = AdapterRecord(name=name, path=path, rank=adapter.rank, target_modules=adapter.target_modules,
-                               size_bytes=adapter.size_bytes, fingerprint=before,
+                               size_bytes=adapter.size_bytes, dora=adapter.use_dora, fingerprint=before,
                                content_hash=adapter.content_hash)
         return record, adapter
 
@@ -209,15 +212,29 @@ class AdapterRegistry:
         start = time.perf_counter()
         adapter = load_peft_adapter(path, self.model, max_rank=self.slots.config.max_rank,
                                     dtype=self.slots.dtype)
+        adapter = with_dora_scales(adapter, self.slots.base)  # a DoRA adapter's norms, against the base
         self.events.on_load(time.perf_counter() - start)
         return adapter
 
     # -- residency ----------------------------------------------------------------------
 
+    def check_mix(self, pairs: Sequence[tuple[str, float]]) -> None:
+        """What a request's (adapter, weight) pairs must satisfy: every name registered
+        (UnknownAdapter), and a DoRA adapter only alone at weight 1 (RequestError on
+        `adapters`): its output scale belongs to its own weights, so no mix of it is exact."""
+        with self._lock:
+            records = [self._get(name) for name, _ in pairs]
+        _refuse_dora_mix(records)
+        for record, (_, weight) in zip(records, pairs):
+            if record.dora and weight != 1.0:
+                raise RequestError("adapters.weight", f"adapter {record.name!r} is a DoRA adapter, served only "
+                                                      f"alone at weight 1 (got {weight:g})")
+
     def acquire(self, names: list[str], hold: HostHold | None = None) -> Acquired:
         """Pin device slots for every named adapter, from host memory or the device only
         (see Acquired for the three outcomes). Raises UnknownAdapter for a name not
-        registered (also one unregistered while its read was in flight), AdapterError /
+        registered (also one unregistered while its read was in flight), RequestError for
+        a mix that includes a DoRA adapter (`check_mix`), AdapterError /
         AdapterChanged when a read started for this hold failed (its files are gone,
         rewritten or broken). On a lease or an error the hold passed in is released;
         nothing stays pinned after an error."""
@@ -226,6 +243,7 @@ class AdapterRegistry:
                 records = [self._get(name) for name in names]
                 if len({id(r) for r in records}) != len(records):
                     raise ValueError(f"adapter named twice in {names}")
+                _refuse_dora_mix(records)
                 for load in hold.loads if hold is not None else ():
                     if load.error is not None and any(load.record is r for r in records):
                         raise load.error
@@ -284,6 +302,13 @@ class AdapterRegistry:
     def host_bytes(self) -> int:
         with self._lock:
             return self.host.bytes_in(self.slots.dtype)
+
+
+def _refuse_dora_mix(records: Sequence[AdapterRecord]) -> None:
+    dora = [record.name for record in records if record.dora]
+    if dora and len(records) > 1:
+        raise RequestError("adapters", f"adapter {dora[0]!r} is a DoRA adapter, which is served alone: a mix may "
+                                       "not include it (DoRA scales each output by its own weights' norms)")
 
 
 def file_fingerprint(folder: Path) -> tuple | None:

@@ -1,5 +1,6 @@
 """Device-resident adapter slots: stacked, preallocated A/B buffers per layer and projection,
-and the per-step LoRA hook the model calls after every projection."""
+DoRA's output scales (dora.py), and the per-step LoRA hook the model calls after every
+projection."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from dataclasses import dataclass
 
 import torch
 
-from loraquilt.kernels.lora import NO_ADAPTER, LoraBatchMeta, build_lora_meta, lora_add_, split_spans
+from loraquilt.kernels.lora import (
+    NO_ADAPTER, LoraBatchMeta, RowScaleMeta, build_lora_meta, build_row_scale_meta, lora_add_, split_spans,
+)
 from loraquilt.kernels.nf4 import FusedLora, LoraPairs, LoraPart, PairsArgs
+from loraquilt.server.adapters.dora import BaseWeights, DoraScales
 from loraquilt.server.adapters.peft_folder import LoadedAdapter
 from loraquilt.server.engine_config import EngineConfig
 from loraquilt.server.model.config import PROJECTIONS, ModelConfig
@@ -87,10 +91,17 @@ class LoraSlots:
         self._step: _StepTables | None = None
         self._last_key: tuple | None = None  # the previous step's spans, and its tables
         self._fused_parts: dict[tuple, FusedLora] = {}  # (layer, parts) -> the kernel's static arguments
+        self.dora = DoraScales(model, config.num_slots, device)
+        self.base: BaseWeights | None = None  # the model's weights, for DoRA norms (attach_base)
+
+    def attach_base(self, base: BaseWeights) -> None:
+        """The model these slots' deltas are added to: DoRA adapters read their norms from it."""
+        self.base = base
 
     @property
     def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.a + self.b for t in layer.values())
+        lora = sum(t.numel() * t.element_size() for layer in self.a + self.b for t in layer.values())
+        return lora + self.dora.num_bytes
 
     def load(self, slot: int, adapter: LoadedAdapter) -> None:
         """Copy an adapter into a slot (zero-padded to the buffer rank)."""
@@ -102,6 +113,7 @@ class LoraSlots:
             rank = module.rank
             self.a[layer][proj][slot, :rank].copy_(module.a)
             self.b[layer][proj][slot, :, :rank].copy_(module.b)
+        self.dora.load(slot, adapter)
         self.targets[slot] = frozenset(adapter.target_modules)
         self.ranks[slot] = max((module.rank for module in adapter.modules.values()), default=0)
         self._generation += 1
@@ -112,6 +124,7 @@ class LoraSlots:
             for proj in PROJECTIONS:
                 self.a[layer][proj][slot].zero_()
                 self.b[layer][proj][slot].zero_()
+        self.dora.clear(slot)
         self.targets[slot] = frozenset()
         self.ranks[slot] = 0
         self._generation += 1
@@ -183,6 +196,20 @@ class LoraSlots:
             lora_add_(y[start:end], x[start:end], a, b, meta, self.config.backend)
 
     @property
+    def has_dora(self) -> bool:
+        """Whether a row of the current step is on a DoRA adapter (else `dora_scale_` has
+        nothing to do, and the model does not call it)."""
+        return self._step is not None and self._step.has_dora
+
+    def dora_scale_(self, y: torch.Tensor, layer: int, parts: tuple[tuple[str, int], ...]) -> None:
+        """y: [T, sum of the parts' out], one NF4 weight's whole output, LoRA deltas
+        included: rows on a DoRA slot that targets any of the parts times its scale."""
+        names = tuple(name for name, _ in parts)
+        meta = self._step.dora_meta(names) if self._step is not None else None
+        if meta is not None:
+            self.dora.scale_(y, layer, names, meta)
+
+    @property
     def fuses_lora(self) -> bool:
         """Whether the fused NF4 + LoRA kernel may add the deltas: with the CPU backends
         (`auto`, `torch`); `reference` (and `triton`) run as named, after the projection."""
@@ -218,6 +245,23 @@ class _StepTables:
         self._metas: dict[tuple, RowParts] = {}  # by target mask
         self._pairs: dict[tuple, LoraPairs | None] = {}  # by target mask
         self._args: dict[tuple, PairsArgs | None] = {}  # by parts
+        self._dora: dict[tuple[str, ...], RowScaleMeta | None] = {}  # by projection names
+        dora = slots.dora.dora
+        self.has_dora = any(dora[slot] for span in spans for slot, _ in span.pairs)
+        if self.has_dora and any(len(span.pairs) > 1 and any(dora[s] for s, _ in span.pairs) for span in spans):
+            raise ValueError("a DoRA adapter in a mix: the registry refuses such requests")
+
+    def dora_meta(self, names: tuple[str, ...]) -> RowScaleMeta | None:
+        """The rows on a DoRA slot that targets any of `names`, and their slots."""
+        if not self.has_dora:
+            return None
+        if names not in self._dora:
+            slots = self.slots
+            span_slots = [span.pairs[0][0] if len(span.pairs) == 1 and slots.dora.dora[span.pairs[0][0]]
+                          and not slots.targets[span.pairs[0][0]].isdisjoint(names) else NO_ADAPTER
+                          for span in self.spans]
+            self._dora[names] = build_row_scale_meta(span_slots, self.rows, slots.device)
+        return self._dora[names]
 
     def row_parts(self, proj: str) -> RowParts:
         masked = self.slots.masked_pairs(self.spans, proj)

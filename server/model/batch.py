@@ -10,7 +10,7 @@ import torch
 
 class LoraHook(Protocol):
     """What the model asks of the adapter layer: add this step's LoRA deltas in place, or
-    hand them to the fused NF4 + LoRA kernel."""
+    hand them to the fused NF4 + LoRA kernel; then scale the rows on DoRA adapters."""
 
     def add_(self, y: torch.Tensor, x: torch.Tensor, layer: int, projection: str) -> None:
         """y: [T, out] projection output, x: [T, in] its input."""
@@ -21,6 +21,12 @@ class LoraHook(Protocol):
         """(FusedLora, PairsArgs) of `kernels.nf4.fused_lora` for one NF4 weight whose output
         columns are `parts` ((projection, width) in order), or None when no row of the
         step uses any of them."""
+
+    has_dora: bool  # whether a row of the step is on a DoRA adapter (then call dora_scale_)
+
+    def dora_scale_(self, y: torch.Tensor, layer: int, parts: tuple[tuple[str, int], ...]) -> None:
+        """y: [T, sum of the parts' out], one NF4 weight's whole output with its LoRA deltas:
+        rows on a DoRA adapter times that adapter's output scale, in place."""
 
 
 @dataclass(frozen=True)

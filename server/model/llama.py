@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterator
+
 import torch
 from torch import nn
 
@@ -66,6 +68,19 @@ class CausalLM(nn.Module):
         logits_t = torch.mm(self.lm_head, last.t())  # [vocab, N]
         logits = torch.empty(logits_t.shape[::-1], dtype=torch.float32, device=logits_t.device)
         return logits.copy_(logits_t.t())  # [N, vocab]
+
+    def dequantized_projections(self, layer: int, names: Collection[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, W [out, in] in the compute dtype) for each projection of `names` in `layer`:
+        the values its forward multiplies by (DoRA's norms read them). A fused q/k/v or
+        gate/up weight is dequantized once for all its parts, one weight at a time."""
+        for linear in self.layers[layer].quantized_linears():
+            if not any(name in names for name, _ in linear.parts):
+                continue
+            weight, start = linear.dequantized(), 0  # [sum of the parts' out, in]
+            for name, size in linear.parts:
+                if name in names:
+                    yield name, weight[start : start + size]
+                start += size
 
     def quantized_bytes(self) -> int:
         return sum(linear.quantized_bytes() for linear in self.quantized_linears())

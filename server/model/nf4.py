@@ -74,7 +74,14 @@ class NF4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoraHook | None = None) -> torch.Tensor:
         """x: [T, in] -> [T, out]: the projection (every part side by side) plus this step's
-        LoRA deltas of each part."""
+        LoRA deltas of each part; rows on a DoRA adapter then times its output scale."""
+        y = self._project(x, lora)
+        if lora is not None and lora.has_dora:
+            lora.dora_scale_(y, self.layer, self.parts)
+        return y
+
+    def _project(self, x: torch.Tensor, lora: LoraHook | None) -> torch.Tensor:
+        """x: [T, in] -> [T, out], base and LoRA deltas."""
         if self.on_cpu and self.plan is not None:
             path = self.plan.path_for(x.shape[0])
             if path == "fused" and fused_lora.supports(x, self.weight) and (lora is None or lora.fuses_lora):

@@ -258,7 +258,7 @@ def test_config_too_large(tmp_path, model):
 
 @pytest.mark.parametrize("fields, fragments", [
     pytest.param({"peft_type": "IA3"}, ["peft_type", "IA3"], id="ia3"),
-    pytest.param({"use_dora": True}, ["use_dora"], id="dora"),
+    pytest.param({"use_dora": "yes"}, ["use_dora", "'yes'"], id="dora-not-a-flag"),
     pytest.param({"bias": "all"}, ["bias"], id="bias-all"),
     pytest.param({"lora_bias": True}, ["lora_bias"], id="lora-bias"),
     pytest.param({"modules_to_save": ["lm_head"]}, ["modules_to_save"], id="modules-to-save"),
