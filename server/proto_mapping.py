@@ -4,11 +4,13 @@ records out. No wire I/O, no validation (the request types own it)."""
 
 from __future__ import annotations
 
+import json
+
 from loraquilt.server.adapters.registry import AdapterRecord
 from loraquilt.server.request import Constraint, GenerationResult, RequestError
 from loraquilt.v1 import loraquilt_pb2 as pb
 
-STRUCTURED_FIELDS = ("json_schema", "json_object", "regex", "grammar")  # GenerateRequest's, one at most
+STRUCTURED_FIELDS = ("json_schema", "json_object", "regex", "grammar", "choice")  # GenerateRequest's, one at most
 
 
 def grpc_fields(request: pb.GenerateRequest) -> dict:
@@ -35,13 +37,16 @@ def grpc_fields(request: pb.GenerateRequest) -> dict:
 
 def _constraint(request: pb.GenerateRequest) -> Constraint | None:
     """The structured-output field that is set (at most one may be): json_schema (a JSON
-    schema as JSON text), json_object, regex or grammar."""
+    schema as JSON text), json_object, regex, grammar or choice (a list of texts)."""
     given = [name for name in STRUCTURED_FIELDS if getattr(request, name)]
     if len(given) > 1:
         raise RequestError(given[1], f"set at most one of {', '.join(given)} (one constraint per request)")
     if not given:
         return None
-    return Constraint(given[0], "" if given[0] == "json_object" else getattr(request, given[0]), given[0])
+    kind = given[0]
+    if kind == "choice":
+        return Constraint(kind, json.dumps(list(request.choice)), kind)
+    return Constraint(kind, "" if kind == "json_object" else getattr(request, kind), kind)
 
 
 def token_logprobs(entries) -> list[pb.TokenLogprob]:

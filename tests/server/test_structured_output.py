@@ -193,7 +193,7 @@ def test_regex_grammar_and_choice_rows_with_unconstrained_rows_in_one_batch(live
              for i in range(3)]
     alone = [grpc_generate(live, **fields).token_ids for fields in plain]
     constrained = [dict(regex=REGEX), dict(grammar=LARK, adapter="a0"), dict(grammar=GBNF, adapter="a1"),
-                   dict(regex="(alpha|beta|gamma)", temperature=1.0, seed=3),
+                   dict(choice=["alpha", "beta", "gamma"], temperature=1.0, seed=3),
                    dict(json_schema=json.dumps(SCHEMAS["ref"]), adapter="a1")]
     replies = together([lambda f=f: grpc_generate(live, **f) for f in plain + constrained])
     assert [list(reply.token_ids) for reply in replies[:3]] == [list(ids) for ids in alone]
