@@ -102,7 +102,11 @@ class AdapterAdmin:
         return skipped
 
     def records(self) -> list[AdapterRecord]:
-        return sorted(self.engine.adapters.records(), key=lambda record: record.name)
+        """What the listings show: the registered adapters, then the derived ones (merges)
+        while their weights are in memory."""
+        adapters = self.engine.adapters
+        return sorted(adapters.records(), key=lambda record: record.name) + \
+            sorted(adapters.resident_derived(), key=lambda record: record.name)
 
     def resolve_path(self, path: str) -> Path:
         """`path` resolved inside the adapter root, or the error that refuses it."""

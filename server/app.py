@@ -63,7 +63,8 @@ class RunningServer:
         self.engine, self.config = engine, config
         self.metrics = Metrics(adapter_labels=config.metrics_adapter_labels)
         engine.adapters.events = RegistryEvents(on_load=self.metrics.on_adapter_load,
-                                                on_evict=self.metrics.on_adapter_evict)
+                                                on_evict=self.metrics.on_adapter_evict,
+                                                on_derive=self.metrics.on_derive)
         self.metrics.watch(engine)
         self.served_model_name = config.served_model_name or model_id(engine.model_name)
         self.http = self.http_port = self.metrics_port = self._metrics_server = None

@@ -171,16 +171,19 @@ class Engine:
                                 ("stop_token_ids", sampling.stop_token_ids)):
             if any(token >= vocab for token in ids):
                 raise RequestError(field_name, f"token ids must be below the vocabulary size {vocab}")
-        for name, _ in request.adapter_weights:
-            self.adapters.get(name)  # UnknownAdapter now rather than at admission
-        sequence = Sequence(request=request, prompt_ids=prompt_ids)
+        adapters = request.adapter_weights
+        if request.derives:  # a non-linear merge runs on its derived adapter (built at first use)
+            adapters = ((self.adapters.derive(adapters, request.merge).name, 1.0),)
+        else:
+            self.adapters.check_mix(adapters)  # UnknownAdapter (or a DoRA mix) now rather than at admission
+        sequence = Sequence(request=request, prompt_ids=prompt_ids, adapters=adapters)
         members = [sequence]
         if sampling.num_sequences > 1:
             if sampling.num_sequences > self.config.max_batch_size:
                 raise RequestError("best_of" if sampling.best_of else "n",
                                    f"{sampling.num_sequences} choices; a batch holds {self.config.max_batch_size} "
                                    "sequences (--max-batch-size)")
-            sequence.forks = [Sequence(request=request, prompt_ids=prompt_ids, index=index)
+            sequence.forks = [Sequence(request=request, prompt_ids=prompt_ids, adapters=adapters, index=index)
                               for index in range(1, sampling.num_sequences)]
             members += sequence.forks
             group = ChoiceGroup(members=members, keep=sampling.n, ranked=sampling.ranks_choices)
@@ -310,7 +313,7 @@ class Engine:
         A preempted sequence kept its slots."""
         if seq.adapter_lease is not None:
             return Admission.ADMIT
-        names = [name for name, _ in seq.request.adapter_weights]
+        names = [name for name, _ in seq.adapters]
         if names:
             try:
                 got = self.adapters.acquire(names, seq.adapter_hold)
@@ -323,8 +326,8 @@ class Engine:
             if got.status == Acquired.NO_ROOM:  # its slots are pinned by running requests
                 return Admission.WAIT
             seq.adapter_lease, seq.adapter_hold = got.lease, None
-            seq.adapter_slots = [(slot, w) for slot, (_, w) in zip(got.lease.slots, seq.request.adapter_weights)]
-        seq.adapter_key = adapter_identity(seq.adapter_lease, seq.request.adapter_weights)
+            seq.adapter_slots = [(slot, w) for slot, (_, w) in zip(got.lease.slots, seq.adapters)]
+        seq.adapter_key = adapter_identity(seq.adapter_lease, seq.adapters)
         seq.admitted_time = seq.admitted_time or time.monotonic()
         return Admission.ADMIT
 

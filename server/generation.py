@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Callable, Iterator
 
+from loraquilt.server.adapters.merge import MergeSpec
 from loraquilt.server.adapters.peft_folder import AdapterError
 from loraquilt.server.adapters.registry import AdapterChanged, AdapterExists, TooManyAdapters, UnknownAdapter
 from loraquilt.server.engine import EngineStepError
@@ -29,6 +30,22 @@ from loraquilt.server.scheduler import QueueFull
 PROCESSING_FIELDS = frozenset({"logit_bias", "min_tokens", "repetition_penalty", "presence_penalty",
                                "frequency_penalty", "min_p", "stop_token_ids", "logprobs", "prompt_logprobs",
                                "constraint", "n", "best_of"})
+
+
+MERGE_FIELDS = ("method", "density", "seed", "rank")
+
+
+def merge_spec(fields: dict | None) -> MergeSpec | None:
+    """A request's merge options (MergeSpec's fields by name) as a MergeSpec; None: none given."""
+    if fields is None:
+        return None
+    if not isinstance(fields, dict):
+        raise RequestError("merge", f'must be an object like {{"method": "ties", "density": 0.5}}, '
+                                    f"got {type(fields).__name__}")
+    unknown = sorted(set(fields) - set(MERGE_FIELDS))
+    if unknown:
+        raise RequestError("merge", f"unknown fields {unknown}; it takes {', '.join(MERGE_FIELDS)}")
+    return MergeSpec(**fields)
 
 
 class ErrorKind(enum.Enum):
@@ -224,12 +241,14 @@ class GenerationLayer:
                       prompt_token_ids: tuple[int, ...] | None = None, chat: bool = False, adapter: str | None = None,
                       mix: tuple[tuple[str, float], ...] = (), max_new_tokens: int | None = None,
                       temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                      stop: tuple[str, ...] = (), ignore_eos: bool = False, **processing) -> Request:
+                      stop: tuple[str, ...] = (), ignore_eos: bool = False, merge: dict | None = None,
+                      **processing) -> Request:
         """The engine Request for these fields (its types check the values; RequestError
         names the first bad field); this layer adds the server's own limits. `processing`:
         SamplingParams' logits-processing, log-probability, constraint and choice fields
         (logit_bias, min_tokens, repetition_penalty, presence_penalty, frequency_penalty,
-        min_p, stop_token_ids, logprobs, prompt_logprobs, constraint, n, best_of)."""
+        min_p, stop_token_ids, logprobs, prompt_logprobs, constraint, n, best_of). merge: how
+        the mix is combined, MergeSpec's fields (method, density, seed, rank); None: linear."""
         unknown = set(processing) - PROCESSING_FIELDS
         if unknown:
             raise TypeError(f"build_request() got unexpected fields {sorted(unknown)}")
@@ -240,7 +259,7 @@ class GenerationLayer:
         sampling = SamplingParams(max_new_tokens=max_new, temperature=temperature, top_p=top_p, top_k=top_k,
                                   seed=seed, stop=tuple(stop), ignore_eos=ignore_eos, **processing)
         return Request(prompt=prompt, messages=messages, prompt_token_ids=prompt_token_ids, chat=chat,
-                       adapter=adapter or None, mix=tuple(mix), sampling=sampling)
+                       adapter=adapter or None, mix=tuple(mix), sampling=sampling, merge=merge_spec(merge))
 
     def open(self, request: Request, *, stream: bool = True, asynchronous: bool = False,
              on_close: Callable[[], None] | None = None) -> Generation:

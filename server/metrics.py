@@ -83,6 +83,11 @@ class Metrics:
                                          ["tier"], registry=r)
         self.adapter_load_seconds = Histogram("loraquilt_adapter_load_seconds", "Time to read an adapter folder",
                                               buckets=LATENCY_BUCKETS, registry=r)
+        self.derived_adapters = Counter("loraquilt_derived_adapters", "Derived adapters (non-linear merges) built",
+                                        registry=r)
+        self.derived_build_seconds = Histogram("loraquilt_derived_adapter_build_seconds",
+                                               "Time to build a derived adapter's weights from its members",
+                                               buckets=LATENCY_BUCKETS, registry=r)
         self.step_batch = Histogram("loraquilt_step_batch_size", "Sequences per engine step",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.http_requests = Counter("loraquilt_http_requests", "HTTP API responses by route and status code",
@@ -104,6 +109,10 @@ class Metrics:
     def on_adapter_load(self, seconds: float) -> None:
         self.adapter_loads.inc()
         self.adapter_load_seconds.observe(seconds)
+
+    def on_derive(self, seconds: float) -> None:
+        self.derived_adapters.inc()
+        self.derived_build_seconds.observe(seconds)
 
     def on_adapter_evict(self, tier: str) -> None:
         self.adapter_evictions.labels(tier=tier).inc()

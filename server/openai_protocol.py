@@ -3,7 +3,8 @@ and `/v1/chat/completions` into the generation layer's fields, and results into 
 response, chunk, model-card and error objects.
 
 `model` names the base model (its served id) or a registered adapter; a weighted mix is
-the extra field `adapters: [{"name", "weight"}]` with `model` = the base id. Completions'
+the extra field `adapters: [{"name", "weight"}]` with `model` = the base id, merged as the
+extra `merge: {"method", "density", "seed", "rank"}` says (default: the exact sum). Completions'
 `echo` returns the prompt before the completion, with (given `logprobs`) its tokens' log
 probabilities in OpenAI's legacy shape (null for the first token), `max_tokens: 0` then
 scoring the prompt only; vLLM's extra `prompt_logprobs: k` (completions and chat) returns
@@ -121,6 +122,7 @@ def _common(body: dict, base_model: str, max_tokens: int | None) -> tuple[str, d
         seed=None if seed is None else seed % 2**64,  # OpenAI seeds may be negative
         stop=_stop(body), ignore_eos=_typed(body, "ignore_eos", (bool,), False, "a boolean"),
         n=_typed(body, "n", (int,), 1, "an integer"), best_of=_typed(body, "best_of", (int,), None, "an integer"),
+        merge=body.get("merge"),  # checked by the generation layer (merge_spec)
     )
     if fields["top_k"] == -1:  # vLLM's "off"
         fields["top_k"] = 0

@@ -31,8 +31,17 @@ def grpc_fields(request: pb.GenerateRequest) -> dict:
         stop_token_ids=tuple(request.stop_token_ids),
         logprobs=request.logprobs if request.HasField("logprobs") else None,
         prompt_logprobs=request.prompt_logprobs if request.HasField("prompt_logprobs") else None,
-        n=request.n or 1, best_of=request.best_of or None,
+        n=request.n or 1, best_of=request.best_of or None, merge=_merge(request),
     )
+
+
+def _merge(request: pb.GenerateRequest) -> dict | None:
+    """The merge options that are set (None: no Merge message)."""
+    if not request.HasField("merge"):
+        return None
+    merge = request.merge
+    return dict(method=merge.method or "linear", density=merge.density if merge.HasField("density") else None,
+                seed=merge.seed if merge.HasField("seed") else None, rank=merge.rank or None)
 
 
 def _constraint(request: pb.GenerateRequest) -> Constraint | None:

@@ -247,7 +247,8 @@ class SamplingParams:
 @dataclass(frozen=True)
 class Request:
     """prompt (optionally wrapped in the chat template), chat messages, or token ids;
-    on the base model (adapter None), one adapter, or a weighted mix of adapters."""
+    on the base model (adapter None), one adapter, or a weighted mix of adapters (merged
+    as `merge` says: a server.adapters.merge.MergeSpec; None: the exact sum)."""
 
     prompt: str | None = None
     messages: tuple[dict, ...] | None = None
@@ -257,6 +258,7 @@ class Request:
     mix: tuple[tuple[str, float], ...] = ()
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=new_request_id)
+    merge: object = None  # a MergeSpec for the mix (None: linear, the exact in-kernel sum)
 
     def __post_init__(self) -> None:
         given = [x is not None for x in (self.prompt, self.messages, self.prompt_token_ids)]
@@ -294,6 +296,13 @@ class Request:
             raise RequestError("adapters", "an adapter appears twice in the mix")
         if self.mix and not sum(weight for _, weight in self.mix) > 0:
             raise RequestError("adapters", "mix weights must sum to a positive number")
+        if self.derives and not self.mix:
+            raise RequestError("merge", f"merging ({self.merge.method}) needs a mix: name the adapters in adapters")
+
+    @property
+    def derives(self) -> bool:
+        """Whether its mix runs as a derived adapter (a non-linear merge)."""
+        return self.merge is not None and self.merge.derives
 
     @property
     def adapter_weights(self) -> tuple[tuple[str, float], ...]:

@@ -37,6 +37,7 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)  # prompt_ids + output_ids (set in __post_init__)
     block_table: Any = None  # the block manager's BlockTable while admitted
     adapter_key: str = ""  # what its KV depends on besides the tokens: its adapters' content hashes
+    adapters: tuple[tuple[str, float], ...] = ()  # (name, weight) it runs on: its request's, or a merge's derived one
     adapter_slots: list[tuple[int, float]] = field(default_factory=list)  # pinned (slot, weight)
     adapter_lease: Any = None  # the registry's Lease behind adapter_slots
     adapter_hold: Any = None  # while waiting: the registry's HostHold (its adapters are being read)

@@ -38,15 +38,16 @@ class AdapterChanged(AdapterError):
 class HostTier:
     def __init__(self, max_cpu_adapters: int, lock: threading.RLock, read: Callable[[Path], LoadedAdapter],
                  fingerprint: Callable[[Path], tuple | None], on_evict: Callable[[str], None],
-                 on_loaded: Callable[[], None]):
+                 on_loaded: Callable[[], None], build: Callable[[AdapterRecord], LoadedAdapter] | None = None):
         """read: validate a folder into a LoadedAdapter (no lock held); fingerprint: the
         files' identity; on_loaded: after each read from disk finished or failed, outside
-        the lock (the engine wakes up to admit what waited)."""
+        the lock (the engine wakes up to admit what waited); build: makes a derived
+        adapter's weights (a record with `derived` set: no files of its own), no lock held."""
         if max_cpu_adapters < 1:
             raise ValueError(f"max_cpu_adapters must be >= 1, got {max_cpu_adapters}")
         self.max_cpu_adapters = max_cpu_adapters
         self.max_held = max(1, max_cpu_adapters // 2)  # adapters HostHolds keep on host together
-        self._lock, self._read, self._fingerprint = lock, read, fingerprint
+        self._lock, self._read, self._fingerprint, self._build = lock, read, fingerprint, build
         self._on_evict, self.on_loaded = on_evict, on_loaded
         self._lru: OrderedDict[str, AdapterRecord] = OrderedDict()  # registered names only
         self._held = 0  # records with holds > 0
@@ -118,16 +119,11 @@ class HostTier:
         return record.loading
 
     def _run_read(self, load: PendingRead) -> None:
-        """On the loader thread: read and check the files, then keep them on host."""
+        """On the loader thread: read and check the files (a derived adapter: build its
+        weights), then keep them on host."""
         record, adapter = load.record, None
         try:
-            changed = AdapterChanged(f"the files of adapter {record.name!r} were deleted or rewritten since "
-                                     "it was registered; unregister and register it again")
-            if self._fingerprint(record.path) != record.fingerprint:
-                raise changed
-            adapter = self._read(record.path)
-            if self._fingerprint(record.path) != record.fingerprint:
-                raise changed
+            adapter = self._build(record) if record.derived is not None else self.read_unchanged(record)
         except BaseException as error:  # noqa: BLE001 - delivered to the requests waiting on it
             adapter, load.error = None, error
         with self._lock:
@@ -136,3 +132,15 @@ class HostTier:
                 self.keep(record, adapter)  # an unregistered one is dropped here
             load.done.set()
         self.on_loaded()
+
+    def read_unchanged(self, record: AdapterRecord) -> LoadedAdapter:
+        """The record's files, which must still be the ones registered (AdapterChanged);
+        no lock held."""
+        changed = AdapterChanged(f"the files of adapter {record.name!r} were deleted or rewritten since "
+                                 "it was registered; unregister and register it again")
+        if self._fingerprint(record.path) != record.fingerprint:
+            raise changed
+        adapter = self._read(record.path)
+        if self._fingerprint(record.path) != record.fingerprint:
+            raise changed
+        return adapter

@@ -108,30 +108,30 @@ class MergeSpec:
 
     def __post_init__(self):
         if not isinstance(self.method, str) or self.method not in MERGE_METHODS:
-            raise RequestError("method", f"must be one of {', '.join(MERGE_METHODS)}, got {self.method!r}")
+            raise RequestError("merge.method", f"must be one of {', '.join(MERGE_METHODS)}, got {self.method!r}")
         if self.method in DENSITY_METHODS:
             if self.density is None:
-                raise RequestError("density", f"{self.method} needs a density in (0, 1]")
+                raise RequestError("merge.density", f"{self.method} needs a density in (0, 1]")
             if isinstance(self.density, bool) or not isinstance(self.density, (int, float)):
-                raise RequestError("density", f"must be a number in (0, 1], got {self.density!r}")
+                raise RequestError("merge.density", f"must be a number in (0, 1], got {self.density!r}")
             if not 0.0 < self.density <= 1.0:  # NaN fails this too
-                raise RequestError("density", f"must lie in (0, 1], got {self.density!r}")
+                raise RequestError("merge.density", f"must lie in (0, 1], got {self.density!r}")
             object.__setattr__(self, "density", float(self.density))
         elif self.density is not None:
-            raise RequestError("density", f"{self.method} takes no density; only {', '.join(DENSITY_METHODS)} do")
+            raise RequestError("merge.density", f"{self.method} takes no density; only {', '.join(DENSITY_METHODS)} do")
         if self.method in RANDOM_METHODS:
             seed = DEFAULT_SEED if self.seed is None else self.seed
             if not _is_int(seed) or not 0 <= seed < MAX_SEED:
-                raise RequestError("seed", f"must be an integer in [0, 2^64), got {self.seed!r}")
+                raise RequestError("merge.seed", f"must be an integer in [0, 2^64), got {self.seed!r}")
             object.__setattr__(self, "seed", seed)
         elif self.seed is not None:
-            raise RequestError("seed", f"{self.method} draws nothing at random; only "
+            raise RequestError("merge.seed", f"{self.method} draws nothing at random; only "
                                        f"{', '.join(RANDOM_METHODS)} take a seed")
         if self.method in DERIVED_METHODS:
             if self.rank is not None and (not _is_int(self.rank) or self.rank < 1):
-                raise RequestError("rank", f"must be an integer >= 1, got {self.rank!r}")
+                raise RequestError("merge.rank", f"must be an integer >= 1, got {self.rank!r}")
         elif self.rank is not None:
-            raise RequestError("rank", f"{self.method} is exact and takes no rank; only "
+            raise RequestError("merge.rank", f"{self.method} is exact and takes no rank; only "
                                        f"{', '.join(DERIVED_METHODS)} do")
 
     @property
@@ -192,7 +192,7 @@ def merge_adapters(members: Sequence[LoadedAdapter], weights: Sequence[float], s
     keys = _module_keys(members)
     ranks = _result_ranks(members, keys, spec)
     if max_rank is not None and max(ranks.values()) > max_rank:
-        name = "rank" if spec.rank is not None else "adapters"
+        name = "merge.rank" if spec.rank is not None else "adapters"
         raise RequestError(name, f"the merged adapter's rank {max(ranks.values())} is over the server's "
                                  f"max LoRA rank {max_rank}")
 

@@ -11,6 +11,11 @@ only adapters already in host memory or on the device. For an adapter that is on
 disk it returns a HostHold and queues a read on the loader thread, which validates the
 files into the host tier; the caller asks again, with the same hold, after `on_loaded`
 fired.
+
+A non-linear merge of registered adapters is a derived adapter (derived.py): a record
+made at first use, under a name no caller can give, whose weights the loader thread
+builds where it would read files; it counts against neither --max-adapters nor the
+listing of registrations, and goes when one of its members is unregistered.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loraquilt.server.adapters.derived import DerivedSource, build_derived, derived_identity, derived_name
 from loraquilt.server.adapters.device_tier import TIER_DEVICE, DeviceTier
 from loraquilt.server.adapters.dora import with_dora_scales
 from loraquilt.server.adapters.host_tier import TIER_HOST, AdapterChanged, HostTier
@@ -69,6 +75,7 @@ class AdapterRecord:
     loading: PendingRead | None = field(default=None, repr=False)  # the read in flight on the loader thread
     retired: bool = False  # unregistered (while pinned: its slot frees at the last release)
     created: int = field(default_factory=lambda: int(time.time()))  # registration time (Unix seconds)
+    derived: DerivedSource | None = field(default=None, repr=False)  # a merge's members (derived.py)
 
     @property
     def tier(self) -> str:
@@ -83,6 +90,7 @@ class RegistryEvents:
 
     on_load: Callable[[float], None] = lambda seconds: None
     on_evict: Callable[[str], None] = lambda tier: None
+    on_derive: Callable[[float], None] = lambda seconds: None  # a derived adapter's weights were built
 
 
 @dataclass(frozen=True)
@@ -128,7 +136,7 @@ class AdapterRegistry:
         self._records: dict[str, AdapterRecord] = {}  # registered names only
         evicted = lambda tier: self.events.on_evict(tier)  # noqa: E731 - events may be replaced later
         self.host = HostTier(max_cpu_adapters, self._lock, lambda path: self._read(path), file_fingerprint, evicted,
-                             on_loaded)
+                             on_loaded, build=self._build_derived)
         self.device = DeviceTier(slots, evicted, on_bring_in=self.host.touch)
 
     @property
@@ -178,7 +186,7 @@ class AdapterRegistry:
     def _check_room(self, name: str) -> None:
         if name in self._records:
             raise AdapterExists(f"adapter {name!r} is already registered")
-        if len(self._records) >= self.max_adapters:
+        if sum(1 for record in self._records.values() if record.derived is None) >= self.max_adapters:
             raise TooManyAdapters(f"this server holds its limit of {self.max_adapters} registered adapters "
                                   "(--max-adapters); unregister one first")
 
@@ -187,19 +195,85 @@ class AdapterRegistry:
         zeroed) when the last of them releases it."""
         with self._lock:
             record = self._get(name)
-            del self._records[name]
-            record.retired = True
-            self.host.drop(record)
-            if record.pins == 0:
-                self.device.free(record)
+            if record.derived is not None:
+                raise UnknownAdapter(name)  # a merge's adapter goes with its members, not by name
+            for other in [r for r in self._records.values() if r.derived is not None and r.derived.involves(record)]:
+                self._retire(other)
+            self._retire(record)
+
+    def _retire(self, record: AdapterRecord) -> None:
+        del self._records[record.name]
+        record.retired = True
+        self.host.drop(record)
+        if record.pins == 0:
+            self.device.free(record)
+
+    def derive(self, mix: Sequence[tuple[str, float]], spec) -> AdapterRecord:
+        """The derived adapter of a non-linear merge (spec: a merge.MergeSpec that derives)
+        of registered adapters with these weights: the one made for the same members'
+        contents, weights and parameters before, or a new record whose weights the loader
+        builds at its first acquire. Raises UnknownAdapter, or RequestError for a member
+        that cannot be merged (DoRA) or a rank over the slots'."""
+        with self._lock:
+            members = tuple(self._get(name) for name, _ in mix)
+            dora = [member.name for member in members if member.dora]
+            if dora:
+                raise RequestError("adapters", f"adapter {dora[0]!r} is a DoRA adapter; merges take plain LoRA "
+                                               "adapters (a DoRA output depends on the base weights too)")
+            rank = spec.rank or max(member.rank for member in members)
+            if rank > self.slots.config.max_rank:
+                raise RequestError("merge.rank" if spec.rank else "adapters",
+                                   f"the merged adapter's rank {rank} is over the server's max LoRA rank "
+                                   f"{self.slots.config.max_rank} (--max-lora-rank)")
+            weights = tuple(float(weight) for _, weight in mix)
+            identity = derived_identity(members, weights, spec)
+            name = derived_name(identity)
+            record = self._records.get(name)
+            if record is None or record.content_hash != identity:
+                if record is not None:  # 64 bits of the hash alike: the older one goes
+                    self._retire(record)
+                targets = tuple(sorted({module for member in members for module in member.target_modules}))
+                record = AdapterRecord(name=name, path=Path(name), rank=rank, target_modules=targets, size_bytes=0,
+                                       content_hash=identity, derived=DerivedSource(members, weights, spec))
+                self._records[name] = record
+                self._trim_derived()
+            return record
+
+    def _trim_derived(self) -> None:
+        """Keep at most max_cpu_adapters derived records: the oldest ones no request uses
+        or waits on go (they are rebuilt if asked for again)."""
+        derived = [r for r in self._records.values() if r.derived is not None]
+        for record in derived[:max(0, len(derived) - self.max_cpu_adapters)]:
+            if not (record.pins or record.holds or record.loading):
+                self._retire(record)
+
+    def _build_derived(self, record: AdapterRecord) -> LoadedAdapter:
+        """On the loader thread: a derived adapter's weights from its members."""
+        one_thread_off_main()
+        start = time.perf_counter()
+        with self._lock:
+            copies = [member.host for member in record.derived.members]
+        adapter = build_derived(record.derived, copies, self.host.read_unchanged, max_rank=self.slots.config.max_rank,
+                                dtype=self.slots.dtype)
+        with self._lock:
+            record.size_bytes, record.rank = adapter.size_bytes, adapter.rank
+        self.events.on_derive(time.perf_counter() - start)
+        return adapter
 
     def get(self, name: str) -> AdapterRecord:
         with self._lock:
             return self._get(name)
 
     def records(self) -> list[AdapterRecord]:
+        """The registered adapters (not the derived ones)."""
         with self._lock:
-            return list(self._records.values())
+            return [record for record in self._records.values() if record.derived is None]
+
+    def resident_derived(self) -> list[AdapterRecord]:
+        """The derived adapters whose weights are in host memory or a slot."""
+        with self._lock:
+            return [record for record in self._records.values()
+                    if record.derived is not None and record.tier != TIER_DISK]
 
     def _get(self, name: str) -> AdapterRecord:
         record = self._records.get(name)

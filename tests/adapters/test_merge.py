@@ -197,7 +197,7 @@ def test_rank_over_the_limit_is_refused(world):
     members, _, _ = world
     with pytest.raises(RequestError) as error:
         merge_adapters(members, (1, 1, 1), MergeSpec("svd", rank=12), max_rank=8)
-    assert error.value.field == "rank"
+    assert error.value.field == "merge.rank"
     with pytest.raises(RequestError) as error:
         merge_adapters(members, (1, 1, 1), MergeSpec("cat"), max_rank=MAX_RANK)  # 4 + 8 + 6 = 18
     assert error.value.field == "adapters"
@@ -248,7 +248,7 @@ def test_dora_members_are_refused(world):
 def test_spec_refuses(kwargs, field):
     with pytest.raises(RequestError) as error:
         MergeSpec(**kwargs)
-    assert error.value.field == field
+    assert error.value.field == f"merge.{field}"
 
 
 def test_spec_defaults_and_keys():

@@ -32,7 +32,7 @@ def test_wire_contract_field_numbers():
                       "logit_bias": 12, "min_tokens": 13, "repetition_penalty": 14, "presence_penalty": 15,
                       "frequency_penalty": 16, "min_p": 17, "stop_token_ids": 18, "logprobs": 19,
                       "prompt_logprobs": 20, "json_schema": 21, "json_object": 22, "regex": 23, "grammar": 24,
-                      "n": 25, "best_of": 26, "choice": 27}
+                      "n": 25, "best_of": 26, "choice": 27, "merge": 28}
     response = {f.name: f.number for f in pb.GenerateResponse.DESCRIPTOR.fields}
     assert response == {"text": 1, "token_ids": 2, "finish_reason": 3, "prompt_tokens": 4,
                         "completion_tokens": 5, "logprobs": 6, "cached_tokens": 7, "prompt_logprobs": 8,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraquilt/v1/loraquilt.proto\x12\x0cloraquilt.v1\"-\n\rAdapterWeight\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"\xc4\x05\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12-\n\x08\x61\x64\x61pters\x18\x03 \x03(\x0b\x32\x1b.loraquilt.v1.AdapterWeight\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x0c\n\x04\x63hat\x18\n \x01(\x08\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12@\n\nlogit_bias\x18\x0c \x03(\x0b\x32,.loraquilt.v1.GenerateRequest.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12\x1a\n\x12repetition_penalty\x18\x0e \x01(\x02\x12\x18\n\x10presence_penalty\x18\x0f \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x10 \x01(\x02\x12\r\n\x05min_p\x18\x11 \x01(\x02\x12\x16\n\x0estop_token_ids\x18\x12 \x03(\r\x12\x15\n\x08logprobs\x18\x13 \x01(\rH\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x14 \x01(\rH\x02\x88\x01\x01\x12\x13\n\x0bjson_schema\x18\x15 \x01(\t\x12\x13\n\x0bjson_object\x18\x16 \x01(\x08\x12\r\n\x05regex\x18\x17 \x01(\t\x12\x0f\n\x07grammar\x18\x18 \x01(\t\x12\t\n\x01n\x18\x19 \x01(\r\x12\x0f\n\x07\x62\x65st_of\x18\x1a \x01(\r\x12\x0e\n\x06\x63hoice\x18\x1b \x03(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\"f\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12%\n\x03top\x18\x03 \x03(\x0b\x32\x18.loraquilt.v1.TopLogprob\x12\x0c\n\x04text\x18\x04 \x01(\t\"\xb6\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12,\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1a.loraquilt.v1.TokenLogprob\x12\x15\n\rcached_tokens\x18\x07 \x01(\r\x12\x33\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x1a.loraquilt.v1.TokenLogprob\x12\r\n\x05index\x18\t \x01(\r\x12/\n\x07\x63hoices\x18\n \x03(\x0b\x32\x1e.loraquilt.v1.GenerateResponse\"4\n\x16RegisterAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"c\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x16\n\x0etarget_modules\x18\x03 \x03(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04tier\x18\x05 \x01(\t\"(\n\x18UnregisterAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1b\n\x19UnregisterAdapterResponse\"\x15\n\x13ListAdaptersRequest\"C\n\x14ListAdaptersResponse\x12+\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x19.loraquilt.v1.AdapterInfo2\xba\x03\n\tLoraQuilt\x12I\n\x08Generate\x12\x1d.loraquilt.v1.GenerateRequest\x1a\x1e.loraquilt.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1d.loraquilt.v1.GenerateRequest\x1a\x1e.loraquilt.v1.GenerateResponse0\x01\x12R\n\x0fRegisterAdapter\x12$.loraquilt.v1.RegisterAdapterRequest\x1a\x19.loraquilt.v1.AdapterInfo\x12\x64\n\x11UnregisterAdapter\x12&.loraquilt.v1.UnregisterAdapterRequest\x1a\'.loraquilt.v1.UnregisterAdapterResponse\x12U\n\x0cListAdapters\x12!.loraquilt.v1.ListAdaptersRequest\x1a\".loraquilt.v1.ListAdaptersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraquilt/v1/loraquilt.proto\x12\x0cloraquilt.v1\"-\n\rAdapterWeight\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"\xe8\x05\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12-\n\x08\x61\x64\x61pters\x18\x03 \x03(\x0b\x32\x1b.loraquilt.v1.AdapterWeight\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x0c\n\x04\x63hat\x18\n \x01(\x08\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12@\n\nlogit_bias\x18\x0c \x03(\x0b\x32,.loraquilt.v1.GenerateRequest.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12\x1a\n\x12repetition_penalty\x18\x0e \x01(\x02\x12\x18\n\x10presence_penalty\x18\x0f \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x10 \x01(\x02\x12\r\n\x05min_p\x18\x11 \x01(\x02\x12\x16\n\x0estop_token_ids\x18\x12 \x03(\r\x12\x15\n\x08logprobs\x18\x13 \x01(\rH\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x14 \x01(\rH\x02\x88\x01\x01\x12\x13\n\x0bjson_schema\x18\x15 \x01(\t\x12\x13\n\x0bjson_object\x18\x16 \x01(\x08\x12\r\n\x05regex\x18\x17 \x01(\t\x12\x0f\n\x07grammar\x18\x18 \x01(\t\x12\t\n\x01n\x18\x19 \x01(\r\x12\x0f\n\x07\x62\x65st_of\x18\x1a \x01(\r\x12\x0e\n\x06\x63hoice\x18\x1b \x03(\t\x12\"\n\x05merge\x18\x1c \x01(\x0b\x32\x13.loraquilt.v1.Merge\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"c\n\x05Merge\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x14\n\x07\x64\x65nsity\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04rank\x18\x04 \x01(\rB\n\n\x08_densityB\x07\n\x05_seed\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\"f\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12%\n\x03top\x18\x03 \x03(\x0b\x32\x18.loraquilt.v1.TopLogprob\x12\x0c\n\x04text\x18\x04 \x01(\t\"\xb6\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12,\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1a.loraquilt.v1.TokenLogprob\x12\x15\n\rcached_tokens\x18\x07 \x01(\r\x12\x33\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x1a.loraquilt.v1.TokenLogprob\x12\r\n\x05index\x18\t \x01(\r\x12/\n\x07\x63hoices\x18\n \x03(\x0b\x32\x1e.loraquilt.v1.GenerateResponse\"4\n\x16RegisterAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"c\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x16\n\x0etarget_modules\x18\x03 \x03(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04tier\x18\x05 \x01(\t\"(\n\x18UnregisterAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1b\n\x19UnregisterAdapterResponse\"\x15\n\x13ListAdaptersRequest\"C\n\x14ListAdaptersResponse\x12+\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x19.loraquilt.v1.AdapterInfo2\xba\x03\n\tLoraQuilt\x12I\n\x08Generate\x12\x1d.loraquilt.v1.GenerateRequest\x1a\x1e.loraquilt.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1d.loraquilt.v1.GenerateRequest\x1a\x1e.loraquilt.v1.GenerateResponse0\x01\x12R\n\x0fRegisterAdapter\x12$.loraquilt.v1.RegisterAdapterRequest\x1a\x19.loraquilt.v1.AdapterInfo\x12\x64\n\x11UnregisterAdapter\x12&.loraquilt.v1.UnregisterAdapterRequest\x1a\'.loraquilt.v1.UnregisterAdapterResponse\x12U\n\x0cListAdapters\x12!.loraquilt.v1.ListAdaptersRequest\x1a\".loraquilt.v1.ListAdaptersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,27 +36,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADAPTERWEIGHT']._serialized_start=46
   _globals['_ADAPTERWEIGHT']._serialized_end=91
   _globals['_GENERATEREQUEST']._serialized_start=94
-  _globals['_GENERATEREQUEST']._serialized_end=802
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=712
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=760
-  _globals['_TOPLOGPROB']._serialized_start=804
-  _globals['_TOPLOGPROB']._serialized_end=865
-  _globals['_TOKENLOGPROB']._serialized_start=867
-  _globals['_TOKENLOGPROB']._serialized_end=969
-  _globals['_GENERATERESPONSE']._serialized_start=972
-  _globals['_GENERATERESPONSE']._serialized_end=1282
-  _globals['_REGISTERADAPTERREQUEST']._serialized_start=1284
-  _globals['_REGISTERADAPTERREQUEST']._serialized_end=1336
-  _globals['_ADAPTERINFO']._serialized_start=1338
-  _globals['_ADAPTERINFO']._serialized_end=1437
-  _globals['_UNREGISTERADAPTERREQUEST']._serialized_start=1439
-  _globals['_UNREGISTERADAPTERREQUEST']._serialized_end=1479
-  _globals['_UNREGISTERADAPTERRESPONSE']._serialized_start=1481
-  _globals['_UNREGISTERADAPTERRESPONSE']._serialized_end=1508
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1510
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1531
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1533
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1600
-  _globals['_LORAQUILT']._serialized_start=1603
-  _globals['_LORAQUILT']._serialized_end=2045
+  _globals['_GENERATEREQUEST']._serialized_end=838
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=748
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=796
+  _globals['_MERGE']._serialized_start=840
+  _globals['_MERGE']._serialized_end=939
+  _globals['_TOPLOGPROB']._serialized_start=941
+  _globals['_TOPLOGPROB']._serialized_end=1002
+  _globals['_TOKENLOGPROB']._serialized_start=1004
+  _globals['_TOKENLOGPROB']._serialized_end=1106
+  _globals['_GENERATERESPONSE']._serialized_start=1109
+  _globals['_GENERATERESPONSE']._serialized_end=1419
+  _globals['_REGISTERADAPTERREQUEST']._serialized_start=1421
+  _globals['_REGISTERADAPTERREQUEST']._serialized_end=1473
+  _globals['_ADAPTERINFO']._serialized_start=1475
+  _globals['_ADAPTERINFO']._serialized_end=1574
+  _globals['_UNREGISTERADAPTERREQUEST']._serialized_start=1576
+  _globals['_UNREGISTERADAPTERREQUEST']._serialized_end=1616
+  _globals['_UNREGISTERADAPTERRESPONSE']._serialized_start=1618
+  _globals['_UNREGISTERADAPTERRESPONSE']._serialized_end=1645
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1647
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1668
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1670
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1737
+  _globals['_LORAQUILT']._serialized_start=1740
+  _globals['_LORAQUILT']._serialized_end=2182
 # @@protoc_insertion_point(module_scope)
