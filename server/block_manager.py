@@ -22,6 +22,9 @@ Semantics:
   the logits of the first new token. A caller may cap the positions served from the cache
   further (`max_cached_tokens`: a request scoring its prompt needs the logits of every
   position it has not scored yet, so the cache may serve only those it has).
+- A block whose positions all run on the base model (those before an aLoRA adapter's
+  invocation: `base_positions`) is keyed as the base model's (adapter identity ""), so
+  the base and every aLoRA adapter share it; the blocks after it chain from its hash.
 - A table may be forked (several choices of one prompt): the copy references the same full
   blocks and gets a block of its own for the one its next position falls in, into which
   the caller copies that block's written positions (copy-on-write, done at the fork since
@@ -58,6 +61,11 @@ class BlockTable:
     sealed: int = 0  # leading blocks sealed so far
     last_hash: bytes = b""  # hash of the last sealed block ("" before the first)
     adapter_key: str = ""
+    base_positions: int = 0  # leading positions computed on the base model alone (keyed "")
+
+    def key_of(self, index: int, block_size: int) -> str:
+        """The adapter identity block `index`'s KV depends on."""
+        return "" if (index + 1) * block_size <= self.base_positions else self.adapter_key
 
 
 def block_hash(previous: bytes, adapter_key: str, token_ids: tuple[int, ...]) -> bytes:
@@ -107,13 +115,14 @@ class BlockManager:
     # -- sequences ------------------------------------------------------------------------------
 
     def allocate(self, prompt_ids: list[int] | tuple[int, ...], adapter_key: str = "",
-                 max_cached_tokens: int | None = None) -> BlockTable:
+                 max_cached_tokens: int | None = None, base_positions: int = 0) -> BlockTable:
         """Blocks for a new sequence's prompt: leading full blocks from the cache where their
         hash (and tokens) are resident, new blocks for the rest. Raises NoFreeBlocks, and
         then takes nothing, when the pool cannot hold the prompt. max_cached_tokens: at most
-        this many leading positions come from the cache (None: no cap)."""
+        this many leading positions come from the cache (None: no cap); base_positions:
+        leading positions the sequence computes on the base model alone."""
         size = self.block_size
-        table = BlockTable(adapter_key=adapter_key)
+        table = BlockTable(adapter_key=adapter_key, base_positions=base_positions)
         needed = self.blocks_for(len(prompt_ids))
         reused: list[int] = []
         previous = b""
@@ -124,7 +133,7 @@ class BlockManager:
             self.queries_tokens += cacheable * size
             for index in range(cacheable):
                 tokens = tuple(prompt_ids[index * size:(index + 1) * size])
-                digest = block_hash(previous, adapter_key, tokens)
+                digest = block_hash(previous, table.key_of(index, size), tokens)
                 block_id = self._by_hash.get(digest)
                 if block_id is None or self.blocks[block_id].token_ids != tokens:
                     break
@@ -172,7 +181,8 @@ class BlockManager:
         fresh = self._take()
         # only full written blocks are sealed, so the seals are all among the shared blocks
         copy = BlockTable(block_ids=[*table.block_ids[:shared], fresh], cached_tokens=table.cached_tokens,
-                          sealed=table.sealed, last_hash=table.last_hash, adapter_key=table.adapter_key)
+                          sealed=table.sealed, last_hash=table.last_hash, adapter_key=table.adapter_key,
+                          base_positions=table.base_positions)
         source = (table.block_ids[shared], fresh) if num_written % size else None
         return copy, source
 
@@ -188,7 +198,7 @@ class BlockManager:
         while (table.sealed + 1) * size <= written and table.sealed < len(table.block_ids):
             index = table.sealed
             tokens = tuple(token_ids[index * size:(index + 1) * size])
-            digest = block_hash(table.last_hash, table.adapter_key, tokens)
+            digest = block_hash(table.last_hash, table.key_of(index, size), tokens)
             block = self.blocks[table.block_ids[index]]
             if block.hash is None and digest not in self._by_hash:
                 block.hash, block.token_ids = digest, tokens

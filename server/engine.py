@@ -26,6 +26,10 @@ A request for several choices (n > 1, best_of) is one sequence per choice, made 
 first prefills the prompt, the others fork from it (server/scheduler.py), each gets its
 own lease on the same adapter slots; the last to end gives the request's result
 (server/choices.py). One choice failing fails the request and stops the others.
+
+A request on an aLoRA adapter runs on the base model up to its invocation tokens
+(Sequence.lora_start, server/adapters/alora.py): those rows get no LoRA, and the prefix
+cache keys the blocks before it as the base model's.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraquilt.server.adapters.alora import activation_start
 from loraquilt.server.adapters.registry import Acquired, AdapterRecord, AdapterRegistry, Lease, RegistryEvents
 from loraquilt.server.adapters.slots import LoraSlots, SlotConfig
 from loraquilt.server.block_manager import BlockManager
@@ -171,19 +176,22 @@ class Engine:
                                 ("stop_token_ids", sampling.stop_token_ids)):
             if any(token >= vocab for token in ids):
                 raise RequestError(field_name, f"token ids must be below the vocabulary size {vocab}")
-        adapters = request.adapter_weights
+        adapters, lora_start = request.adapter_weights, 0
         if request.derives:  # a non-linear merge runs on its derived adapter (built at first use)
             adapters = ((self.adapters.derive(adapters, request.merge).name, 1.0),)
-        else:
-            self.adapters.check_mix(adapters)  # UnknownAdapter (or a DoRA mix) now rather than at admission
-        sequence = Sequence(request=request, prompt_ids=prompt_ids, adapters=adapters)
+        else:  # UnknownAdapter (or a DoRA or aLoRA mix) now rather than at admission
+            records = self.adapters.check_mix(adapters)
+            if records and records[0].alora:  # an aLoRA adapter (alone): the base until its invocation
+                lora_start = activation_start(prompt_ids, records[0].alora)
+        sequence = Sequence(request=request, prompt_ids=prompt_ids, adapters=adapters, lora_start=lora_start)
         members = [sequence]
         if sampling.num_sequences > 1:
             if sampling.num_sequences > self.config.max_batch_size:
                 raise RequestError("best_of" if sampling.best_of else "n",
                                    f"{sampling.num_sequences} choices; a batch holds {self.config.max_batch_size} "
                                    "sequences (--max-batch-size)")
-            sequence.forks = [Sequence(request=request, prompt_ids=prompt_ids, adapters=adapters, index=index)
+            sequence.forks = [Sequence(request=request, prompt_ids=prompt_ids, adapters=adapters,
+                                       lora_start=lora_start, index=index)
                               for index in range(1, sampling.num_sequences)]
             members += sequence.forks
             group = ChoiceGroup(members=members, keep=sampling.n, ranked=sampling.ranks_choices)
@@ -328,6 +336,8 @@ class Engine:
             seq.adapter_lease, seq.adapter_hold = got.lease, None
             seq.adapter_slots = [(slot, w) for slot, (_, w) in zip(got.lease.slots, seq.adapters)]
         seq.adapter_key = adapter_identity(seq.adapter_lease, seq.adapters)
+        if seq.adapter_lease is not None and seq.adapter_lease.records[0].alora:  # where it applies depends on them
+            seq.adapter_key += f"@alora:{','.join(map(str, seq.adapter_lease.records[0].alora))}"
         seq.admitted_time = seq.admitted_time or time.monotonic()
         return Admission.ADMIT
 

@@ -158,10 +158,17 @@ class ModelRunner:
         return self.structured.start(matchers) if matchers else None
 
     def _begin_lora(self, decodes, prefills, prefill_tokens: list[list[int]]) -> LoraSlots | None:
-        """The step's LoRA tables, one span per sequence (decodes: 1 row, prefills: their chunk)."""
+        """The step's LoRA tables, one span per sequence (decodes: 1 row, prefills: their
+        chunk), split where an aLoRA sequence's rows before its invocation run on the base."""
         if not any(seq.adapter_slots for seq in decodes + prefills):
             return None
-        spans = [LoraSpan(1, tuple(seq.adapter_slots)) for seq in decodes]
-        spans += [LoraSpan(len(tokens), tuple(seq.adapter_slots)) for seq, tokens in zip(prefills, prefill_tokens)]
+        spans = [LoraSpan(1, () if seq.base_rows(seq.next_position(), 1) else tuple(seq.adapter_slots))
+                 for seq in decodes]
+        for seq, tokens in zip(prefills, prefill_tokens):
+            base = seq.base_rows(seq.next_position(), len(tokens))
+            if base:
+                spans.append(LoraSpan(base, ()))
+            if base < len(tokens):
+                spans.append(LoraSpan(len(tokens) - base, tuple(seq.adapter_slots)))
         self.slots.begin_step(spans)
         return self.slots

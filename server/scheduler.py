@@ -156,7 +156,7 @@ class Scheduler:
                 rejected.append(candidate)
                 continue
             candidate.block_table = self.blocks.allocate(candidate.token_ids, candidate.adapter_key,
-                                                         candidate.max_cached_tokens)
+                                                         candidate.max_cached_tokens, candidate.lora_start)
             candidate.num_computed_tokens = candidate.num_cached_tokens = candidate.block_table.cached_tokens
             self.running.append(candidate)
             admitted = [candidate]

@@ -38,6 +38,7 @@ class Sequence:
     block_table: Any = None  # the block manager's BlockTable while admitted
     adapter_key: str = ""  # what its KV depends on besides the tokens: its adapters' content hashes
     adapters: tuple[tuple[str, float], ...] = ()  # (name, weight) it runs on: its request's, or a merge's derived one
+    lora_start: int = 0  # positions before it run on the base model (an aLoRA adapter's invocation; alora.py)
     adapter_slots: list[tuple[int, float]] = field(default_factory=list)  # pinned (slot, weight)
     adapter_lease: Any = None  # the registry's Lease behind adapter_slots
     adapter_hold: Any = None  # while waiting: the registry's HostHold (its adapters are being read)
@@ -120,6 +121,10 @@ class Sequence:
         start = self.num_computed_tokens
         end = start + (self.num_scheduled_tokens or self.remaining_tokens)
         return self.token_ids[start:end]
+
+    def base_rows(self, start: int, count: int) -> int:
+        """Of `count` positions from `start`, how many lead before lora_start (run on the base)."""
+        return max(0, min(count, self.lora_start - start))
 
     def next_position(self) -> int:
         """Cache position of the first token next_input() feeds."""

@@ -34,6 +34,7 @@ HARMLESS_FIELDS = frozenset({
     "rank_pattern", "alpha_pattern", "megatron_config", "megatron_core", "loftq_config",
     "eva_config", "corda_config", "lora_ga_config", "runtime_config", "ensure_weight_tying",
     "qalora_group_size", "use_dora",
+    "alora_invocation_tokens",  # activated LoRA: where it applies (alora.py)
 })
 # Features the engine does not implement, with the value that means "off".
 UNSUPPORTED_FEATURES = {
@@ -43,7 +44,6 @@ UNSUPPORTED_FEATURES = {
     "fan_in_fan_out": "fan_in_fan_out weights",
     "trainable_token_indices": "trainable token embeddings (trainable_token_indices)",
     "layer_replication": "layer replication (layer_replication)",
-    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
     "use_qalora": "QA-LoRA (use_qalora)",
     "target_parameters": "LoRA on parameters (target_parameters)",
 }
@@ -79,6 +79,7 @@ class LoadedAdapter:
     size_bytes: int
     warnings: tuple[str, ...] = ()
     content_hash: str = ""  # of every module's name, shape and scaled weights: what its KV depends on
+    alora_invocation_tokens: tuple[int, ...] | None = None  # aLoRA: it applies from these tokens on (alora.py)
     # DoRA only (use_dora): per module its magnitude vector m [out] float32, read from the folder
     magnitudes: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict, repr=False)
     # DoRA only: per module its output scale m / ||W + s·B·A|| [out] float32 (dora.py)
@@ -180,6 +181,17 @@ def read_adapter_config(folder: Path, max_rank: int) -> dict:
                 f"{', '.join(PROJECTIONS)}"
             )
     return config
+
+
+def _invocation(config: dict) -> tuple[int, ...] | None:
+    """An aLoRA adapter's invocation token ids (None: a plain adapter)."""
+    tokens = config.get("alora_invocation_tokens")
+    if tokens in (None, []):
+        return None
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31
+                                               for t in tokens):
+        raise AdapterError(f"alora_invocation_tokens must be a list of token ids, got {str(tokens)[:60]}")
+    return tuple(tokens)
 
 
 def load_peft_adapter(folder: Path | str, model: ModelConfig, *, max_rank: int,
@@ -289,6 +301,7 @@ def load_peft_adapter(folder: Path | str, model: ModelConfig, *, max_rank: int,
         modules=modules,
         size_bytes=weights_path.stat().st_size,
         content_hash=digest.hexdigest(),
+        alora_invocation_tokens=_invocation(config),
         magnitudes=magnitudes,
     )
 

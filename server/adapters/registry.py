@@ -66,6 +66,7 @@ class AdapterRecord:
     target_modules: tuple[str, ...]
     size_bytes: int
     dora: bool = False  # a DoRA adapter (use_dora): served alone, never in a mix
+    alora: tuple[int, ...] | None = None  # an aLoRA adapter's invocation tokens (alora.py): served alone
     fingerprint: tuple | None = field(default=None, repr=False)  # the files as registered
     content_hash: str = ""  # of the weights as registered (the prefix cache's adapter identity)
     host: LoadedAdapter | None = field(default=None, repr=False)  # set by the host tier
@@ -179,7 +180,8 @@ class AdapterRegistry:
         if file_fingerprint(path) != before:
             raise AdapterError(f"the files under {path} changed while they were being read; retry")
         record = AdapterRecord(name=name, path=path, rank=adapter.rank, target_modules=adapter.target_modules,
-                               size_bytes=adapter.size_bytes, dora=adapter.use_dora, fingerprint=before,
+                               size_bytes=adapter.size_bytes, dora=adapter.use_dora,
+                               alora=adapter.alora_invocation_tokens, fingerprint=before,
                                content_hash=adapter.content_hash)
         return record, adapter
 
@@ -220,6 +222,10 @@ class AdapterRegistry:
             if dora:
                 raise RequestError("adapters", f"adapter {dora[0]!r} is a DoRA adapter; merges take plain LoRA "
                                                "adapters (a DoRA output depends on the base weights too)")
+            alora = [member.name for member in members if member.alora]
+            if alora:
+                raise RequestError("adapters", f"adapter {alora[0]!r} is an aLoRA adapter, served alone: it "
+                                               "applies from its invocation tokens on, which a merge has not")
             rank = spec.rank or max(member.rank for member in members)
             if rank > self.slots.config.max_rank:
                 raise RequestError("merge.rank" if spec.rank else "adapters",
@@ -292,17 +298,23 @@ class AdapterRegistry:
 
     # -- residency ----------------------------------------------------------------------
 
-    def check_mix(self, pairs: Sequence[tuple[str, float]]) -> None:
+    def check_mix(self, pairs: Sequence[tuple[str, float]]) -> list[AdapterRecord]:
         """What a request's (adapter, weight) pairs must satisfy: every name registered
-        (UnknownAdapter), and a DoRA adapter only alone at weight 1 (RequestError on
-        `adapters`): its output scale belongs to its own weights, so no mix of it is exact."""
+        (UnknownAdapter), a DoRA adapter only alone at weight 1 (RequestError on
+        `adapters`): its output scale belongs to its own weights, so no mix of it is exact;
+        an aLoRA adapter only alone. Returns their records."""
         with self._lock:
             records = [self._get(name) for name, _ in pairs]
         _refuse_dora_mix(records)
+        alora = [record.name for record in records if record.alora]
+        if alora and len(records) > 1:
+            raise RequestError("adapters", f"adapter {alora[0]!r} is an aLoRA adapter, which is served alone: a mix "
+                                           "may not include it (it applies from its own invocation tokens on)")
         for record, (_, weight) in zip(records, pairs):
             if record.dora and weight != 1.0:
                 raise RequestError("adapters.weight", f"adapter {record.name!r} is a DoRA adapter, served only "
                                                       f"alone at weight 1 (got {weight:g})")
+        return records
 
     def acquire(self, names: list[str], hold: HostHold | None = None) -> Acquired:
         """Pin device slots for every named adapter, from host memory or the device only

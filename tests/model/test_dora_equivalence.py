@@ -185,6 +185,6 @@ def test_a_mix_with_a_dora_adapter_is_refused_naming_it(world, mix):
         engine.generate([request])
     assert classify(caught.value).kind == ErrorKind.INVALID_ARGUMENT
     assert all(record.pins == 0 for record in engine.adapters.records())  # nothing stays pinned
-    assert engine.adapters.check_mix([("plain", 0.5)]) is None
+    assert engine.adapters.check_mix([("plain", 0.5)]) == [engine.adapters.get("plain")]
     with pytest.raises(RequestError, match="alone at weight 1"):
         engine.adapters.check_mix([("dora", 0.5)])
