@@ -14,7 +14,7 @@ Modules:
 
 from loraquilt.kernels.nf4 import fused_lora
 from loraquilt.kernels.nf4.dispatch import FUSED_MAX_ROWS, PATHS, NF4Plan, nf4_linear, plan_nf4
-from loraquilt.kernels.nf4.fused_lora import FusedLora, LoraPairs, LoraPart, PairsArgs
+from loraquilt.kernels.nf4.fused_lora import FusedLora, LoraPairs, LoraPart, PairsArgs, RowScale
 from loraquilt.kernels.nf4.weight import NF4_BLOCKSIZE, DequantScratch, NF4Weight, can_concat
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "NF4Plan",
     "NF4Weight",
     "PairsArgs",
+    "RowScale",
     "can_concat",
     "fused_lora",
     "nf4_linear",

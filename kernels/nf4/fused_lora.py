@@ -12,6 +12,9 @@ columns are split into parts; each part has its own slot buffers A [S, R, in] an
 Bt [S, R, width] (B kept transposed, so a vector of outputs is one load) and its own
 table of (row, slot, weight) pairs for the step (`LoraPairs`).
 
+DoRA: rows on a DoRA adapter multiply their output (base and LoRA delta, before the bias)
+by that adapter's per-column scale (`RowScale`) in the same epilogue, before the rounding.
+
 The reference (`nf4_lora_linear_reference`) is plain torch in float32 with the same
 weight values; tests compare the two over shapes, row counts, ranks, mixes, dtypes and
 instruction sets.
@@ -55,7 +58,7 @@ class LoraPartStruct(ctypes.Structure):
 def _library() -> ctypes.CDLL | None:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     built = load_native(SOURCE, "nf4_lora", "NF4 projections use dequantize + GEMM instead", {
-        "nf4_lora_linear": ([i64, i64, p, i64, i64, p, p, i64, p, p, i64, p, p, p, p], ctypes.c_int),
+        "nf4_lora_linear": ([i64, i64, p, i64, i64, p, p, i64, p, p, i64, p, p, p, p, p, i64, p], ctypes.c_int),
         "nf4_lora_amx_enable": ([], ctypes.c_int),
     })
     return None if built is None else built[0]
@@ -200,6 +203,32 @@ class LoraPart:
                               None if ranks is None else ranks.data_ptr())
 
 
+@dataclass
+class RowScale:
+    """One call's DoRA output scales: row t with row_slot[t] >= 0 has its output (before the
+    bias) multiplied by scale[row_slot[t]].
+
+    scale:    [S, out] float32, columns contiguous (rows may be a wider buffer's, a column slice)
+    row_slot: [T] int32 contiguous, -1 = not scaled
+    """
+
+    scale: torch.Tensor
+    row_slot: torch.Tensor
+    max_slot: int = -1  # the largest slot row_slot names
+
+    def __post_init__(self) -> None:
+        if self.scale.dtype != torch.float32 or self.scale.dim() != 2 or self.scale.stride(1) != 1:
+            raise ValueError("scale must be a float32 [S, out] tensor with contiguous columns")
+        if self.row_slot.dtype != torch.int32 or self.row_slot.dim() != 1 or not self.row_slot.is_contiguous():
+            raise ValueError("row_slot must be a contiguous [T] int32 tensor")
+        if self.max_slot >= self.scale.shape[0]:
+            raise ValueError(f"row_slot names slot {self.max_slot}, the scales hold {self.scale.shape[0]}")
+
+    @classmethod
+    def from_slots(cls, scale: torch.Tensor, row_slot: list[int]) -> RowScale:
+        return cls(scale, torch.tensor(row_slot, dtype=torch.int32), max(row_slot, default=-1))
+
+
 class FusedLora:
     """The static half of a call's LoRA arguments: the parts of one (fused) weight, as the
     C array the kernel reads (built once per layer and projection group)."""
@@ -238,7 +267,8 @@ def supports(x: torch.Tensor, weight: NF4Weight) -> bool:
 
 def nf4_lora_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None,
                     lora: FusedLora | None = None, pairs: Sequence[LoraPairs | None] | PairsArgs = (),
-                    scratch: DequantScratch | None = None, isa: str | None = None) -> torch.Tensor:
+                    scratch: DequantScratch | None = None, isa: str | None = None,
+                    row_scale: RowScale | None = None) -> torch.Tensor:
     """Semantics: `nf4_lora_linear_reference`, sums in float32, one rounding at the end.
 
     x:      [T, in] float32 or bfloat16, contiguous
@@ -248,6 +278,7 @@ def nf4_lora_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | Non
     pairs:  per part, this step's pairs (None: no row uses it), or the same prebuilt as
             `PairsArgs` (once per step, shared by the layers)
     isa:    one of ISAS (default: `active_isa()`)
+    row_scale: the DoRA rows' output scales (None: no row scaled)
     returns [T, out] in x's dtype"""
     library = _library()
     if library is None or not supports(x, weight):
@@ -276,6 +307,9 @@ def nf4_lora_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | Non
         for table in args.tables:  # the kernel reads row_start[0..rows] of every table
             if table is not None and table.row_start.numel() != rows + 1:
                 raise ValueError(f"a pair table for {table.row_start.numel() - 1} rows, x has {rows}")
+    if row_scale is not None and (row_scale.row_slot.numel() != rows or row_scale.scale.shape[1] != out_features):
+        raise ValueError(f"row scales for {row_scale.row_slot.numel()} rows and {row_scale.scale.shape[1]} "
+                         f"columns, the call has {rows} and {out_features}")
     if rows == 0:  # nothing to compute (the kernel's per-thread buffers would be empty)
         return y
     shrunk = scratch.get("shrunk", args.shrunk_numel if args is not None else 1)
@@ -286,7 +320,10 @@ def nf4_lora_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | Non
         weight.packed.data_ptr(), weight.absmax.data_ptr(), out_features,
         None if bias is None else bias.data_ptr(), y.data_ptr(), n_parts,
         None if lora is None else ctypes.addressof(lora.array),
-        None if args is None else args.array, shrunk.data_ptr(), widened.data_ptr())
+        None if args is None else args.array, shrunk.data_ptr(), widened.data_ptr(),
+        None if row_scale is None else row_scale.scale.data_ptr(),
+        0 if row_scale is None else row_scale.scale.stride(0),
+        None if row_scale is None else row_scale.row_slot.data_ptr())
     if code != 0:
         raise ValueError("the fused NF4 + LoRA kernel refused its arguments")
     return y
@@ -305,23 +342,30 @@ def dequantize_like_kernel(weight: NF4Weight, dtype: torch.dtype) -> torch.Tenso
 
 
 def nf4_lora_linear_reference(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None,
-                              parts: Sequence[LoraPart] = (), pairs: Sequence[LoraPairs | None] = ()) -> torch.Tensor:
+                              parts: Sequence[LoraPart] = (), pairs: Sequence[LoraPairs | None] = (),
+                              row_scale: RowScale | None = None) -> torch.Tensor:
     """Semantics, in plain float32 torch:
-        y = x @ W.T + bias
+        y = x @ W.T
         for part, table in zip(parts, pairs):
             for each pair j of the table (row t, slot s, weight w):
                 y[t, part.col_start:part.col_end] += w * (x[t] @ A[s].T) @ Bt[s]
+        for each row t with row_scale.row_slot[t] = s >= 0:  y[t] *= row_scale.scale[s]   (DoRA)
+        y += bias
         return y rounded to x's dtype (once)
 
     x: [T, in], weight [out, in] NF4, bias [out] or None -> [T, out] in x's dtype"""
     x32 = x.float()
     y = x32 @ dequantize_like_kernel(weight, x.dtype).T  # [T, out]
-    if bias is not None:
-        y += bias.float()
     for part, table in zip(parts, pairs):
         if table is None:
             continue
         for row, slot, w in zip(table.pair_row.tolist(), table.pair_slot.tolist(), table.pair_weight.tolist()):
             shrunk = x32[row] @ part.a[slot].float().T  # [R]
             y[row, part.col_start:part.col_end] += w * (shrunk @ part.bt[slot].float())
+    if row_scale is not None:
+        for row, slot in enumerate(row_scale.row_slot.tolist()):
+            if slot >= 0:
+                y[row] *= row_scale.scale[slot]
+    if bias is not None:
+        y += bias.float()
     return y.to(x.dtype)

@@ -5,15 +5,18 @@
  *              rounded to bf16 when the compute dtype is bf16, as the dequantize kernel does)
  *   for each projection part p (output columns [col_start, col_end) of y):
  *     t_p[j, r] = pair_weight[j] * sum_i x[pair_row[j], i] * A_p[pair_slot[j], r, i]
- *   y[t, o] = round(sum_i x[t, i] * W[o, i] + bias[o]
- *                   + sum_{pairs j of row t in the part of o} sum_r t_p[j, r] * Bt_p[slot_j, r, o - col_start])
+ *   acc[t, o] = sum_i x[t, i] * W[o, i]
+ *               + sum_{pairs j of row t in the part of o} sum_r t_p[j, r] * Bt_p[slot_j, r, o - col_start]
+ *   y[t, o] = round(acc[t, o] * scale[row_slot[t], o] + bias[o])   (a row with row_slot[t] >= 0: DoRA)
+ *   y[t, o] = round(acc[t, o] + bias[o])                           (every other row)
  * Every sum accumulates in float32; y is rounded to the compute dtype once, at the end.
  *
  * The packed weight (0.5 bytes per value) and its float32 block scales are read once per
  * call: each thread decodes a panel of 16 output rows into a buffer that stays in its
  * cache, multiplies every token row by it (register tiles of 4 outputs x up to 6 rows,
  * partial sums along the input dimension), then adds the LoRA expand for the panel's
- * columns (B kept transposed, so 16 outputs are one vector) and stores the rows. The
+ * columns (B kept transposed, so 16 outputs are one vector), multiplies the rows on a DoRA
+ * adapter by their scale, adds the bias and stores the rows. The
  * LoRA shrink for every (part, pair) runs first in the same parallel region. Panels are
  * handed out dynamically, so a thread that the OS deschedules does not hold the others at
  * the end of the call for more than one panel.
@@ -424,6 +427,9 @@ typedef struct {
     const lora_pairs *const *pairs;
     float *shrunk;       /* per part: [P_p, R_p] float32 */
     int64_t shrunk_offset[MAX_PARTS];
+    const float *scale;  /* DoRA: [S, out] float32, rows scale_stride apart (NULL: no row scaled) */
+    int64_t scale_stride;
+    const int32_t *row_slot; /* [T] the scale row of each token row, -1: not scaled */
 } call_args;
 
 static float shrink_one(const call_args *c, const lora_part *part, int64_t row, int64_t slot, int64_t r) {
@@ -531,7 +537,11 @@ static void run_panel(const call_args *c, int64_t o0) {
     else panel_rows_avx2(c->x32, rows, (const float *)panel, in, tile);
     expand_into(c, tile, o0, n);
     for (int64_t t = 0; t < rows; t++) {
-        const float *src = tile + t * PANEL_ROWS;
+        float *src = tile + t * PANEL_ROWS;
+        if (c->row_slot != NULL && c->row_slot[t] >= 0) { /* DoRA: the scale before the bias */
+            const float *scale = c->scale + c->row_slot[t] * c->scale_stride + o0;
+            for (int64_t k = 0; k < n; k++) src[k] *= scale[k];
+        }
         if (c->bf16) {
             uint16_t *dst = (uint16_t *)c->y + t * c->out + o0;
             const uint16_t *bias = c->bias ? (const uint16_t *)c->bias + o0 : NULL;
@@ -547,11 +557,14 @@ static void run_panel(const call_args *c, int64_t o0) {
 /* Returns 0, or -1 for arguments it does not take (in % 64, too many parts). */
 int nf4_lora_linear(int64_t isa, int64_t bf16, const void *x, int64_t rows, int64_t in, const uint8_t *packed,
                     const float *absmax, int64_t out, const void *bias, void *y, int64_t n_parts,
-                    const lora_part *parts, const lora_pairs *const *pairs, float *shrunk, float *x32_scratch) {
+                    const lora_part *parts, const lora_pairs *const *pairs, float *shrunk, float *x32_scratch,
+                    const float *scale, int64_t scale_stride, const int32_t *row_slot) {
     if (in % 64 != 0 || n_parts > MAX_PARTS || n_parts < 0 || rows < 0) return -1;
+    if (row_slot != NULL && scale == NULL) return -1;
     call_args c = {.isa = (int)isa, .bf16 = (int)bf16, .x = x, .x32 = (const float *)x, .x_vnni = NULL,
                    .rows = rows, .in = in, .out = out, .packed = packed, .absmax = absmax, .bias = bias, .y = y,
-                   .n_parts = n_parts, .parts = parts, .pairs = pairs, .shrunk = shrunk, .shrunk_offset = {0}};
+                   .n_parts = n_parts, .parts = parts, .pairs = pairs, .shrunk = shrunk, .shrunk_offset = {0},
+                   .scale = scale, .scale_stride = scale_stride, .row_slot = row_slot};
     if (isa == ISA_AMX && !bf16) c.isa = isa = ISA_AVX512; /* AMX multiplies bf16 only */
     const int widen = bf16 && isa < ISA_AVX512_BF16;
     if (widen) c.x32 = x32_scratch;
@@ -601,4 +614,4 @@ int nf4_lora_linear(int64_t isa, int64_t bf16, const void *x, int64_t rows, int6
     return 0;
 }
 
-int nf4_lora_kernel_version(void) { return 1; }
+int nf4_lora_kernel_version(void) { return 2; }

@@ -11,12 +11,14 @@ output times a per-output scale. The norm depends on the weights only, so it is 
 here once, on the thread that reads the adapter (never inside a step), against the NF4
 base as this server holds it (the values its forward multiplies by). In a step, the rows
 on a DoRA slot multiply each projection's whole output by their scale
-(`kernels.lora.row_scale_`); rows on other slots or none are untouched.
+(in the fused NF4 + LoRA kernel's epilogue, `kernels.nf4.RowScale`, else
+`kernels.lora.row_scale_` after the projection), before the bias; rows on other slots or
+none are untouched.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator
 from dataclasses import replace
 from typing import Protocol
 
@@ -35,10 +37,23 @@ class BaseWeights(Protocol):
         forward multiplies by."""
 
 
-def with_dora_scales(adapter: LoadedAdapter, base: BaseWeights | None) -> LoadedAdapter:
-    """The adapter with every module's DoRA output scale m / ||W + s·B·A|| ([out] float32,
-    CPU); a plain LoRA adapter as it is. B·A is the adapter's as the slots hold it (scaling
-    folded into B, in the slot dtype); the sum and its norm in float32.
+def scale_columns(model: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Each projection's columns [start, end) in a layer's row of DoRA scales: PROJECTIONS
+    in order, so the projections one NF4 weight holds (q/k/v, gate/up) are adjacent."""
+    columns, start = {}, 0
+    for proj in PROJECTIONS:
+        out_features = model.projection_shape(proj)[0]
+        columns[proj] = (start, start + out_features)
+        start += out_features
+    return columns
+
+
+def with_dora_scales(adapter: LoadedAdapter, base: BaseWeights | None, model: ModelConfig) -> LoadedAdapter:
+    """The adapter with its DoRA output scales m / ||W + s·B·A||: `dora_scales` [L, C]
+    float32 (CPU), layer l's row holding each module's scale in its `scale_columns` and ones
+    elsewhere (what a slot's buffer row holds: one copy brings it in); a plain LoRA adapter
+    as it is. B·A is the adapter's as the slots hold it (scaling folded into B, in the slot
+    dtype); the sum and its norm in float32.
 
     Cost: per module one dequantize of its NF4 weight (a fused q/k/v or gate/up weight
     once per layer), one rank-r GEMM update of [out, in] and a row norm."""
@@ -47,10 +62,12 @@ def with_dora_scales(adapter: LoadedAdapter, base: BaseWeights | None) -> Loaded
     if base is None:
         raise AdapterError("a DoRA adapter (use_dora) needs the base model's weights for its norms, "
                            "and this registry has none attached")
+    columns = scale_columns(model)
+    table = torch.ones(model.num_layers, max(end for _, end in columns.values()))  # [L, C]
     by_layer: dict[int, list[str]] = {}
     for layer, proj in adapter.modules:
         by_layer.setdefault(layer, []).append(proj)
-    scales: dict[tuple[int, str], torch.Tensor] = {}
+    done = set()
     for layer, names in sorted(by_layer.items()):
         for proj, weight in base.dequantized_projections(layer, names):  # [out, in]
             module = adapter.modules[(layer, proj)]
@@ -62,64 +79,64 @@ def with_dora_scales(adapter: LoadedAdapter, base: BaseWeights | None) -> Loaded
                 group = "self_attn" if proj in ATTENTION_PROJECTIONS else "mlp"
                 raise AdapterError(f"model.layers.{layer}.{group}.{proj}: W + s·B·A has a row of norm zero, "
                                    "so its DoRA scale is not finite")
-            scales[(layer, proj)] = scale.to("cpu", torch.float32)
-    missing = sorted(set(adapter.modules) - set(scales))
+            start, end = columns[proj]
+            table[layer, start:end] = scale.cpu()
+            done.add((layer, proj))
+    missing = sorted(set(adapter.modules) - done)
     if missing:
         raise AdapterError(f"the base model gave no weight for DoRA modules {missing[:4]}")
-    return replace(adapter, dora_scales=scales)
+    return replace(adapter, dora_scales=table)
 
 
 class DoraScales:
-    """The slots' DoRA output scales: per layer one float32 buffer [num_slots, C], C the sum
-    of every projection's out in PROJECTIONS order, so the projections one NF4 weight holds
-    (q/k/v, gate/up) are adjacent columns and one multiply covers the weight's output.
+    """The slots' DoRA output scales: one float32 buffer [L, num_slots, C], C the sum of
+    every projection's out (`scale_columns`), so the projections one NF4 weight holds are
+    adjacent columns and one multiply covers the weight's output.
 
-    A slot's row is read only while the slot holds a DoRA adapter (`dora[slot]`): its scale
-    on the projections the adapter targets, ones on the others (a fused weight's other
-    parts). Float32 whatever the compute dtype: a scale rounded to bf16 would bias every
-    token of its column alike; the product is rounded once to the output's dtype."""
+    A slot's rows are read only while the slot holds a DoRA adapter (`dora[slot]`): its
+    scale on the projections it targets, ones on the others (a fused weight's other
+    parts). Float32 whatever the compute dtype: the fused kernel multiplies in float32
+    before its one rounding (a scale rounded to bf16 would bias every token of its column
+    alike)."""
 
     def __init__(self, model: ModelConfig, num_slots: int, device: torch.device):
-        self.columns: dict[str, tuple[int, int]] = {}  # each projection's columns of a layer buffer
-        start = 0
-        for proj in PROJECTIONS:
-            out_features = model.projection_shape(proj)[0]
-            self.columns[proj] = (start, start + out_features)
-            start += out_features
-        self.buffers = [torch.ones(num_slots, start, dtype=torch.float32, device=device)
-                        for _ in range(model.num_layers)]  # per layer [S, C]
+        self.columns = scale_columns(model)
+        width = max(end for _, end in self.columns.values())
+        self.buffer = torch.ones(model.num_layers, num_slots, width, dtype=torch.float32, device=device)
+        self.buffers = list(self.buffer)  # per layer [S, C]
         self.dora = [False] * num_slots  # whether the slot holds a DoRA adapter
+        self._views: dict[tuple[int, tuple[str, ...]], torch.Tensor] = {}
 
     @property
     def num_bytes(self) -> int:
-        return sum(buffer.numel() * buffer.element_size() for buffer in self.buffers)
+        return self.buffer.numel() * self.buffer.element_size()
 
     def load(self, slot: int, adapter: LoadedAdapter) -> None:
         """Take the adapter's scales into the slot (nothing to take for plain LoRA)."""
         self.dora[slot] = False
         if not adapter.use_dora:
             return
-        if set(adapter.dora_scales) != set(adapter.modules):
-            raise ValueError("a DoRA adapter's scales are not computed (with_dora_scales)")
-        for buffer in self.buffers:
-            buffer[slot].fill_(1.0)
-        for (layer, proj), scale in adapter.dora_scales.items():
-            start, end = self.columns[proj]
-            self.buffers[layer][slot, start:end].copy_(scale)
+        if adapter.dora_scales is None or adapter.dora_scales.shape != self.buffer[:, slot].shape:
+            raise ValueError("a DoRA adapter's scales are not computed for this model (with_dora_scales)")
+        self.buffer[:, slot].copy_(adapter.dora_scales)
         self.dora[slot] = True
 
     def clear(self, slot: int) -> None:
         self.dora[slot] = False
 
-    def scale_(self, y: torch.Tensor, layer: int, names: Sequence[str], meta: RowScaleMeta) -> None:
-        """y: [T, sum of the names' out], the output of one NF4 weight whose columns are the
-        projections `names` in order; rows of `meta` times their slot's scale."""
-        starts = [self.columns[name] for name in names]
-        buffer = self.buffers[layer]
-        if all(prev[1] == nxt[0] for prev, nxt in zip(starts, starts[1:])):  # adjacent: one multiply
-            row_scale_(y, buffer[:, starts[0][0] : starts[-1][1]], meta)
-            return
-        offset = 0
-        for start, end in starts:
-            row_scale_(y[:, offset : offset + end - start], buffer[:, start:end], meta)
-            offset += end - start
+    def view(self, layer: int, names: tuple[str, ...]) -> torch.Tensor:
+        """[S, sum of the names' out]: the scales of one NF4 weight whose columns are the
+        projections `names` in order (adjacent in PROJECTIONS order, as the model fuses them)."""
+        key = (layer, names)
+        view = self._views.get(key)
+        if view is None:
+            spans = [self.columns[name] for name in names]
+            if any(prev[1] != nxt[0] for prev, nxt in zip(spans, spans[1:])):
+                raise ValueError(f"projections {names} are not adjacent in {PROJECTIONS}")
+            view = self._views[key] = self.buffers[layer][:, spans[0][0] : spans[-1][1]]
+        return view
+
+    def scale_(self, y: torch.Tensor, layer: int, names: tuple[str, ...], meta: RowScaleMeta) -> None:
+        """y: [T, sum of the names' out], the output of one NF4 weight (no bias) whose
+        columns are the projections `names` in order; rows of `meta` times their scale."""
+        row_scale_(y, self.view(layer, names), meta)

@@ -82,8 +82,9 @@ class LoadedAdapter:
     alora_invocation_tokens: tuple[int, ...] | None = None  # aLoRA: it applies from these tokens on (alora.py)
     # DoRA only (use_dora): per module its magnitude vector m [out] float32, read from the folder
     magnitudes: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict, repr=False)
-    # DoRA only: per module its output scale m / ||W + s·B·A|| [out] float32 (dora.py)
-    dora_scales: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict, repr=False)
+    # DoRA only: [L, C] float32, each module's output scale m / ||W + s·B·A|| in its columns
+    # of its layer's row, ones elsewhere (dora.py: with_dora_scales, scale_columns)
+    dora_scales: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def use_dora(self) -> bool:
@@ -91,7 +92,8 @@ class LoadedAdapter:
 
     def nbytes_in(self, dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
-        dora = sum(v.numel() * v.element_size() for v in (*self.magnitudes.values(), *self.dora_scales.values()))
+        dora = sum(v.numel() * v.element_size() for v in self.magnitudes.values())
+        dora += 0 if self.dora_scales is None else self.dora_scales.numel() * self.dora_scales.element_size()
         return sum((m.a.numel() + m.b.numel()) * elem for m in self.modules.values()) + dora
 
 

@@ -292,7 +292,7 @@ class AdapterRegistry:
         start = time.perf_counter()
         adapter = load_peft_adapter(path, self.model, max_rank=self.slots.config.max_rank,
                                     dtype=self.slots.dtype)
-        adapter = with_dora_scales(adapter, self.slots.base)  # a DoRA adapter's norms, against the base
+        adapter = with_dora_scales(adapter, self.slots.base, self.model)  # a DoRA adapter's norms, on the base
         self.events.on_load(time.perf_counter() - start)
         return adapter
 

@@ -12,7 +12,7 @@ import torch
 from loraquilt.kernels.lora import (
     NO_ADAPTER, LoraBatchMeta, RowScaleMeta, build_lora_meta, build_row_scale_meta, lora_add_, split_spans,
 )
-from loraquilt.kernels.nf4 import FusedLora, LoraPairs, LoraPart, PairsArgs
+from loraquilt.kernels.nf4 import FusedLora, LoraPairs, LoraPart, PairsArgs, RowScale
 from loraquilt.server.adapters.dora import BaseWeights, DoraScales
 from loraquilt.server.adapters.peft_folder import LoadedAdapter
 from loraquilt.server.engine_config import EngineConfig
@@ -203,11 +203,16 @@ class LoraSlots:
 
     def dora_scale_(self, y: torch.Tensor, layer: int, parts: tuple[tuple[str, int], ...]) -> None:
         """y: [T, sum of the parts' out], one NF4 weight's whole output, LoRA deltas
-        included: rows on a DoRA slot that targets any of the parts times its scale."""
+        included, no bias: rows on a DoRA slot that targets any of the parts times its scale."""
         names = tuple(name for name, _ in parts)
         meta = self._step.dora_meta(names) if self._step is not None else None
         if meta is not None:
             self.dora.scale_(y, layer, names, meta)
+
+    def dora_row_scale(self, layer: int, parts: tuple[tuple[str, int], ...]) -> RowScale | None:
+        """The fused kernel's DoRA argument for one NF4 weight of `layer` (its columns are
+        `parts`), or None when no row of the step is on a DoRA slot that targets them."""
+        return self._step.row_scale(layer, parts) if self._step is not None else None
 
     @property
     def fuses_lora(self) -> bool:
@@ -245,23 +250,50 @@ class _StepTables:
         self._metas: dict[tuple, RowParts] = {}  # by target mask
         self._pairs: dict[tuple, LoraPairs | None] = {}  # by target mask
         self._args: dict[tuple, PairsArgs | None] = {}  # by parts
+        self._dora_spans: dict[tuple[str, ...], list[int] | None] = {}  # by projection names
         self._dora: dict[tuple[str, ...], RowScaleMeta | None] = {}  # by projection names
+        self._row_slots: dict[tuple[str, ...], tuple[torch.Tensor, int]] = {}  # by projection names
+        self._row_scales: dict[tuple, RowScale | None] = {}  # by (layer, parts)
         dora = slots.dora.dora
         self.has_dora = any(dora[slot] for span in spans for slot, _ in span.pairs)
         if self.has_dora and any(len(span.pairs) > 1 and any(dora[s] for s, _ in span.pairs) for span in spans):
             raise ValueError("a DoRA adapter in a mix: the registry refuses such requests")
 
-    def dora_meta(self, names: tuple[str, ...]) -> RowScaleMeta | None:
-        """The rows on a DoRA slot that targets any of `names`, and their slots."""
+    def dora_span_slots(self, names: tuple[str, ...]) -> list[int] | None:
+        """Per span its DoRA slot when that slot targets any of `names`, else NO_ADAPTER;
+        None when no span has one."""
         if not self.has_dora:
             return None
-        if names not in self._dora:
+        if names not in self._dora_spans:
             slots = self.slots
             span_slots = [span.pairs[0][0] if len(span.pairs) == 1 and slots.dora.dora[span.pairs[0][0]]
                           and not slots.targets[span.pairs[0][0]].isdisjoint(names) else NO_ADAPTER
                           for span in self.spans]
-            self._dora[names] = build_row_scale_meta(span_slots, self.rows, slots.device)
+            self._dora_spans[names] = span_slots if any(s != NO_ADAPTER for s in span_slots) else None
+        return self._dora_spans[names]
+
+    def dora_meta(self, names: tuple[str, ...]) -> RowScaleMeta | None:
+        """The rows on a DoRA slot that targets any of `names`, and their slots (row_scale_)."""
+        if names not in self._dora:
+            span_slots = self.dora_span_slots(names)
+            self._dora[names] = None if span_slots is None else \
+                build_row_scale_meta(span_slots, self.rows, self.slots.device)
         return self._dora[names]
+
+    def row_scale(self, layer: int, parts: tuple[tuple[str, int], ...]) -> RowScale | None:
+        """The fused kernel's RowScale of one NF4 weight (its row table shared by the layers)."""
+        key = (layer, parts)
+        if key not in self._row_scales:
+            names = tuple(name for name, _ in parts)
+            if names not in self._row_slots:
+                span_slots = self.dora_span_slots(names) or []
+                row_slot = [slot for slot, count in zip(span_slots, self.rows) for _ in range(count)]
+                self._row_slots[names] = (torch.tensor(row_slot, dtype=torch.int32), max(row_slot, default=-1))
+            row_slot, max_slot = self._row_slots[names]
+            self._row_scales[key] = None if max_slot < 0 else \
+                RowScale(self.slots.dora.view(layer, names), row_slot, max_slot)
+        return self._row_scales[key]
+
 
     def row_parts(self, proj: str) -> RowParts:
         masked = self.slots.masked_pairs(self.spans, proj)

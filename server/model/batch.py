@@ -25,8 +25,12 @@ class LoraHook(Protocol):
     has_dora: bool  # whether a row of the step is on a DoRA adapter (then call dora_scale_)
 
     def dora_scale_(self, y: torch.Tensor, layer: int, parts: tuple[tuple[str, int], ...]) -> None:
-        """y: [T, sum of the parts' out], one NF4 weight's whole output with its LoRA deltas:
-        rows on a DoRA adapter times that adapter's output scale, in place."""
+        """y: [T, sum of the parts' out], one NF4 weight's whole output with its LoRA deltas,
+        before its bias: rows on a DoRA adapter times that adapter's output scale, in place."""
+
+    def dora_row_scale(self, layer: int, parts: tuple[tuple[str, int], ...]):
+        """The same for the fused NF4 + LoRA kernel (`kernels.nf4.RowScale`, applied in its
+        epilogue before the bias), or None when no row of the step needs it."""
 
 
 @dataclass(frozen=True)

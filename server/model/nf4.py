@@ -74,29 +74,30 @@ class NF4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoraHook | None = None) -> torch.Tensor:
         """x: [T, in] -> [T, out]: the projection (every part side by side) plus this step's
-        LoRA deltas of each part; rows on a DoRA adapter then times its output scale."""
-        y = self._project(x, lora)
-        if lora is not None and lora.has_dora:
-            lora.dora_scale_(y, self.layer, self.parts)
-        return y
-
-    def _project(self, x: torch.Tensor, lora: LoraHook | None) -> torch.Tensor:
-        """x: [T, in] -> [T, out], base and LoRA deltas."""
+        LoRA deltas of each part; rows on a DoRA adapter times its output scale, then the
+        bias (PEFT's DoRA scales W x + s·B·A·x, not the bias)."""
+        dora = lora is not None and lora.has_dora
         if self.on_cpu and self.plan is not None:
             path = self.plan.path_for(x.shape[0])
             if path == "fused" and fused_lora.supports(x, self.weight) and (lora is None or lora.fuses_lora):
                 fused = lora.fused_args(self.layer, self.parts) if lora is not None else None
                 return fused_lora.nf4_lora_linear(x, self.weight, self.bias, *(fused or (None, ())),
-                                                  scratch=self.scratch, isa=self.plan.isa)
+                                                  scratch=self.scratch, isa=self.plan.isa,
+                                                  row_scale=lora.dora_row_scale(self.layer, self.parts) if dora
+                                                  else None)
             dequantizer = "bnb" if path == "dequant_bnb" else "auto"
-            y = nf4_linear_cpu(x, self.weight, self.bias, self.scratch, dequantizer)
+            y = nf4_linear_cpu(x, self.weight, None if dora else self.bias, self.scratch, dequantizer)
         else:
-            y = nf4_linear(x, self.weight, self.bias, self.scratch)
+            y = nf4_linear(x, self.weight, None if dora else self.bias, self.scratch)
         if lora is not None:
             start = 0
             for name, size in self.parts:
                 lora.add_(y[:, start : start + size] if len(self.parts) > 1 else y, x, self.layer, name)
                 start += size
+        if dora:
+            lora.dora_scale_(y, self.layer, self.parts)
+            if self.bias is not None:
+                y += self.bias
         return y
 
     def dequantized(self) -> torch.Tensor:

@@ -12,7 +12,7 @@ from fixtures_registry import QV, acquire_now, write_adapter
 from peft.tuners.lora.dora import DoraLinearLayer
 from safetensors.torch import load_file, save_file
 
-from loraquilt.server.adapters.dora import with_dora_scales
+from loraquilt.server.adapters.dora import scale_columns, with_dora_scales
 from loraquilt.server.adapters.peft_folder import AdapterError, load_peft_adapter
 from loraquilt.server.adapters.slots import LoraSpan
 from loraquilt.server.model.config import PROJECTIONS
@@ -123,23 +123,29 @@ def test_scales_equal_peft_magnitude_over_weight_norm(tmp_path, model):
     base = FakeBase(model)
     targets = ("q_proj", "v_proj", "gate_proj", "down_proj")
     folder = dora_folder(tmp_path / "d", model, 3, targets, r=4)
-    adapter = with_dora_scales(load(folder, model), base)
+    adapter = with_dora_scales(load(folder, model), base, model)
     raw = load_file(str(folder / "adapter_model.safetensors"))
     norm_of = DoraLinearLayer(fan_in_fan_out=False).get_weight_norm
-    assert set(adapter.dora_scales) == set(adapter.modules)
-    for (layer, proj), scale in adapter.dora_scales.items():
-        group = "self_attn" if proj in QKV + ("o_proj",) else "mlp"
-        prefix = f"base_model.model.model.layers.{layer}.{group}.{proj}"
-        lora_weight = raw[f"{prefix}.lora_B.weight"] @ raw[f"{prefix}.lora_A.weight"]
-        expected = raw[f"{prefix}.lora_magnitude_vector"] / norm_of(base.weights[(layer, proj)], lora_weight, 8 / 4)
-        torch.testing.assert_close(scale, expected, atol=0, rtol=2e-6)
+    columns = scale_columns(model)
+    assert adapter.dora_scales.shape == (model.num_layers, max(end for _, end in columns.values()))
+    for layer in range(model.num_layers):
+        for proj in PROJECTIONS:
+            scale = adapter.dora_scales[layer, slice(*columns[proj])]
+            if proj not in targets:
+                assert torch.equal(scale, torch.ones_like(scale))
+                continue
+            group = "self_attn" if proj in QKV + ("o_proj",) else "mlp"
+            prefix = f"base_model.model.model.layers.{layer}.{group}.{proj}"
+            lora_weight = raw[f"{prefix}.lora_B.weight"] @ raw[f"{prefix}.lora_A.weight"]
+            expected = raw[f"{prefix}.lora_magnitude_vector"] / norm_of(base.weights[(layer, proj)], lora_weight, 8 / 4)
+            torch.testing.assert_close(scale, expected, atol=0, rtol=2e-6)
 
 
 def test_a_plain_adapter_needs_no_base_and_a_dora_one_does(tmp_path, model):
     plain = load(write_adapter(tmp_path / "p", model, 1), model)
-    assert with_dora_scales(plain, None) is plain
+    assert with_dora_scales(plain, None, model) is plain
     with pytest.raises(AdapterError, match="needs the base model's weights"):
-        with_dora_scales(load(dora_folder(tmp_path / "d", model, 1), model), None)
+        with_dora_scales(load(dora_folder(tmp_path / "d", model, 1), model), None, model)
 
 
 def test_a_zero_norm_row_is_refused(tmp_path, model):
@@ -148,7 +154,7 @@ def test_a_zero_norm_row_is_refused(tmp_path, model):
     module = adapter.modules[(0, "q_proj")]
     base.weights[(0, "q_proj")][5] = -(module.b @ module.a)[5]  # W + s·B·A has a zero row 5
     with pytest.raises(AdapterError, match="model.layers.0.self_attn.q_proj: .* norm zero"):
-        with_dora_scales(adapter, base)
+        with_dora_scales(adapter, base, model)
 
 
 # -- slots and registry -----------------------------------------------------------------
@@ -167,17 +173,18 @@ def test_slot_holds_the_scales_with_ones_elsewhere_and_bytes_count_them(dora_reg
     record = dora_registry.register("d", dora_folder(tmp_path / "d", model, 1))
     assert record.dora
     adapter = record.host
-    scale_bytes = sum(s.numel() * 4 for s in adapter.dora_scales.values())
-    assert dora_registry.host_bytes() == adapter.nbytes_in(torch.float32) > 2 * scale_bytes  # + magnitudes
+    magnitude_bytes = sum(m.numel() * 4 for m in adapter.magnitudes.values())
+    lora_bytes = sum((m.a.numel() + m.b.numel()) * 4 for m in adapter.modules.values())
+    assert dora_registry.host_bytes() == adapter.nbytes_in(torch.float32) == \
+        lora_bytes + magnitude_bytes + model.num_layers * columns * 4
     lease = acquire_now(dora_registry, ["d"])
     slot = lease.slots[0]
     assert slots.dora.dora[slot]
     for layer in range(model.num_layers):
+        assert torch.equal(slots.dora.buffers[layer][slot], adapter.dora_scales[layer])
         for proj in PROJECTIONS:
-            start, end = slots.dora.columns[proj]
-            held = slots.dora.buffers[layer][slot, start:end]
-            expected = adapter.dora_scales.get((layer, proj))
-            assert torch.equal(held, expected if expected is not None else torch.ones_like(held))
+            held = slots.dora.buffers[layer][slot, slice(*slots.dora.columns[proj])]
+            assert (proj in QV) != torch.equal(held, torch.ones_like(held)), (layer, proj)
     dora_registry.release(lease)
     dora_registry.unregister("d")
     assert not slots.dora.dora[slot]
@@ -193,10 +200,15 @@ def test_step_scales_only_dora_rows_on_projections_it_targets(dora_registry, slo
     meta = slots._step.dora_meta(QKV)
     assert meta.rows.tolist() == [1, 2] and meta.slots.tolist() == [dslot, dslot] and meta.num_rows == 6
     assert slots._step.dora_meta(("o_proj",)) is None  # not a DoRA target: nothing to scale
+    qkv_parts = tuple((name, model.projection_shape(name)[0]) for name in QKV)
+    fused = slots.dora_row_scale(1, qkv_parts)  # the fused kernel's argument: the same rows
+    assert fused.row_slot.tolist() == [-1, dslot, dslot, -1, -1, -1]
+    assert torch.equal(fused.scale, slots.dora.buffers[1][:, :fused.scale.shape[1]])
+    assert slots.dora_row_scale(1, (("o_proj", 64),)) is None
     y = torch.ones(6, sum(model.projection_shape(p)[0] for p in QKV))
-    slots.dora_scale_(y, 1, tuple((name, model.projection_shape(name)[0]) for name in QKV))
+    slots.dora_scale_(y, 1, qkv_parts)
     q_out = model.projection_shape("q_proj")[0]
-    assert torch.equal(y[1, :q_out], d.records[0].host.dora_scales[(1, "q_proj")])
+    assert torch.equal(y[1, :q_out], d.records[0].host.dora_scales[1, :q_out])
     assert torch.equal(y[1:3, q_out:], torch.ones(2, y.shape[1] - q_out))  # k, v: not targeted
     assert torch.equal(y[[0, 3, 4, 5]], torch.ones(4, y.shape[1]))  # plain and base rows untouched
     slots.begin_step([LoraSpan(1, ((pslot, 1.0),))])

@@ -1,4 +1,5 @@
-"""DoRA adapters through the engine against transformers + PEFT on the same NF4 weights.
+"""DoRA adapters through the engine against transformers + PEFT on the same NF4 weights
+(Llama, and Qwen2 whose q/k/v biases DoRA does not scale).
 
 Two PEFT DoRA adapters (random non-zero B, random magnitudes; one on parts of the fused
 q/k/v and gate/up weights, one rsLoRA on every projection), one plain LoRA adapter and
@@ -56,10 +57,10 @@ def as_plain_lora(dora_folder, out_folder):
     return out_folder
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dora")
-    base = build_tiny_model(root / "base", "llama", seed=21)
+@pytest.fixture(scope="module", params=["llama", "qwen2"])  # qwen2: q/k/v biases, added after the scale
+def folders(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"dora-{request.param}")
+    base = build_tiny_model(root / "base", request.param, seed=21)
     adapters = {
         "dora": build_peft_adapter(base, root / "dora", r=8, lora_alpha=16, seed=31, scale=0.2, use_dora=True,
                                    target_modules=["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]),
