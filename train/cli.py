@@ -63,6 +63,9 @@ def add_train_parser(commands, name: str = "train", help_text: str = "QLoRA fine
     parser.add_argument("--scale-range", type=_float_pair, default=(1.0, 1.0), metavar="LOW,HIGH",
                         help="scale the LoRA deltas by a random factor in [LOW, HIGH] each step; 0.5,1 keeps "
                              "the adapter's behaviour at half weight, for mixes (default 1,1: off)")
+    parser.add_argument("--alora-invocation", metavar="TEXT",
+                        help="train an activated LoRA: it applies from the last occurrence of TEXT's tokens in a "
+                             "prompt on (the KV before them stays the base model's); every prompt must hold them")
     parser.add_argument("--metric", choices=sorted(METRICS), default="exact_match",
                         help="task metric on the eval rows (default exact_match)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens per eval answer")
@@ -90,7 +93,7 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
         data=args.data, out=args.out, model=args.model, eval_data=args.eval_data, rank=args.rank,
         alpha=args.alpha, dropout=args.dropout, targets=args.targets, epochs=args.epochs, lr=args.lr,
         batch_size=args.batch_size, max_steps=args.max_steps, warmup_steps=args.warmup_steps, seed=args.seed,
-        scale_range=args.scale_range,
+        scale_range=args.scale_range, alora_invocation=args.alora_invocation,
         max_length=args.max_length, metric=args.metric, max_new_tokens=args.max_new_tokens,
         max_eval_rows=args.max_eval_rows, device=args.device, frozen_base=args.frozen_base,
         gradient_checkpointing=args.gradient_checkpointing, check_peft=args.check_peft, threads=args.threads,

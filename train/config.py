@@ -31,6 +31,9 @@ class TrainConfig:
     # Each step scales the LoRA deltas by a random factor in this range; (0.5, 1) trains an
     # adapter that keeps its behaviour at half weight, as in a 50/50 mix. (1, 1) = off.
     scale_range: tuple[float, float] = (1.0, 1.0)
+    # Activated LoRA: the adapter applies from the last occurrence of this text's tokens in
+    # a prompt on (every training prompt must hold them); None: a plain LoRA adapter
+    alora_invocation: str | None = None
     max_length: int = 256  # prompt + completion tokens per row; longer rows are cut
     metric: str = "exact_match"  # task metric on the eval split (see train/metrics.py)
     max_new_tokens: int = 64  # greedy tokens per eval answer for the task metric
@@ -71,6 +74,8 @@ class TrainConfig:
             raise ValueError(f"max_steps must be an integer >= 1, got {self.max_steps!r}")
         if self.warmup_steps is not None and (not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
             raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if self.alora_invocation is not None and not (isinstance(self.alora_invocation, str) and self.alora_invocation):
+            raise ValueError(f"alora_invocation must be non-empty text, got {self.alora_invocation!r}")
         if not self.alpha > 0:
             raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
         if not 0 <= self.dropout < 1:

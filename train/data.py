@@ -143,6 +143,26 @@ def tokenize(tokenizer, example: Example, eos_id: int, max_length: int) -> Token
     )
 
 
+def invocation_ids(tokenizer, text: str, rows: list[TokenizedExample]) -> list[int]:
+    """An activated LoRA's invocation token ids: `text` tokenized alone, which every row's
+    prompt must hold (the adapter applies from their last occurrence on; a row without them
+    would train nothing). DataError names how many rows lack them."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise DataError(f"the invocation {text!r} tokenizes to no tokens")
+    width = len(ids)
+    missing = 0
+    for row in rows:
+        prompt = row.input_ids[:sum(1 for label in row.labels if label == IGNORE_INDEX)]
+        if not any(list(prompt[start:start + width]) == ids for start in range(len(prompt) - width + 1)):
+            missing += 1
+    if missing:
+        raise DataError(f"{missing} of {len(rows)} prompts do not hold the invocation {text!r} as the tokens {ids} "
+                        "(it must end each prompt as those tokens; text that merges with what comes before "
+                        "it tokenizes differently: start it with a newline or a special token)")
+    return ids
+
+
 def eos_token_id(tokenizer) -> int:
     """The token a completion ends with: the tokenizer's eos (the server stops on it)."""
     if tokenizer.eos_token_id is None:

@@ -19,12 +19,21 @@ from loraquilt.train.evaluate import request_for
 
 @torch.no_grad()
 def peft_greedy(model, ids: list[int], new_tokens: int) -> list[int]:
-    """Greedy ids of a transformers/PEFT model, one token at a time over its KV cache."""
-    out = model(input_ids=torch.tensor([ids]), use_cache=True)
+    """Greedy ids of a transformers/PEFT model, one token at a time over its KV cache. An
+    activated LoRA's offsets come from the prompt and hold for every later token, as in
+    PEFT's generate (a one-token forward alone would not find the invocation)."""
+    extra = {}
+    config = getattr(model, "active_peft_config", None)
+    if getattr(config, "alora_invocation_tokens", None):
+        from peft.tuners.lora.variants import calculate_alora_offsets
+
+        extra["alora_offsets"] = calculate_alora_offsets(model.peft_config, model.active_adapter, torch.tensor([ids]))
+    out = model(input_ids=torch.tensor([ids]), use_cache=True, **extra)
     tokens: list[int] = []
     for _ in range(new_tokens):
         tokens.append(int(out.logits[0, -1].argmax()))
-        out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True,
+                    **extra)
     return tokens
 
 

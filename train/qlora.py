@@ -11,6 +11,8 @@ way, the dequantized form is only faster on a CPU.
 
 from __future__ import annotations
 
+import contextlib
+
 import random
 from pathlib import Path
 
@@ -71,8 +73,10 @@ def dequantize_frozen_base(model: nn.Module) -> int:
     return len(swaps)
 
 
-def build_qlora_model(folder: Path, config: TrainConfig, runtime: Runtime) -> nn.Module:
-    """NF4 base + fresh LoRA layers (A: kaiming, B: zeros, seeded), in train mode."""
+def build_qlora_model(folder: Path, config: TrainConfig, runtime: Runtime,
+                      invocation: list[int] | None = None) -> nn.Module:
+    """NF4 base + fresh LoRA layers (A: kaiming, B: zeros, seeded), in train mode;
+    invocation: an activated LoRA's invocation token ids (PEFT's alora_invocation_tokens)."""
     from peft import LoraConfig, get_peft_model
 
     model = load_nf4_for_training(folder, runtime)
@@ -80,7 +84,7 @@ def build_qlora_model(folder: Path, config: TrainConfig, runtime: Runtime) -> nn
         dequantize_frozen_base(model)
     lora = LoraConfig(
         task_type="CAUSAL_LM", r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-        target_modules=list(config.targets), bias="none",
+        target_modules=list(config.targets), bias="none", alora_invocation_tokens=invocation,
     )
     torch.manual_seed(config.seed)
     model = get_peft_model(model, lora)
@@ -102,6 +106,19 @@ def build_optimizer(model: nn.Module, config: TrainConfig, runtime: Runtime) -> 
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
 
 
+def _alora_offsets(model: nn.Module, input_ids: torch.Tensor):
+    """An activated LoRA's per-row offsets for a forward that bypasses PeftModel.forward
+    (which computes them): PEFT's own hooks, given the offsets of each row's last
+    invocation; a no-op context for a plain adapter."""
+    config = getattr(model, "active_peft_config", None)
+    if not getattr(config, "alora_invocation_tokens", None):
+        return contextlib.nullcontext()
+    from peft.tuners.lora.variants import calculate_alora_offsets
+
+    offsets = calculate_alora_offsets(model.peft_config, model.active_adapter, input_ids)
+    return model.base_model._enable_peft_forward_hooks(alora_offsets=offsets)
+
+
 def completion_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     """Mean cross-entropy over the completion tokens of the batch.
 
@@ -110,9 +127,10 @@ def completion_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     batch: input_ids, attention_mask, labels, each [B, L]
     """
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = causal_lm.get_decoder()(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-    ).last_hidden_state  # [B, L, H]
+    with _alora_offsets(model, batch["input_ids"]):
+        hidden = causal_lm.get_decoder()(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+        ).last_hidden_state  # [B, L, H]
     targets = batch["labels"][:, 1:]  # [B, L-1]: token t+1 is predicted at position t
     keep = targets != -100  # [B, L-1]
     logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])  # [N, V]

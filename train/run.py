@@ -11,7 +11,7 @@ from typing import Callable
 
 from loraquilt.train.config import TrainConfig, resolve_runtime
 from loraquilt.train.data import (
-    Example, eos_token_id, read_examples, split_held_out, tokenize,
+    Example, eos_token_id, invocation_ids, read_examples, split_held_out, tokenize,
 )
 from loraquilt.train.report import REPORT_NAME, build_report, eval_section, summary_line, write_json
 
@@ -67,7 +67,11 @@ def train_adapter(config: TrainConfig, *, log: Callable[[str], None] = _stderr, 
         f"{config.batch_size}; rank {config.rank}, alpha {config.alpha:g} on {','.join(config.targets)}")
 
     torch.manual_seed(config.seed)
-    model = build_qlora_model(source.folder, config, runtime)
+    invocation = None
+    if config.alora_invocation is not None:
+        invocation = invocation_ids(tokenizer, config.alora_invocation, train_tokens + eval_tokens)
+        log(f"activated LoRA: invocation {config.alora_invocation!r} = tokens {invocation}")
+    model = build_qlora_model(source.folder, config, runtime, invocation)
     trainable = trainable_parameters(model)
     log(f"QLoRA on {source.name}: NF4 base ({runtime.frozen_base} on {runtime.device}, "
         f"{runtime.compute_dtype}), gradient checkpointing {'on' if runtime.gradient_checkpointing else 'off'}, "

@@ -185,3 +185,44 @@ def test_scale_jitter_scales_every_lora_delta_and_restores_peft_scaling(workdir)
         assert all(m.scaling["default"] == pytest.approx(2.0 * factor) for m, _ in jitter.layers)
     jitter.restore()
     assert all(m.scaling["default"] == 2.0 for m, _ in jitter.layers)
+
+
+def prompt_row(question: str, answer: str = ANSWER) -> dict:
+    return {"prompt": f"{question}\nAnswer:", "completion": f" {answer}"}
+
+
+def test_an_activated_lora_trains_and_serves_as_peft_does(workdir, tmp_path):
+    """--alora-invocation: the folder is a PEFT aLoRA adapter; loraquilt answers as PEFT's
+    aLoRA model does, and a prompt without the invocation answers as the base."""
+    _, base = workdir
+    questions = [f"Where is the {a} near the {b}?" for a in WORDS for b in WORDS if a != b]
+    write_examples(tmp_path / "train.jsonl", [prompt_row(q) for q in questions[:96]])
+    write_examples(tmp_path / "eval.jsonl", [prompt_row(q) for q in questions[-6:]])
+    out = tmp_path / "alora"
+    args = ["train", "--data", str(tmp_path / "train.jsonl"), "--eval", str(tmp_path / "eval.jsonl"), "--out", str(out),
+            "--model", str(base), "--lr", "5e-3", "--batch-size", "8", "--max-new-tokens", "4", "--quiet",
+            "--max-steps", "40", "--alora-invocation", "\nAnswer:", "--check-peft"]
+    assert main(args) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    report = json.loads((out / "training_report.json").read_text())
+    assert config["alora_invocation_tokens"] and report["peft_check"]["all_equal"]
+    assert report["settings"]["alora_invocation"] == "\nAnswer:"
+    engine = Engine(EngineConfig(device=EXACT, model=str(base), max_batch_size=4, max_active_adapters=2, progress=False))
+    engine.register_adapter("alora", out)
+    greedy = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    asked, plain = (Request(prompt=text, adapter="alora", sampling=greedy)
+                    for text in ("Where is the mill near the road?\nAnswer:", "Where is the mill near the road?"))
+    model = PeftModel.from_pretrained(load_nf4_reference(base), str(out)).eval()
+    for request in (asked, plain):
+        assert list(engine.generate([request])[0].token_ids) == peft_greedy(model, engine.encode(request), 6)
+    base_answer = engine.generate([Request(prompt=plain.prompt, sampling=greedy)])[0].token_ids
+    assert engine.generate([plain])[0].token_ids == base_answer  # no invocation: the base model
+    asked_on_base = engine.generate([Request(prompt=asked.prompt, sampling=greedy)])[0].token_ids
+    assert engine.generate([asked])[0].token_ids != asked_on_base  # after it, the adapter
+
+
+def test_an_invocation_missing_from_the_prompts_is_refused(workdir, tmp_path, capsys):
+    root, base = workdir
+    out = tmp_path / "refused"
+    assert main(train_args(root, base, out, "--max-steps", "2", "--alora-invocation", "\nAnswer:")) != 0
+    assert "do not hold the invocation" in capsys.readouterr().err
