@@ -9,6 +9,8 @@ Modules:
     dispatch.py     the one place that picks a backend (`lora_add_`) and splits a step's
                     rows into tables for it (`split_spans`)
     row_scale.py    DoRA's per-row output scales (`row_scale_`) and their reference
+    heads.py        per-row token tables: adapters' embeddings and lm_heads (`embed_rows_`,
+                    `head_logits`) and their references
     bench.py        `loraquilt bench kernels`
 
 Public API:
@@ -18,11 +20,22 @@ Public API:
     split_spans(meta, span_rows, device) -> ((first, last), ...)              tables per step
     build_row_scale_meta(span_slots, span_rows) -> RowScaleMeta | None        once per step (DoRA)
     row_scale_(y, scale, meta)                                                per projection (DoRA)
+    build_table_groups(row_tables, tables) -> TableGroups | None              per step (token tables)
+    embed_rows_(out, ids, groups); head_logits(x, base, groups)               embeddings; logits
 Backends: `reference` (ground truth loop), `torch` (CPU), `triton` (GPU); `auto` picks
 triton for CUDA tensors and torch otherwise.
 """
 
 from loraquilt.kernels.lora.dispatch import BACKENDS, lora_add_, resolve_backend, split_spans
+from loraquilt.kernels.lora.heads import (
+    TableGroups,
+    TokenRows,
+    TokenTable,
+    build_table_groups,
+    embed_rows_,
+    head_logits,
+    project_logits,
+)
 from loraquilt.kernels.lora.row_scale import RowScaleMeta, build_row_scale_meta, row_scale_
 from loraquilt.kernels.lora.segments import (
     NO_ADAPTER,
@@ -38,10 +51,17 @@ __all__ = [
     "LoraBatchMeta",
     "RowScaleMeta",
     "Segments",
+    "TableGroups",
+    "TokenRows",
+    "TokenTable",
     "build_lora_meta",
     "build_row_scale_meta",
     "build_segments",
+    "build_table_groups",
+    "embed_rows_",
+    "head_logits",
     "lora_add_",
+    "project_logits",
     "resolve_backend",
     "row_scale_",
     "split_spans",
