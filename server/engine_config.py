@@ -34,6 +34,9 @@ class EngineConfig:
     max_adapters: int = field(default=10000, metadata={
         "help": "registered adapters before registration answers RESOURCE_EXHAUSTED"})
     max_lora_rank: int = field(default=16, metadata={"help": "largest adapter rank the slots hold"})
+    max_lora_head_adapters: int = field(default=4, metadata={
+        "help": "adapters with their own input embeddings or lm_head (PEFT modules_to_save of embed_tokens / "
+                "lm_head, trainable_token_indices) resident on the device at once; more wait for one to go"})
     max_waiting: int = field(default=1024, metadata={
         "flag": "--max-queue", "help": "waiting requests before RESOURCE_EXHAUSTED"})
     max_seq_len: int = field(default=1024, metadata={"help": "prompt + generated tokens per request"})
@@ -55,7 +58,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_active_adapters", "max_cpu_adapters", "max_adapters", "max_lora_rank",
-                     "max_waiting", "max_prefill_tokens"):
+                     "max_lora_head_adapters", "max_waiting", "max_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_seq_len < 2:

@@ -143,6 +143,8 @@ class _EngineCollector:
         adapters = GaugeMetricFamily("loraquilt_adapters", "Registered adapters by tier", labels=["tier"])
         slots = GaugeMetricFamily("loraquilt_adapter_slots", "Device adapter slots by state (used: holds "
                                   "an adapter, registered or still pinned after unregister)", labels=["state"])
+        heads = GaugeMetricFamily("loraquilt_adapter_head_places", "Device places for adapters' own input "
+                                  "embeddings / lm_head (--max-lora-head-adapters) by state", labels=["state"])
         memory = GaugeMetricFamily("loraquilt_memory_bytes", "Memory by kind", labels=["kind"])
         lora_info = GaugeMetricFamily(
             "loraquilt_lora_requests_info", "Adapters of the running and the waiting requests (comma-separated) "
@@ -177,9 +179,12 @@ class _EngineCollector:
             used = engine.adapters.slots_in_use()
             slots.add_metric(["used"], used)
             slots.add_metric(["free"], engine.slots.config.num_slots - used)
+            heads.add_metric(["used"], engine.slots.heads.capacity - engine.slots.heads.free)
+            heads.add_metric(["free"], engine.slots.heads.free)
             memory.add_metric(["base_weights"], engine.model.quantized_bytes() + engine.model.dense_bytes())
             memory.add_metric(["adapters"], engine.slots.num_bytes + engine.adapters.host_bytes())
             memory.add_metric(["adapter_slots"], engine.slots.num_bytes)
+            memory.add_metric(["adapter_heads"], engine.slots.heads.num_bytes)  # within adapter_slots
             memory.add_metric(["adapters_host"], engine.adapters.host_bytes())
             memory.add_metric(["kv_cache"], engine.cache.num_bytes)
             running_names, waiting_names = engine.adapters_in_flight()
@@ -193,4 +198,4 @@ class _EngineCollector:
         memory.add_metric(["process_rss"], process_rss_bytes())
         yield from (running, waiting, batch, adapters, slots, memory)
         if engine is not None:
-            yield from (lora_info, kv_usage, preemptions, prefix_queries, prefix_hits, threads, others_busy)
+            yield from (heads, lora_info, kv_usage, preemptions, prefix_queries, prefix_hits, threads, others_busy)

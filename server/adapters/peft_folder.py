@@ -4,7 +4,9 @@ Everything the engine cannot honour is refused with an error that names it; noth
 silently ignored. The result holds, per (layer, projection), A [r, in] and B [out, r]
 with the module's scaling (alpha/r, or alpha/sqrt(r) for rsLoRA) already folded into B,
 and for a DoRA adapter (`use_dora`) each module's magnitude vector m [out]; its output
-scales m / ||W + s·B·A|| need the base weights and are computed apart (`dora.py`).
+scales m / ||W + s·B·A|| need the base weights and are computed apart (`dora.py`). An
+adapter's own input embeddings and lm_head (`modules_to_save`, `trainable_token_indices`)
+are read by `heads.py`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from loraquilt.server.adapters.errors import AdapterError
+from loraquilt.server.adapters.heads import AdapterHeads, head_key, read_head_config, read_heads, update_digest
 from loraquilt.server.json_input import JsonInputError, load_json
 from loraquilt.server.model.config import ATTENTION_PROJECTIONS, PROJECTIONS, ModelConfig
 
@@ -35,14 +39,14 @@ HARMLESS_FIELDS = frozenset({
     "eva_config", "corda_config", "lora_ga_config", "runtime_config", "ensure_weight_tying",
     "qalora_group_size", "use_dora",
     "alora_invocation_tokens",  # activated LoRA: where it applies (alora.py)
+    # read by heads.py
+    "modules_to_save", "trainable_token_indices",
 })
 # Features the engine does not implement, with the value that means "off".
 UNSUPPORTED_FEATURES = {
     "bias": "trained biases (bias)",
     "lora_bias": "LoRA bias (lora_bias)",
-    "modules_to_save": "fully trained extra modules (modules_to_save)",
     "fan_in_fan_out": "fan_in_fan_out weights",
-    "trainable_token_indices": "trainable token embeddings (trainable_token_indices)",
     "layer_replication": "layer replication (layer_replication)",
     "use_qalora": "QA-LoRA (use_qalora)",
     "target_parameters": "LoRA on parameters (target_parameters)",
@@ -54,10 +58,6 @@ _KEY = re.compile(
     r"^(?:.*\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\."
     r"(?:lora_([AB])(?:\.[^.]+)?\.weight|(lora_magnitude_vector)(?:\.[^.]+)?(?:\.weight)?)$"
 )
-
-
-class AdapterError(ValueError):
-    """An adapter folder the engine refuses; the message says what and why."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,8 @@ class LoadedAdapter:
     # DoRA only: [L, C] float32, each module's output scale m / ||W + s·B·A|| in its columns
     # of its layer's row, ones elsewhere (dora.py: with_dora_scales, scale_columns)
     dora_scales: torch.Tensor | None = field(default=None, repr=False)
+    # its own input embeddings and lm_head (modules_to_save, trainable_token_indices), in `dtype`
+    heads: AdapterHeads | None = field(default=None, repr=False)
 
     @property
     def use_dora(self) -> bool:
@@ -94,7 +96,8 @@ class LoadedAdapter:
         elem = torch.empty((), dtype=dtype).element_size()
         dora = sum(v.numel() * v.element_size() for v in self.magnitudes.values())
         dora += 0 if self.dora_scales is None else self.dora_scales.numel() * self.dora_scales.element_size()
-        return sum((m.a.numel() + m.b.numel()) * elem for m in self.modules.values()) + dora
+        heads = self.heads.nbytes if self.heads is not None else 0
+        return sum((m.a.numel() + m.b.numel()) * elem for m in self.modules.values()) + dora + heads
 
 
 def _pattern_value(patterns: dict, module_name: str, default):
@@ -156,6 +159,7 @@ def read_adapter_config(folder: Path, max_rank: int) -> dict:
     if refused or unknown:
         names = refused + [f"unknown LoraConfig field {key!r}" for key in unknown]
         raise AdapterError("adapter uses features loraquilt does not implement: " + ", ".join(names))
+    read_head_config(config)
     _rank(config.get("r", 8), "r", max_rank)
     _finite_number(config.get("lora_alpha", 8), "lora_alpha")
     for flag in ("use_rslora", "use_dora"):
@@ -210,15 +214,22 @@ def load_peft_adapter(folder: Path | str, model: ModelConfig, *, max_rank: int,
                 f"save the adapter with safetensors ({WEIGHTS_FILE})"
             )
         raise AdapterError(f"{folder} has no {WEIGHTS_FILE}")
-    _check_file_size(weights_path, model, max_rank)
+    head_config = read_head_config(config)
+    _check_file_size(weights_path, model, max_rank, head_config.max_bytes(model))
 
     default_r, default_alpha = config.get("r", 8), float(config.get("lora_alpha", 8))
     rslora, dora = config.get("use_rslora", False), config.get("use_dora", False)
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    tables: dict[tuple[str, str], tuple[str, torch.Tensor]] = {}  # (module, kind) -> (key, tensor)
     try:
         with safe_open(str(weights_path), framework="pt") as handle:
             for key in handle.keys():
                 match = _KEY.match(key)
+                if match is None and head_key(key) is not None:
+                    if head_key(key) in tables:
+                        raise AdapterError(f"{WEIGHTS_FILE} holds {key!r} and {tables[head_key(key)][0]!r}")
+                    tables[head_key(key)] = (key, handle.get_tensor(key))
+                    continue
                 if match is None:
                     raise AdapterError(f"unexpected tensor {key!r} in {WEIGHTS_FILE}")
                 layer, group, proj, half = int(match[1]), match[2], match[3], match[4] or "M"
@@ -237,6 +248,11 @@ def load_peft_adapter(folder: Path | str, model: ModelConfig, *, max_rank: int,
         raise AdapterError(f"cannot read {WEIGHTS_FILE}: {error}") from None
     if not halves:
         raise AdapterError(f"{WEIGHTS_FILE} holds no LoRA weights")
+    heads = read_heads(head_config, tables, model, dtype, WEIGHTS_FILE)
+    if heads is not None and _invocation(config) is not None:
+        raise AdapterError("an activated LoRA (alora_invocation_tokens) with its own input embeddings or lm_head "
+                           "(modules_to_save, trainable_token_indices) is not served: its rows before the "
+                           "invocation run on the base model, which PEFT's tables do not")
 
     # shapes and ranks first, then every module's A and scaled B into one flat buffer of
     # the slot dtype (one allocation per adapter, one finiteness pass over all of it)
@@ -296,6 +312,7 @@ def load_peft_adapter(folder: Path | str, model: ModelConfig, *, max_rank: int,
     for key, magnitude in magnitudes.items():  # a DoRA adapter's output depends on them too
         digest.update(f"m{key}".encode())
         digest.update(magnitude.contiguous().view(torch.uint8).numpy().data)
+    update_digest(digest, heads)  # a row's KV depends on its embeddings, its logits on its lm_head
     return LoadedAdapter(
         path=folder,
         rank=max(m.rank for m in modules.values()),
@@ -305,6 +322,7 @@ def load_peft_adapter(folder: Path | str, model: ModelConfig, *, max_rank: int,
         content_hash=digest.hexdigest(),
         alora_invocation_tokens=_invocation(config),
         magnitudes=magnitudes,
+        heads=heads,
     )
 
 
@@ -324,10 +342,11 @@ def _non_finite_error(checked, dtype: torch.dtype) -> AdapterError:
     return AdapterError("the adapter's weights are not finite")  # unreachable: some module is
 
 
-def _check_file_size(path: Path, model: ModelConfig, max_rank: int) -> None:
-    """Refuse before reading a weights file larger than any valid adapter could be."""
+def _check_file_size(path: Path, model: ModelConfig, max_rank: int, tables: int = 0) -> None:
+    """Refuse before reading a weights file larger than any valid adapter could be
+    (tables: the most its token tables may take)."""
     per_layer = sum(sum(model.projection_shape(p)) for p in PROJECTIONS)
-    limit = model.num_layers * per_layer * max_rank * 8 + (1 << 20)  # fp64 worst case + header
+    limit = model.num_layers * per_layer * max_rank * 8 + tables + (1 << 20)  # fp64 worst case + header
     size = path.stat().st_size
     if size > limit:
         raise AdapterError(

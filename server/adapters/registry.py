@@ -66,6 +66,7 @@ class AdapterRecord:
     target_modules: tuple[str, ...]
     size_bytes: int
     dora: bool = False  # a DoRA adapter (use_dora): served alone, never in a mix
+    heads: bool = False  # its own input embeddings / lm_head (heads.py): served alone at weight 1
     alora: tuple[int, ...] | None = None  # an aLoRA adapter's invocation tokens (alora.py): served alone
     fingerprint: tuple | None = field(default=None, repr=False)  # the files as registered
     content_hash: str = ""  # of the weights as registered (the prefix cache's adapter identity)
@@ -180,7 +181,7 @@ class AdapterRegistry:
         if file_fingerprint(path) != before:
             raise AdapterError(f"the files under {path} changed while they were being read; retry")
         record = AdapterRecord(name=name, path=path, rank=adapter.rank, target_modules=adapter.target_modules,
-                               size_bytes=adapter.size_bytes, dora=adapter.use_dora,
+                               size_bytes=adapter.size_bytes, dora=adapter.use_dora, heads=adapter.heads is not None,
                                alora=adapter.alora_invocation_tokens, fingerprint=before,
                                content_hash=adapter.content_hash)
         return record, adapter
@@ -222,6 +223,10 @@ class AdapterRegistry:
             if dora:
                 raise RequestError("adapters", f"adapter {dora[0]!r} is a DoRA adapter; merges take plain LoRA "
                                                "adapters (a DoRA output depends on the base weights too)")
+            heads = [member.name for member in members if member.heads]
+            if heads:
+                raise RequestError("adapters", f"adapter {heads[0]!r} has its own input embeddings or lm_head; "
+                                               "merges take the LoRA weights of plain adapters")
             alora = [member.name for member in members if member.alora]
             if alora:
                 raise RequestError("adapters", f"adapter {alora[0]!r} is an aLoRA adapter, served alone: it "
@@ -306,6 +311,7 @@ class AdapterRegistry:
         with self._lock:
             records = [self._get(name) for name, _ in pairs]
         _refuse_dora_mix(records)
+        _refuse_heads_mix(records, [weight for _, weight in pairs])
         alora = [record.name for record in records if record.alora]
         if alora and len(records) > 1:
             raise RequestError("adapters", f"adapter {alora[0]!r} is an aLoRA adapter, which is served alone: a mix "
@@ -330,6 +336,7 @@ class AdapterRegistry:
                 if len({id(r) for r in records}) != len(records):
                     raise ValueError(f"adapter named twice in {names}")
                 _refuse_dora_mix(records)
+                _refuse_heads_mix(records)
                 for load in hold.loads if hold is not None else ():
                     if load.error is not None and any(load.record is r for r in records):
                         raise load.error
@@ -387,7 +394,19 @@ class AdapterRegistry:
 
     def host_bytes(self) -> int:
         with self._lock:
-            return self.host.bytes_in(self.slots.dtype)
+            shared = self.slots.heads.shared_bytes(r.host.heads for r in self._records.values()
+                                                   if r.host is not None and r.host.heads is not None)
+            return self.host.bytes_in(self.slots.dtype) - shared  # token tables a CPU slot shares: counted there
+
+
+def _refuse_heads_mix(records: Sequence[AdapterRecord], weights: Sequence[float] = ()) -> None:
+    """An adapter with its own embeddings or lm_head is served alone at weight 1: its rows
+    read its tables whole, which no weighted sum of adapters has."""
+    heads = [(record.name, weight) for record, weight in zip(records, list(weights) or [1.0] * len(records))
+             if record.heads]
+    if heads and (len(records) > 1 or heads[0][1] != 1.0):
+        raise RequestError("adapters", f"adapter {heads[0][0]!r} has its own input embeddings or lm_head "
+                                       "(modules_to_save, trainable_token_indices), served only alone at weight 1")
 
 
 def _refuse_dora_mix(records: Sequence[AdapterRecord]) -> None:

@@ -1,6 +1,7 @@
 """Device-resident adapter slots: stacked, preallocated A/B buffers per layer and projection,
-DoRA's output scales (dora.py), and the per-step LoRA hook the model calls after every
-projection."""
+DoRA's output scales (dora.py), adapters' own token tables (head_pool.py), and the
+per-step LoRA hook the model calls after every projection (and on its embeddings and
+logits)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from loraquilt.kernels.lora import (
 )
 from loraquilt.kernels.nf4 import FusedLora, LoraPairs, LoraPart, PairsArgs, RowScale
 from loraquilt.server.adapters.dora import BaseWeights, DoraScales
+from loraquilt.server.adapters.head_pool import HeadPool, StepHeads
 from loraquilt.server.adapters.peft_folder import LoadedAdapter
 from loraquilt.server.engine_config import EngineConfig
 from loraquilt.server.model.config import PROJECTIONS, ModelConfig
@@ -26,16 +28,17 @@ class SlotConfig:
     num_slots: int = EngineConfig.max_active_adapters  # adapters resident on the device at once
     max_rank: int = EngineConfig.max_lora_rank  # largest adapter rank accepted
     backend: str = EngineConfig.lora_backend  # kernels backend
+    max_head_adapters: int = EngineConfig.max_lora_head_adapters  # slots holding token tables at once
 
     def __post_init__(self) -> None:
-        if self.num_slots < 1:
-            raise ValueError(f"num_slots must be >= 1, got {self.num_slots}")
-        if self.max_rank < 1:
-            raise ValueError(f"max_rank must be >= 1, got {self.max_rank}")
+        for name in ("num_slots", "max_rank", "max_head_adapters"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @classmethod
     def from_engine(cls, config: EngineConfig) -> SlotConfig:
-        return cls(config.max_active_adapters, config.max_lora_rank, config.lora_backend)
+        return cls(config.max_active_adapters, config.max_lora_rank, config.lora_backend,
+                   config.max_lora_head_adapters)
 
     @property
     def padded_rank(self) -> int:
@@ -92,6 +95,7 @@ class LoraSlots:
         self._last_key: tuple | None = None  # the previous step's spans, and its tables
         self._fused_parts: dict[tuple, FusedLora] = {}  # (layer, parts) -> the kernel's static arguments
         self.dora = DoraScales(model, config.num_slots, device)
+        self.heads = HeadPool(config.max_head_adapters, dtype, device, config.backend)
         self.base: BaseWeights | None = None  # the model's weights, for DoRA norms (attach_base)
 
     def attach_base(self, base: BaseWeights) -> None:
@@ -101,7 +105,7 @@ class LoraSlots:
     @property
     def num_bytes(self) -> int:
         lora = sum(t.numel() * t.element_size() for layer in self.a + self.b for t in layer.values())
-        return lora + self.dora.num_bytes
+        return lora + self.dora.num_bytes + self.heads.num_bytes
 
     def load(self, slot: int, adapter: LoadedAdapter) -> None:
         """Copy an adapter into a slot (zero-padded to the buffer rank)."""
@@ -109,6 +113,7 @@ class LoraSlots:
         if adapter.rank > self.config.max_rank:
             raise ValueError(f"adapter rank {adapter.rank} over max_rank {self.config.max_rank}")
         self.clear(slot)
+        self.heads.load(slot, adapter.heads)
         for (layer, proj), module in adapter.modules.items():
             rank = module.rank
             self.a[layer][proj][slot, :rank].copy_(module.a)
@@ -125,6 +130,7 @@ class LoraSlots:
                 self.a[layer][proj][slot].zero_()
                 self.b[layer][proj][slot].zero_()
         self.dora.clear(slot)
+        self.heads.clear(slot)
         self.targets[slot] = frozenset()
         self.ranks[slot] = 0
         self._generation += 1
@@ -215,6 +221,23 @@ class LoraSlots:
         return self._step.row_scale(layer, parts) if self._step is not None else None
 
     @property
+    def has_heads(self) -> bool:
+        """Whether a row of the current step is on an adapter with its own token tables
+        (else the model calls neither `embed_` nor `head_logits`)."""
+        return self._step is not None and self._step.heads is not None
+
+    def embed_(self, x: torch.Tensor, input_ids: torch.Tensor) -> None:
+        """x: [T, hidden] the base's embeddings of input_ids [T]; rows on an adapter with
+        its own embeddings read those instead, in place."""
+        self._step.heads.embed_(x, input_ids)
+
+    def head_logits(self, x: torch.Tensor, logits_rows: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """x: [N, hidden] final-normed states of the token rows logits_rows [N]; base:
+        [V, hidden] the base's lm_head -> [N, V] float32, rows on an adapter with its own
+        lm_head by that one."""
+        return self._step.heads.logits(x, logits_rows, base)
+
+    @property
     def fuses_lora(self) -> bool:
         """Whether the fused NF4 + LoRA kernel may add the deltas: with the CPU backends
         (`auto`, `torch`); `reference` (and `triton`) run as named, after the projection."""
@@ -258,6 +281,10 @@ class _StepTables:
         self.has_dora = any(dora[slot] for span in spans for slot, _ in span.pairs)
         if self.has_dora and any(len(span.pairs) > 1 and any(dora[s] for s, _ in span.pairs) for span in spans):
             raise ValueError("a DoRA adapter in a mix: the registry refuses such requests")
+        if any(len(span.pairs) > 1 and any(slots.heads.holds(s) for s, _ in span.pairs) for span in spans):
+            raise ValueError("an adapter with its own token tables in a mix: the registry refuses such requests")
+        self.heads: StepHeads | None = slots.heads.step(
+            [span.pairs[0][0] if len(span.pairs) == 1 else NO_ADAPTER for span in spans], self.rows)
 
     def dora_span_slots(self, names: tuple[str, ...]) -> list[int] | None:
         """Per span its DoRA slot when that slot targets any of `names`, else NO_ADAPTER;
@@ -293,7 +320,6 @@ class _StepTables:
             self._row_scales[key] = None if max_slot < 0 else \
                 RowScale(self.slots.dora.view(layer, names), row_slot, max_slot)
         return self._row_scales[key]
-
 
     def row_parts(self, proj: str) -> RowParts:
         masked = self.slots.masked_pairs(self.spans, proj)

@@ -10,7 +10,8 @@ import torch
 
 class LoraHook(Protocol):
     """What the model asks of the adapter layer: add this step's LoRA deltas in place, or
-    hand them to the fused NF4 + LoRA kernel; then scale the rows on DoRA adapters."""
+    hand them to the fused NF4 + LoRA kernel; then scale the rows on DoRA adapters; and
+    the embeddings and logits of rows on adapters with their own token tables."""
 
     def add_(self, y: torch.Tensor, x: torch.Tensor, layer: int, projection: str) -> None:
         """y: [T, out] projection output, x: [T, in] its input."""
@@ -31,6 +32,17 @@ class LoraHook(Protocol):
     def dora_row_scale(self, layer: int, parts: tuple[tuple[str, int], ...]):
         """The same for the fused NF4 + LoRA kernel (`kernels.nf4.RowScale`, applied in its
         epilogue before the bias), or None when no row of the step needs it."""
+
+    has_heads: bool  # whether a row of the step is on an adapter with its own token tables
+
+    def embed_(self, x: torch.Tensor, input_ids: torch.Tensor) -> None:
+        """x: [T, hidden] the base's embeddings of input_ids [T]: rows on an adapter with
+        its own input embeddings read those instead, in place."""
+
+    def head_logits(self, x: torch.Tensor, logits_rows: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """x: [N, hidden] final-normed states of the token rows logits_rows [N], base: [V,
+        hidden] the base's lm_head -> logits [N, V] float32, each row by its adapter's lm_head
+        (or the base's)."""
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,9 @@ from loraquilt.server.model.batch import ForwardBatch, LoraHook
 from loraquilt.server.model.config import ModelConfig
 from loraquilt.server.model.kv_cache import KVCache
 from loraquilt.server.model.layers import DecoderLayer, RMSNorm, RotaryEmbedding
+from loraquilt.kernels.lora import project_logits
 from loraquilt.kernels.nf4 import DequantScratch
 from loraquilt.server.model.nf4 import NF4Linear
-
-
-# Above this many logits rows the row-major GEMM wins: the transposing copy after a
-# vocab-major one grows with the rows (Intel Xeon, 2 cores, SmolLM2's [49152, 576] head, 128
-# rows: fp32 29 against 40 ms, bf16 11 against 22 ms; at 8 rows vocab-major is 1.2-1.8x faster).
-VOCAB_MAJOR_MAX_ROWS = 16
 
 
 class CausalLM(nn.Module):
@@ -52,22 +47,22 @@ class CausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: KVCache, lora: LoraHook | None = None) -> torch.Tensor:
-        """Run one step; returns next-token logits [N, vocab] (float32) for batch.logits_rows."""
+        """Run one step; returns next-token logits [N, vocab] (float32) for batch.logits_rows.
+        Rows on an adapter with its own input embeddings or lm_head (`lora.has_heads`) use
+        those."""
+        heads = lora is not None and lora.has_heads
         residual = self.embed_tokens[batch.input_ids]  # [T, hidden], the residual stream
+        if heads:
+            lora.embed_(residual, batch.input_ids)
         cos, sin = self.rotary(batch.positions, residual.dtype)  # [T, head_dim] each
         normed = self.layers[0].input_layernorm(residual)  # [T, hidden]
         for index, layer in enumerate(self.layers):
             following = self.layers[index + 1].input_layernorm if index + 1 < len(self.layers) else self.norm
             normed = layer(residual, normed, cos, sin, batch, cache, lora, following)
         last = normed[batch.logits_rows]  # [N, hidden], final-normed
-        if last.shape[0] > VOCAB_MAJOR_MAX_ROWS:
-            return torch.mm(last, self.lm_head.t()).float()  # [N, vocab]
-        # vocab-major GEMM for a few rows: streams the [vocab, hidden] head once (much faster
-        # on CPU than last @ head.T there), then one copy to row-major float32: the sampler's
-        # row-wise argmax and finiteness checks are ~10x slower on the transposed view
-        logits_t = torch.mm(self.lm_head, last.t())  # [vocab, N]
-        logits = torch.empty(logits_t.shape[::-1], dtype=torch.float32, device=logits_t.device)
-        return logits.copy_(logits_t.t())  # [N, vocab]
+        if heads:
+            return lora.head_logits(last, batch.logits_rows, self.lm_head)  # [N, vocab]
+        return project_logits(last, self.lm_head)  # [N, vocab] float32
 
     def dequantized_projections(self, layer: int, names: Collection[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, W [out, in] in the compute dtype) for each projection of `names` in `layer`:

@@ -261,7 +261,7 @@ def test_config_too_large(tmp_path, model):
     pytest.param({"use_dora": "yes"}, ["use_dora", "'yes'"], id="dora-not-a-flag"),
     pytest.param({"bias": "all"}, ["bias"], id="bias-all"),
     pytest.param({"lora_bias": True}, ["lora_bias"], id="lora-bias"),
-    pytest.param({"modules_to_save": ["lm_head"]}, ["modules_to_save"], id="modules-to-save"),
+    pytest.param({"modules_to_save": ["classifier"]}, ["modules_to_save", "classifier"], id="modules-to-save-other"),
     pytest.param({"fan_in_fan_out": True}, ["fan_in_fan_out"], id="fan-in-fan-out"),
     pytest.param({"some_future_feature": True}, ["some_future_feature"], id="unknown-field"),
     pytest.param({"r": 0}, ["r must be >= 1"], id="r-zero"),
