@@ -168,18 +168,22 @@ def dora_registry(registry, slots, model):
 
 def test_slot_holds_the_scales_with_ones_elsewhere_and_bytes_count_them(dora_registry, slots, model, tmp_path):
     columns = sum(model.projection_shape(p)[0] for p in PROJECTIONS)
-    lora_bytes = sum(t.numel() * 4 for layer in slots.a + slots.b for t in layer.values())
-    assert slots.num_bytes == lora_bytes + model.num_layers * slots.config.num_slots * columns * 4
+    slot_bytes = sum(t.numel() * 4 for layer in slots.a + slots.b for t in layer.values())
+    assert slots.num_bytes == slot_bytes  # no DoRA adapter in a slot yet: no scale buffer
+    dora_registry.register("p", write_adapter(tmp_path / "p", model, 2))
+    acquire_now(dora_registry, ["p"])
+    assert slots.num_bytes == slot_bytes
     record = dora_registry.register("d", dora_folder(tmp_path / "d", model, 1))
     assert record.dora
     adapter = record.host
     magnitude_bytes = sum(m.numel() * 4 for m in adapter.magnitudes.values())
     lora_bytes = sum((m.a.numel() + m.b.numel()) * 4 for m in adapter.modules.values())
-    assert dora_registry.host_bytes() == adapter.nbytes_in(torch.float32) == \
-        lora_bytes + magnitude_bytes + model.num_layers * columns * 4
+    assert adapter.nbytes_in(torch.float32) == lora_bytes + magnitude_bytes + model.num_layers * columns * 4
+    assert dora_registry.host_bytes() == sum(r.host.nbytes_in(torch.float32) for r in dora_registry.records())
     lease = acquire_now(dora_registry, ["d"])
     slot = lease.slots[0]
     assert slots.dora.dora[slot]
+    assert slots.num_bytes == slot_bytes + model.num_layers * slots.config.num_slots * columns * 4
     for layer in range(model.num_layers):
         assert torch.equal(slots.dora.buffers[layer][slot], adapter.dora_scales[layer])
         for proj in PROJECTIONS:
