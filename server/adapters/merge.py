@@ -70,6 +70,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from loraquilt.server.adapters.peft_folder import LoadedAdapter, LoraModule
@@ -210,10 +211,9 @@ def merge_adapters(members: Sequence[LoadedAdapter], weights: Sequence[float], s
         for key in keys:  # model order: the order PEFT draws masks in
             present = [(m.modules[key], w) for m, w in zip(members, weights) if key in m.modules]
             if spec.method == "svd":
-                factors = _low_rank_sum(present)
+                merged[key] = _truncate(*_low_rank_sum(present), ranks[key])
             else:
-                factors = _svd(_combine_deltas(present, spec, generator))
-            merged[key] = _truncate(*factors, ranks[key])
+                merged[key] = _leading_components(_combine_deltas(present, spec, generator), ranks[key])
     return _build(merged, members, weights, spec, dtype)
 
 
@@ -279,26 +279,50 @@ def _combine_deltas(present: list[tuple[LoraModule, float]], spec: MergeSpec,
         else:
             deltas = [delta * torch.bernoulli(torch.full_like(delta, density), generator=generator) / density
                       for delta in deltas]
-    stacked = torch.stack(deltas)  # [n, out, in]
-    weights = torch.tensor([w for _, w in present], dtype=torch.float32).view(-1, 1, 1)  # [n, 1, 1]
+    weights = [w for _, w in present]
     if spec.method == "dare_linear":
-        return (stacked * weights).sum(dim=0)
-    sign = stacked.sign()  # [n, out, in]
-    elected = torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0)  # [out, in]
-    agree = sign == elected  # [n, out, in]; pruned (zero) entries never agree
-    total = (stacked * weights * agree).sum(dim=0)  # [out, in]
-    return total / torch.clamp(agree.sum(dim=0), min=1.0)
+        return sum(delta * w for delta, w in zip(deltas, weights))
+    elected = (sum(deltas) >= 0).to(deltas[0].dtype).mul_(2).sub_(1)  # [out, in]: ±1, the unweighted sum's sign
+    total = torch.zeros_like(elected)  # [out, in]: Σ wᵢ·|ΔWᵢ| over the members agreeing with it
+    count = torch.zeros_like(elected)  # [out, in]: how many agree (pruned zeros never do)
+    for delta, weight in zip(deltas, weights):
+        aligned = (delta * elected).clamp_(min=0)  # |ΔWᵢ| where its sign is the elected one, else 0
+        total.add_(aligned, alpha=weight)
+        count.add_(aligned > 0)
+    return total.mul_(elected).div_(count.clamp_(min=1.0))
 
 
 def _keep_largest(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """The int(density·numel) largest-magnitude entries of delta, the rest zero."""
-    mask = torch.zeros_like(delta).reshape(-1)
-    mask[torch.topk(delta.abs().reshape(-1), k=int(density * delta.numel()), largest=True)[1]] = 1
-    return delta * mask.reshape(delta.shape)
+    """The int(density·numel) largest-magnitude entries of delta, the rest zero (PEFT takes
+    them with topk; the k-th largest magnitude as a threshold keeps the same entries
+    unless magnitudes tie at it; numpy's partition finds it 10x faster than torch's
+    kthvalue or topk on CPU)."""
+    keep = int(density * delta.numel())
+    if keep == 0:
+        return torch.zeros_like(delta)
+    magnitude = delta.abs()
+    flat = magnitude.reshape(-1).numpy()
+    threshold = float(np.partition(flat, flat.size - keep)[flat.size - keep])
+    return delta * (magnitude >= threshold)
 
 
-def _svd(delta: torch.Tensor):
-    return torch.linalg.svd(delta, full_matrices=False)  # U [out, k], S [k], Vh [k, in]
+def _leading_components(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [k, in], B [out, k]) with B·A the k = min(rank, out, in) leading singular
+    components of delta [out, in]: A = V_kᵀ, B = U_k·S_k, as PEFT's truncated SVD gives
+    them (up to each component's sign, which B·A does not see). Computed from the
+    eigenvectors of the smaller Gram matrix (a symmetric eigenproblem of min(out, in), a
+    few times faster than the full SVD PEFT takes)."""
+    out_features, in_features = delta.shape
+    k = min(rank, out_features, in_features)
+    if in_features <= out_features:
+        _, vectors = torch.linalg.eigh(delta.T @ delta)  # [in, in], ascending eigenvalues
+        v = vectors[:, -k:].flip(-1)  # [in, k]
+        return v.T.contiguous(), delta @ v  # V_kᵀ, U_k·S_k
+    _, vectors = torch.linalg.eigh(delta @ delta.T)  # [out, out]
+    u = vectors[:, -k:].flip(-1)  # [out, k]
+    scaled = u.T @ delta  # [k, in] = S_k·V_kᵀ
+    norms = scaled.norm(dim=1, keepdim=True).clamp_min(torch.finfo(delta.dtype).tiny)  # [k, 1]
+    return (scaled / norms).contiguous(), u * norms.T
 
 
 def _truncate(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
