@@ -9,7 +9,8 @@ folders), greedy decoding and exactly T new tokens per request. The KV-cache sce
 (`prefix`, `high_concurrency`: see `serve_kv`) compare pairs of float32 servers of their own;
 the log-probability scenarios (`echo`, `logprobs`: see `serve_logprobs`) share one.
 With `--peers`, vLLM and llama.cpp run the throughput scenarios too (see `bench/peers`).
-`structured` (see `serve_structured`) runs on a server of its own.
+`structured` (see `serve_structured`) runs on a server of its own, and so do the adapter-kind
+scenarios `merge`, `dora` and `alora` (see `serve_kinds`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from loraquilt.bench.peers.options import PeerOptions, add_peer_arguments
 from loraquilt.bench.serve_report import draw_plot, print_table
-from loraquilt.bench.serve_scenarios import KV_SCENARIOS, LOGPROB_SCENARIOS, SCENARIOS, THROUGHPUT
+from loraquilt.bench.serve_scenarios import KIND_SCENARIOS, KV_SCENARIOS, LOGPROB_SCENARIOS, SCENARIOS, THROUGHPUT
 from loraquilt.bench.workload import ModelShapes, build_adapters, build_tiny_model, make_prompts, zipf_choices
 
 
@@ -56,6 +57,8 @@ class BenchConfig:
     structured_new_tokens: int = 128  # their max_tokens (the unconstrained rows generate exactly this many)
     echo_prompts: int = 24  # `echo`: prompts scored at once
     echo_prompt_tokens: int = 128  # each of exactly this many tokens
+    alora_history_tokens: int = 1024  # `alora`: the conversation the base model has read
+    alora_turns: int = 8  # adapters answering it in turn
     seed: int = 0
 
     @classmethod
@@ -64,7 +67,8 @@ class BenchConfig:
                    max_active_adapters=8, hotload_repeats=3, sequential_timed=2, latency_seconds=3.0,
                    plot_points=(1, 8), repeats=1, accuracy_prompts=8, prefix_requests=8, prefix_tokens=96,
                    prefix_tail_tokens=(8, 24), concurrency_requests=32, concurrency_prompt_tokens=(16, 32),
-                   concurrency_new_tokens=16, echo_prompts=8, echo_prompt_tokens=32)
+                   concurrency_new_tokens=16, echo_prompts=8, echo_prompt_tokens=32, alora_history_tokens=96,
+                   alora_turns=3)
 
 
 def _progress(message: str) -> None:
@@ -191,6 +195,8 @@ def run_bench(model: str | None, config: BenchConfig, workdir: Path, quick: bool
 
     if "structured" in wanted:
         _run_structured_scenario(config, model_folder, root, heavy, prompts, scenarios)
+    if wanted & set(KIND_SCENARIOS):
+        _run_kind_scenarios(config, wanted, model_folder, root, heavy, tokenizer, prompts, scenarios)
 
     accuracy = {}
     if "accuracy" in wanted:
@@ -304,6 +310,26 @@ def _run_structured_scenario(config: BenchConfig, model_folder: Path, root: Path
         settings, {f"heavy-{index}": folder for index, folder in enumerate(heavy)},
         requests=config.structured_requests, prompts=prompts, new_tokens=config.structured_new_tokens,
         repeats=config.repeats, progress=_progress)
+
+
+def _run_kind_scenarios(config: BenchConfig, wanted: set[str], model_folder: Path, root: Path, heavy: list[Path],
+                        tokenizer, prompts: list[str], scenarios: dict) -> None:
+    """`merge`, `dora` and `alora` (bench/serve_kinds.py), each on servers of its own."""
+    from loraquilt.bench import serve_kinds, serve_kv
+    from loraquilt.bench.serve_systems import LQ
+
+    settings = serve_kv.ServerSettings(model_folder, root, config.max_active_adapters,
+                                       max(256, 2 * config.batch))
+    if "merge" in wanted:
+        scenarios["merge"][LQ] = serve_kinds.run_merge(settings, heavy, prompts, config.new_tokens, config.repeats,
+                                                       _progress)
+    if "dora" in wanted:
+        scenarios["dora"][LQ] = serve_kinds.run_dora(settings, heavy, prompts, config.new_tokens, config.repeats,
+                                                     config.seed + 10, _progress)
+    if "alora" in wanted:
+        scenarios["alora"][LQ] = serve_kinds.run_alora(
+            settings, heavy, tokenizer, history_tokens=config.alora_history_tokens, turns=config.alora_turns,
+            conversations=config.repeats, seed=config.seed + 11, progress=_progress)
 
 
 def _link_many(folder: Path, pool: list[Path], count: int) -> list[Path]:

@@ -99,6 +99,7 @@ def ratios(scenarios: dict) -> dict:
     crowd = scenarios.get("high_concurrency", {}).get(LQ, {})
     echo = scenarios.get("echo", {}).get(LQ, {})
     scored = scenarios.get("logprobs", {}).get(LQ, {})
+    merge, dora, alora = (scenarios.get(name, {}).get(LQ, {}) for name in ("merge", "dora", "alora"))
     return {
         **pair("", LQ, PEFT),
         **pair("auto_", LQ_AUTO, PEFT_DEFAULT),
@@ -115,6 +116,10 @@ def ratios(scenarios: dict) -> dict:
         "logprobs_over_plain": scored.get("logprobs_over_plain"),
         "structured_over_unconstrained": ratio(structured.get("tokens_per_s"),
                                                structured.get("unconstrained_tokens_per_s")),
+        "merge_over_single": merge.get("merge_over_single"),  # medians of their rounds' (turns') ratios
+        "dora_over_plain": dora.get("dora_over_plain"),
+        "alora_over_base_ttft": alora.get("alora_over_base"),
+        "plain_over_alora_ttft": alora.get("plain_over_alora"),
         **engine_ratios(scenarios),  # per throughput scenario: {"loraquilt_auto_vs_vllm": ..., ...}
     }
 
@@ -197,6 +202,22 @@ def print_table(results: dict) -> None:
                      f"{structured['requests']} req, valid {structured['structured_valid_fraction']:.0%})",
                      f"{structured['tokens_per_s']:.1f}/{structured['unconstrained_tokens_per_s']:.1f}", "-",
                      ratio(structured["tokens_per_s"], structured["unconstrained_tokens_per_s"]), "-", "-", "-", "-"))
+    merge = scenarios.get("merge", {}).get(LQ, {})
+    if merge:
+        rows.append((f"merge ties tok/s merged/single (first request {merge['first_request_s']:.2f} s)",
+                     f"{merge['tokens_per_s']:.1f}/{merge['single_tokens_per_s']:.1f}", "-",
+                     f"{merge['merge_over_single']:.2f}x", "-", "-", "-", "-"))
+    dora = scenarios.get("dora", {}).get(LQ, {})
+    if dora:
+        rows.append(("dora tok/s DoRA/plain (distinct)", f"{dora['tokens_per_s']:.1f}/{dora['plain_tokens_per_s']:.1f}",
+                     "-", f"{dora['dora_over_plain']:.2f}x", "-", "-", "-", "-"))
+    alora = scenarios.get("alora", {}).get(LQ, {})
+    if alora:
+        p50 = alora["ttft_p50_ms"]
+        rows.append((f"alora ttft p50 ms aLoRA/base/plain ({alora['history_tokens']} tokens, {alora['turns']} turns)",
+                     f"{p50['alora']:.0f}/{p50['base']:.0f}/{p50['plain']:.0f}", "-",
+                     f"{alora['alora_over_base']:.2f}x base, {alora['plain_over_alora']:.1f}x faster than plain",
+                     "-", "-", "-", "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))

@@ -18,7 +18,8 @@ OTHER = ("sequential", "many", "hotload", "latency", "accuracy", "prefix", "high
 KV_SCENARIOS = ("prefix", "high_concurrency")  # bench/serve_kv.py: servers of their own
 STRUCTURED_SCENARIOS = ("structured",)  # bench/serve_structured.py: one server of its own
 LOGPROB_SCENARIOS = ("echo", "logprobs")  # bench/serve_logprobs.py: one server of their own
-SCENARIOS = THROUGHPUT + OTHER + STRUCTURED_SCENARIOS
+KIND_SCENARIOS = ("merge", "dora", "alora")  # bench/serve_kinds.py: servers of their own
+SCENARIOS = THROUGHPUT + OTHER + STRUCTURED_SCENARIOS + KIND_SCENARIOS
 
 Progress = Callable[[str], None]
 PEER_WARMUP_ROWS = 4

@@ -90,6 +90,40 @@ def test_quick_logprob_scenarios(tmp_path):
     check_logprob_scenarios(results)
 
 
+def check_kind_scenarios(results: dict) -> None:
+    """The `merge`, `dora` and `alora` keys: figures, runs, the ratios."""
+    merge = results["scenarios"]["merge"]["loraquilt"]
+    for key in ("first_request_s", "build_s", "second_request_s", "tokens_per_s", "single_tokens_per_s",
+                "merge_over_single"):
+        assert _positive(merge[key]), key
+    assert merge["method"] == "ties" and merge["members"] == 3 and len(merge["merge_over_single_rounds"]) >= 1
+    dora = results["scenarios"]["dora"]["loraquilt"]
+    for key in ("tokens_per_s", "plain_tokens_per_s", "dora_over_plain"):
+        assert _positive(dora[key]), key
+    alora = results["scenarios"]["alora"]["loraquilt"]
+    assert set(alora["ttft_ms"]) == {"alora", "base", "plain"}
+    assert all(len(values) == alora["turns"] * alora["conversations"] for values in alora["ttft_ms"].values())
+    assert alora["plain_over_alora"] > 1  # the history is prefilled again on plain LoRA, not on aLoRA
+    for key in ("merge_over_single", "dora_over_plain", "alora_over_base_ttft", "plain_over_alora_ttft"):
+        assert _positive(results["ratios"][key]), key
+
+
+@pytest.mark.slow  # ~60 s on 2 shared cores: five servers, one scenario at a time
+def test_quick_kind_scenarios(tmp_path):
+    """`--scenarios merge,dora,alora`: servers of their own, only their keys."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "loraquilt", "bench", "serve", "--quick", "--scenarios", "merge,dora,alora",
+         "--json", str(out), "--workdir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "merge ties tok/s" in done.stdout and "alora ttft p50" in done.stdout
+    results = json.loads(out.read_text())
+    assert set(results["scenarios"]) == {"merge", "dora", "alora"}
+    check_kind_scenarios(results)
+
+
 @pytest.mark.slow
 def test_quick_bench_serve(tmp_path):
     out = tmp_path / "bench.json"
@@ -143,6 +177,7 @@ def test_quick_bench_serve(tmp_path):
     assert results["versions"]["torch"] and settings["batch"] > 0
     check_kv_scenarios(results)
     check_logprob_scenarios(results)
+    check_kind_scenarios(results)
 
 
 @pytest.mark.slow
