@@ -19,13 +19,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 from loraquilt.server.adapters.merge import MergeSpec, merge_adapters
+from loraquilt.server.adapters.mix_rules import check_mergeable
 from loraquilt.server.adapters.peft_folder import LoadedAdapter
-
-if TYPE_CHECKING:
-    from loraquilt.server.adapters.registry import AdapterRecord
+from loraquilt.server.adapters.record import AdapterRecord
+from loraquilt.server.request import RequestError
 
 DERIVED_PREFIX = "~merge-"
 
@@ -54,6 +54,23 @@ def derived_identity(members, weights, spec: MergeSpec) -> str:
 
 def derived_name(identity: str) -> str:
     return DERIVED_PREFIX + identity[:16]
+
+
+def derived_record(members: tuple[AdapterRecord, ...], weights: tuple[float, ...], spec: MergeSpec,
+                   max_rank: int) -> AdapterRecord:
+    """The record of the merge of these members (plain LoRA adapters only: RequestError
+    otherwise, or for a rank over max_rank), weights not built yet."""
+    check_mergeable(members)
+    rank = spec.rank or max(member.rank for member in members)
+    if rank > max_rank:
+        raise RequestError("merge.rank" if spec.rank else "adapters",
+                           f"the merged adapter's rank {rank} is over the server's max LoRA rank {max_rank} "
+                           "(--max-lora-rank)")
+    identity = derived_identity(members, weights, spec)
+    name = derived_name(identity)
+    targets = tuple(sorted({module for member in members for module in member.target_modules}))
+    return AdapterRecord(name=name, path=Path(name), rank=rank, target_modules=targets, size_bytes=0,
+                         content_hash=identity, derived=DerivedSource(members, weights, spec))
 
 
 def build_derived(source: DerivedSource, host_copies: list[LoadedAdapter | None],

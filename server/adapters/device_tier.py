@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from loraquilt.server.adapters.slots import LoraSlots
 
 if TYPE_CHECKING:
-    from loraquilt.server.adapters.registry import AdapterRecord
+    from loraquilt.server.adapters.record import AdapterRecord
 
 TIER_DEVICE = "device"
 

@@ -26,7 +26,7 @@ from loraquilt.server.adapters.loader import HostHold, Loader, PendingRead
 from loraquilt.server.adapters.peft_folder import AdapterError, LoadedAdapter
 
 if TYPE_CHECKING:
-    from loraquilt.server.adapters.registry import AdapterRecord
+    from loraquilt.server.adapters.record import AdapterRecord
 
 TIER_HOST = "host"
 

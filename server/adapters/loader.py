@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from loraquilt.server.adapters.registry import AdapterRecord
+    from loraquilt.server.adapters.record import AdapterRecord
 
 
 @dataclass(eq=False)

@@ -23,31 +23,34 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from loraquilt.server.adapters.derived import DerivedSource, build_derived, derived_identity, derived_name
+from loraquilt.server.adapters.derived import DERIVED_PREFIX, build_derived, derived_record
 from loraquilt.server.adapters.device_tier import TIER_DEVICE, DeviceTier
 from loraquilt.server.adapters.dora import with_dora_scales
 from loraquilt.server.adapters.host_tier import TIER_HOST, AdapterChanged, HostTier
-from loraquilt.server.adapters.loader import HostHold, PendingRead
+from loraquilt.server.adapters.loader import HostHold
 from loraquilt.server.adapters.peft_folder import (
     CONFIG_FILE, WEIGHTS_FILE, AdapterError, LoadedAdapter, load_peft_adapter,
 )
+from loraquilt.server.adapters.mix_rules import check_served_alone
+from loraquilt.server.adapters.record import TIER_DISK, AdapterRecord
 from loraquilt.server.adapters.slots import LoraSlots
 from loraquilt.server.engine_config import EngineConfig
-from loraquilt.server.request import RequestError
 from loraquilt.server.torch_threads import one_thread_off_main
 from loraquilt.server.model.config import ModelConfig
 
-TIER_DISK = "disk"
 __all__ = ["AdapterChanged", "AdapterExists", "AdapterRecord", "AdapterRegistry", "Acquired", "HostHold", "Lease",
            "RegistryEvents", "TooManyAdapters", "UnknownAdapter", "file_fingerprint"]
 
 
 class UnknownAdapter(KeyError):
     def __str__(self) -> str:
-        return f"adapter {self.args[0]!r} is not registered"
+        name = self.args[0]
+        if isinstance(name, str) and name.startswith(DERIVED_PREFIX):  # no caller names one: its merge went
+            return f"the merged adapter {name!r} is gone: one of its members was unregistered"
+        return f"adapter {name!r} is not registered"
 
 
 class AdapterExists(ValueError):
@@ -56,34 +59,6 @@ class AdapterExists(ValueError):
 
 class TooManyAdapters(RuntimeError):
     """The registry holds --max-adapters names already."""
-
-
-@dataclass
-class AdapterRecord:
-    name: str
-    path: Path
-    rank: int
-    target_modules: tuple[str, ...]
-    size_bytes: int
-    dora: bool = False  # a DoRA adapter (use_dora): served alone, never in a mix
-    heads: bool = False  # its own input embeddings / lm_head (heads.py): served alone at weight 1
-    alora: tuple[int, ...] | None = None  # an aLoRA adapter's invocation tokens (alora.py): served alone
-    fingerprint: tuple | None = field(default=None, repr=False)  # the files as registered
-    content_hash: str = ""  # of the weights as registered (the prefix cache's adapter identity)
-    host: LoadedAdapter | None = field(default=None, repr=False)  # set by the host tier
-    slot: int | None = None  # set by the device tier
-    pins: int = 0
-    holds: int = 0  # waiting requests' HostHolds on it: its host copy is not evicted
-    loading: PendingRead | None = field(default=None, repr=False)  # the read in flight on the loader thread
-    retired: bool = False  # unregistered (while pinned: its slot frees at the last release)
-    created: int = field(default_factory=lambda: int(time.time()))  # registration time (Unix seconds)
-    derived: DerivedSource | None = field(default=None, repr=False)  # a merge's members (derived.py)
-
-    @property
-    def tier(self) -> str:
-        if self.slot is not None:
-            return TIER_DEVICE
-        return TIER_HOST if self.host is not None else TIER_DISK
 
 
 @dataclass
@@ -218,35 +193,13 @@ class AdapterRegistry:
         builds at its first acquire. Raises UnknownAdapter, or RequestError for a member
         that cannot be merged (DoRA) or a rank over the slots'."""
         with self._lock:
-            members = tuple(self._get(name) for name, _ in mix)
-            dora = [member.name for member in members if member.dora]
-            if dora:
-                raise RequestError("adapters", f"adapter {dora[0]!r} is a DoRA adapter; merges take plain LoRA "
-                                               "adapters (a DoRA output depends on the base weights too)")
-            heads = [member.name for member in members if member.heads]
-            if heads:
-                raise RequestError("adapters", f"adapter {heads[0]!r} has its own input embeddings or lm_head; "
-                                               "merges take the LoRA weights of plain adapters")
-            alora = [member.name for member in members if member.alora]
-            if alora:
-                raise RequestError("adapters", f"adapter {alora[0]!r} is an aLoRA adapter, served alone: it "
-                                               "applies from its invocation tokens on, which a merge has not")
-            rank = spec.rank or max(member.rank for member in members)
-            if rank > self.slots.config.max_rank:
-                raise RequestError("merge.rank" if spec.rank else "adapters",
-                                   f"the merged adapter's rank {rank} is over the server's max LoRA rank "
-                                   f"{self.slots.config.max_rank} (--max-lora-rank)")
-            weights = tuple(float(weight) for _, weight in mix)
-            identity = derived_identity(members, weights, spec)
-            name = derived_name(identity)
-            record = self._records.get(name)
-            if record is None or record.content_hash != identity:
+            made = derived_record(tuple(self._get(name) for name, _ in mix), tuple(float(w) for _, w in mix), spec,
+                                  self.slots.config.max_rank)
+            record = self._records.get(made.name)
+            if record is None or record.content_hash != made.content_hash:
                 if record is not None:  # 64 bits of the hash alike: the older one goes
                     self._retire(record)
-                targets = tuple(sorted({module for member in members for module in member.target_modules}))
-                record = AdapterRecord(name=name, path=Path(name), rank=rank, target_modules=targets, size_bytes=0,
-                                       content_hash=identity, derived=DerivedSource(members, weights, spec))
-                self._records[name] = record
+                record = self._records[made.name] = made
                 self._trim_derived()
             return record
 
@@ -305,28 +258,18 @@ class AdapterRegistry:
 
     def check_mix(self, pairs: Sequence[tuple[str, float]]) -> list[AdapterRecord]:
         """What a request's (adapter, weight) pairs must satisfy: every name registered
-        (UnknownAdapter), a DoRA adapter only alone at weight 1 (RequestError on
-        `adapters`): its output scale belongs to its own weights, so no mix of it is exact;
-        an aLoRA adapter only alone. Returns their records."""
+        (UnknownAdapter), and an adapter served alone (DoRA, own token tables, aLoRA) alone
+        at weight 1 (mix_rules.py). Returns their records."""
         with self._lock:
             records = [self._get(name) for name, _ in pairs]
-        _refuse_dora_mix(records)
-        _refuse_heads_mix(records, [weight for _, weight in pairs])
-        alora = [record.name for record in records if record.alora]
-        if alora and len(records) > 1:
-            raise RequestError("adapters", f"adapter {alora[0]!r} is an aLoRA adapter, which is served alone: a mix "
-                                           "may not include it (it applies from its own invocation tokens on)")
-        for record, (_, weight) in zip(records, pairs):
-            if record.dora and weight != 1.0:
-                raise RequestError("adapters.weight", f"adapter {record.name!r} is a DoRA adapter, served only "
-                                                      f"alone at weight 1 (got {weight:g})")
+        check_served_alone(records, [weight for _, weight in pairs])
         return records
 
     def acquire(self, names: list[str], hold: HostHold | None = None) -> Acquired:
         """Pin device slots for every named adapter, from host memory or the device only
         (see Acquired for the three outcomes). Raises UnknownAdapter for a name not
         registered (also one unregistered while its read was in flight), RequestError for
-        a mix that includes a DoRA adapter (`check_mix`), AdapterError /
+        a mix that includes an adapter served alone (`check_mix`), AdapterError /
         AdapterChanged when a read started for this hold failed (its files are gone,
         rewritten or broken). On a lease or an error the hold passed in is released;
         nothing stays pinned after an error."""
@@ -335,8 +278,7 @@ class AdapterRegistry:
                 records = [self._get(name) for name in names]
                 if len({id(r) for r in records}) != len(records):
                     raise ValueError(f"adapter named twice in {names}")
-                _refuse_dora_mix(records)
-                _refuse_heads_mix(records)
+                check_served_alone(records)
                 for load in hold.loads if hold is not None else ():
                     if load.error is not None and any(load.record is r for r in records):
                         raise load.error
@@ -397,23 +339,6 @@ class AdapterRegistry:
             shared = self.slots.heads.shared_bytes(r.host.heads for r in self._records.values()
                                                    if r.host is not None and r.host.heads is not None)
             return self.host.bytes_in(self.slots.dtype) - shared  # token tables a CPU slot shares: counted there
-
-
-def _refuse_heads_mix(records: Sequence[AdapterRecord], weights: Sequence[float] = ()) -> None:
-    """An adapter with its own embeddings or lm_head is served alone at weight 1: its rows
-    read its tables whole, which no weighted sum of adapters has."""
-    heads = [(record.name, weight) for record, weight in zip(records, list(weights) or [1.0] * len(records))
-             if record.heads]
-    if heads and (len(records) > 1 or heads[0][1] != 1.0):
-        raise RequestError("adapters", f"adapter {heads[0][0]!r} has its own input embeddings or lm_head "
-                                       "(modules_to_save, trainable_token_indices), served only alone at weight 1")
-
-
-def _refuse_dora_mix(records: Sequence[AdapterRecord]) -> None:
-    dora = [record.name for record in records if record.dora]
-    if dora and len(records) > 1:
-        raise RequestError("adapters", f"adapter {dora[0]!r} is a DoRA adapter, which is served alone: a mix may "
-                                       "not include it (DoRA scales each output by its own weights' norms)")
 
 
 def file_fingerprint(folder: Path) -> tuple | None:

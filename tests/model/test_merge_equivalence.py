@@ -209,3 +209,15 @@ def test_a_derived_build_does_not_hold_up_other_rows(engine):
     assert len(running.output_ids) > before and time.perf_counter() - started < 30
     while engine.has_work():
         engine.step()
+
+
+def test_a_merge_whose_member_goes_while_it_builds_fails_clearly(folders):
+    base, adapters = folders
+    engine = tiny_engine(base, adapters[:2], max_batch_size=4, max_active_adapters=4)
+    sequence = engine.add_request(merged_request(MergeSpec("ties", density=0.4), (("a0", 0.5), ("a1", 0.5))))
+    engine.unregister_adapter("a0")  # before the step that would admit it
+    outputs = []
+    while not outputs:
+        outputs = [output for output in engine.step() if output.error is not None]
+    assert isinstance(outputs[0].error, UnknownAdapter) and "members was unregistered" in str(outputs[0].error)
+    assert sequence.request_id == outputs[0].request_id and not engine.has_work()

@@ -198,3 +198,13 @@ def test_bad_counts_are_refused(engine):
     with pytest.raises(RequestError, match="^n: .*--max-batch-size"):
         engine.add_request(Request(prompt="x", sampling=sampled(1, n=9)))
     assert not engine.has_work()
+
+
+def test_every_choice_carries_the_prompt_logprobs(engine):
+    prompt = ids(13, seed=31)
+    single = alone(engine, Request(prompt_token_ids=prompt, sampling=sampled(1, prompt_logprobs=2)))
+    result = alone(engine, Request(prompt_token_ids=prompt, sampling=sampled(1, n=3, prompt_logprobs=2)))
+    expected = [(entry.token_id, entry.logprob) for entry in single.prompt_logprobs]
+    assert len(expected) == 13
+    for choice in result.choices:
+        assert [(entry.token_id, entry.logprob) for entry in choice.prompt_logprobs] == expected
