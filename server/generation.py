@@ -155,6 +155,11 @@ class Generation:
                          tuple(output.prompt_logprobs), output.index, output.choice_finished)
         return None
 
+    def close(self) -> None:
+        """End it without iterating it (a request of several prompts refused after this
+        one was opened): freed, counted as cancelled, on_close run."""
+        self._close()
+
     def _close(self) -> None:
         if self._closed:
             return

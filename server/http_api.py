@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from loraquilt.server.adapter_admin import AdapterAdmin
 from loraquilt.server.auth import BearerCheck
 from loraquilt.server.json_input import JsonInputError, load_json
+from loraquilt.server.openai_batch import PromptBatch
 from loraquilt.server.generation import ErrorKind, GenerationError, GenerationLayer, classify, result_of
 from loraquilt.server.openai_protocol import (
     ResponseShape, body_param, error_body, model_card, parse_chat, parse_completion,
@@ -204,11 +205,12 @@ def build_app(backend, config: HttpConfig, http_requests=None, is_serving=lambda
         body = await _read_json(request)
         try:
             parsed = (parse_chat if chat else parse_completion)(body, config.served_model_name)
-            generation = await backend.open(parsed.fields, parsed.stream)
+            generation = await _open(backend, parsed)
         except GenerationError as error:
             raise failure_of(error, chat) from None
         shape = ResponseShape(chat, parsed.model, logprobs=parsed.fields.get("logprobs") is not None,
-                              prompt=parsed.prompt_return)
+                              prompt=parsed.prompt_return, prompts=parsed.prompt_returns,
+                              choices_per_prompt=parsed.fields.get("n") or 1)
         if parsed.stream:
             return StreamingResponse(_events(generation, shape, parsed.include_usage, chat),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -261,6 +263,22 @@ def build_app(backend, config: HttpConfig, http_requests=None, is_serving=lambda
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
     return app
+
+
+async def _open(backend, parsed):
+    """The generation of a parsed body: one, or for completions with several prompts one
+    per prompt as a PromptBatch (a prompt refused stops those opened before it)."""
+    if len(parsed.prompts) <= 1:
+        return await backend.open(parsed.fields, parsed.stream)
+    generations = []
+    try:
+        for prompt in parsed.prompts:
+            generations.append(await backend.open(parsed.fields_of(prompt), parsed.stream))
+    except BaseException:
+        for generation in generations:
+            getattr(generation, "close", generation.cancel)()  # serve-ray's only cancel
+        raise
+    return PromptBatch(generations, parsed.fields.get("n") or 1)
 
 
 async def _events(generation, shape: ResponseShape, include_usage: bool, chat: bool):

@@ -70,17 +70,26 @@ class PromptReturn:
         return choice
 
 
-def completion_prompt(prompt) -> dict:
-    """Completions' `prompt`: a string or a list of token ids, alone or as a list's only
-    element, as build_request's `prompt` or `prompt_token_ids`."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
+MAX_PROMPTS = 128  # prompts of one completions request
+
+
+def completion_prompts(prompt) -> list[dict]:
+    """Completions' `prompt`: a string or a list of token ids, or a list of several of
+    either (answered as one response: choice i·n + j is prompt i's j-th), each as
+    build_request's `prompt` or `prompt_token_ids`."""
+    if isinstance(prompt, list) and prompt and all(isinstance(one, (str, list)) for one in prompt):
+        if len(prompt) > MAX_PROMPTS:
+            raise _bad("prompt", f"at most {MAX_PROMPTS} prompts per request, got {len(prompt)}")
+        return [_one_prompt(one) for one in prompt]
+    return [_one_prompt(prompt)]
+
+
+def _one_prompt(prompt) -> dict:
     if isinstance(prompt, str):
         return {"prompt": prompt}
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return {"prompt_token_ids": tuple(prompt)}
-    raise _bad("prompt", "must be a string or a list of token ids, or a list holding one of them "
-                         "(one prompt per request)")
+    raise _bad("prompt", "must be a string or a list of token ids, or a list of several of either")
 
 
 def vllm_prompt_logprobs(body: dict) -> int | None:

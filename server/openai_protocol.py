@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraquilt.server.generation import ErrorKind, GenerationError
-from loraquilt.server.openai_prompt import PromptReturn, completion_prompt, scoring_fields, vllm_prompt_logprobs
+from loraquilt.server.openai_prompt import PromptReturn, completion_prompts, scoring_fields, vllm_prompt_logprobs
 from loraquilt.server.openai_structured import structured_fields
 from loraquilt.server.request import FINISH_CANCELLED, FINISH_LENGTH, MAX_LOGPROBS, GenerationResult
 
@@ -46,10 +46,17 @@ class ParsedBody:
     """A completions or chat body, ready for `GenerationLayer.build_request(**fields)`."""
 
     model: str
-    fields: dict  # build_request keyword arguments
+    fields: dict  # build_request keyword arguments (completions: of the first prompt)
     stream: bool
     include_usage: bool
     prompt_return: PromptReturn = field(default_factory=PromptReturn)  # what the response returns of the prompt
+    prompts: tuple[dict, ...] = ()  # completions: every prompt's own fields (prompt or prompt_token_ids)
+    prompt_returns: tuple[PromptReturn, ...] = ()  # and what the response returns of each
+
+    def fields_of(self, prompt: dict) -> dict:
+        """build_request's fields for one of the prompts."""
+        common = {key: value for key, value in self.fields.items() if key not in ("prompt", "prompt_token_ids")}
+        return {**common, **prompt}
 
 
 def _typed(body: dict, name: str, kinds: tuple, default=None, what: str = ""):
@@ -189,15 +196,16 @@ def _stream_flags(body: dict) -> tuple[bool, bool]:
 
 
 def parse_completion(body: dict, base_model: str) -> ParsedBody:
-    prompt = completion_prompt(body.get("prompt"))
+    prompts = completion_prompts(body.get("prompt"))
     max_tokens = _typed(body, "max_tokens", (int,), COMPLETIONS_DEFAULT_MAX_TOKENS, "an integer")
     model, fields = _common(body, base_model, max_tokens)
     stream, include_usage = _stream_flags(body)
     logprobs = _completion_logprobs(body)
     echo = _typed(body, "echo", (bool,), False, "a boolean")
-    returned = PromptReturn(echo, prompt.get("prompt"), logprobs if echo else None, vllm_prompt_logprobs(body))
-    return ParsedBody(model, {**fields, **prompt, **scoring_fields(returned), "logprobs": logprobs}, stream,
-                      include_usage, returned)
+    returns = tuple(PromptReturn(echo, prompt.get("prompt"), logprobs if echo else None, vllm_prompt_logprobs(body))
+                    for prompt in prompts)
+    return ParsedBody(model, {**fields, **prompts[0], **scoring_fields(returns[0]), "logprobs": logprobs}, stream,
+                      include_usage, returns[0], tuple(prompts), returns)
 
 
 def _message_text(content, index: int) -> str:
@@ -264,13 +272,20 @@ def usage(result: GenerationResult) -> dict:
 class ResponseShape:
     """The objects of one response (completion or chat), sharing an id and a timestamp."""
 
-    def __init__(self, chat: bool, model: str, logprobs: bool = False, prompt: PromptReturn = PromptReturn()):
+    def __init__(self, chat: bool, model: str, logprobs: bool = False, prompt: PromptReturn = PromptReturn(),
+                 prompts: tuple[PromptReturn, ...] = (), choices_per_prompt: int = 1):
         """logprobs: the request asked for log probabilities (else the field is null);
-        prompt: what it returns of the prompt (echo, vLLM's prompt_logprobs)."""
-        self.chat, self.model, self.logprobs, self.prompt = chat, model, logprobs, prompt
+        prompt: what it returns of the prompt (echo, vLLM's prompt_logprobs); prompts: of
+        each prompt, for several (choice i·choices_per_prompt + j is prompt i's)."""
+        self.chat, self.model, self.logprobs = chat, model, logprobs
+        self.prompts, self.per_prompt = prompts or (prompt,), choices_per_prompt
         self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
         self._text_offset: dict[int, int] = {}  # completions: characters of the tokens already sent, per choice
+
+    def returned(self, index: int) -> PromptReturn:
+        """What the response returns of the prompt of choice `index`."""
+        return self.prompts[min(index // self.per_prompt, len(self.prompts) - 1)]
 
     def _logprobs(self, entries, prompt_entries=(), index: int = 0) -> dict | None:
         """OpenAI's logprobs object for these tokens (chat: `content` entries with bytes;
@@ -278,7 +293,7 @@ class ResponseShape:
         the first of them with null log probabilities)."""
         if not self.logprobs:
             return None
-        entries = self.prompt.echoed_entries(entries, prompt_entries)
+        entries = self.returned(index).echoed_entries(entries, prompt_entries)
         if self.chat:
             return {"content": [{"token": e.text, "logprob": e.logprob, "bytes": list(e.text.encode()),
                                  "top_logprobs": [{"token": text, "logprob": value, "bytes": list(text.encode())}
@@ -308,8 +323,8 @@ class ResponseShape:
             if self.chat:
                 choice["message"] = {"role": "assistant", "content": each.text}
             else:
-                choice["text"] = self.prompt.echoed(each.text, prompt)
-            choices.append(self.prompt.add_vllm_field(choice, prompt))
+                choice["text"] = self.returned(each.index).echoed(each.text, prompt)
+            choices.append(self.returned(each.index).add_vllm_field(choice, prompt))
         return self._envelope("chat.completion" if self.chat else "text_completion", choices, usage=usage(result))
 
     def chunk(self, text: str, result: GenerationResult | None = None, first: bool = False,
@@ -319,13 +334,14 @@ class ResponseShape:
         prompt_logprobs); `result`: the choice ended."""
         reason = None if result is None else finish_reason(result)
         entries = self._logprobs(logprobs, prompt_logprobs, index)
+        returned = self.returned(index)
         if self.chat:
             delta = {"role": "assistant", "content": text} if first else {"content": text}
             choice = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": entries}
-            return self._envelope("chat.completion.chunk", [self.prompt.add_vllm_field(choice, prompt_logprobs)])
-        choice = {"index": index, "text": self.prompt.echoed(text, prompt_logprobs), "finish_reason": reason,
+            return self._envelope("chat.completion.chunk", [returned.add_vllm_field(choice, prompt_logprobs)])
+        choice = {"index": index, "text": returned.echoed(text, prompt_logprobs), "finish_reason": reason,
                   "logprobs": entries}
-        return self._envelope("text_completion", [self.prompt.add_vllm_field(choice, prompt_logprobs)])
+        return self._envelope("text_completion", [returned.add_vllm_field(choice, prompt_logprobs)])
 
     def usage_chunk(self, result: GenerationResult) -> dict:
         obj = "chat.completion.chunk" if self.chat else "text_completion"

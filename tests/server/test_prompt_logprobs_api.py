@@ -172,7 +172,7 @@ def test_vllm_prompt_logprobs_on_completions_and_chat(live, oai, scored, prompt_
     ({"prompt_logprobs": -1}, "prompt_logprobs"), ({"prompt_logprobs": "2"}, "prompt_logprobs"),
     ({"prompt_logprobs": True}, "prompt_logprobs"),
     ({"max_tokens": 0}, "max_tokens"), ({"echo": True, "max_tokens": -1}, "max_tokens"),
-    ({"echo": True, "logprobs": 21}, "logprobs"), ({"prompt": [[1, 2], [3]]}, "prompt"),
+    ({"echo": True, "logprobs": 21}, "logprobs"), ({"prompt": [[1, 2], []]}, "prompt"),
     ({"prompt": [1, "a"]}, "prompt"), ({"prompt": [1, True]}, "prompt"), ({"prompt": []}, "prompt"),
     ({"prompt": [10**9]}, "prompt"),
 ])
