@@ -28,11 +28,16 @@ GENERATE = perturbed(
            "top_k": st.sampled_from([0, 1, 40]), "stop": st.lists(st.text(UTF8_TEXT, min_size=1, max_size=3),
                                                                   max_size=2),
            "chat": st.booleans(), "ignore_eos": st.booleans(),
-           "adapter": st.sampled_from(["", "a0", "a1"]), "seed": st.integers(0, 2**64 - 1)},
+           "adapter": st.sampled_from(["", "a0", "a1"]), "seed": st.integers(0, 2**64 - 1),
+           "n": st.integers(0, 3), "logprobs": st.integers(0, 3)},
     hostile={"prompt": TEXTS, "max_new_tokens": st.integers(0, 2**32 - 1), "temperature": FLOATS32,
              "top_p": FLOATS32, "top_k": st.integers(0, 2**32 - 1), "stop": st.lists(TEXTS, max_size=20),
              "adapter": NAMES, "adapters": st.one_of(VALID_MIX, st.lists(st.builds(
-                 pb.AdapterWeight, name=NAMES, weight=FLOATS32), max_size=10))},
+                 pb.AdapterWeight, name=NAMES, weight=FLOATS32), max_size=10)),
+             "n": st.integers(0, 2**32 - 1), "best_of": st.integers(0, 2**32 - 1),
+             "logprobs": st.integers(0, 2**32 - 1), "choice": st.lists(TEXTS, max_size=4),
+             "merge": st.builds(pb.Merge, method=st.one_of(st.sampled_from(["ties", "svd", "dare_ties", "cat"]), TEXTS),
+                                density=FLOATS32, seed=st.integers(0, 2**64 - 1), rank=st.integers(0, 2**32 - 1))},
 )
 
 
@@ -51,11 +56,14 @@ def test_generate_fields(live, profile):
                 tokens = [t for piece in pieces for t in piece.token_ids]
             else:
                 final = live.stub.Generate(request, timeout=60)
-                tokens = list(final.token_ids)
+                tokens = [t for choice in (final.choices or [final]) for t in choice.token_ids]
         except grpc.RpcError as error:
             return assert_client_error(error.code(), error.details(), fields)
         assert final.finish_reason in FINISH_REASONS
-        assert len(tokens) == final.completion_tokens <= NEW_TOKENS_LIMIT
+        sampled = max(request.n, request.best_of, 1)  # best_of: its ranked-out choices' tokens are counted too
+        if request.best_of <= request.n:
+            assert len(tokens) == final.completion_tokens
+        assert len(tokens) <= final.completion_tokens <= NEW_TOKENS_LIMIT * sampled
         assert final.prompt_tokens > 0
         return "ok"
 

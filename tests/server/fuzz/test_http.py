@@ -34,7 +34,7 @@ VALID_SAMPLING = {
     "seed": st.integers(-(2**63), 2**64 - 1), "stop": st.one_of(st.text(min_size=1, max_size=3),
                                                                 st.lists(st.text(min_size=1, max_size=3), max_size=3)),
     "stream": st.booleans(), "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
-    "n": st.just(1), "ignore_eos": st.booleans(),
+    "n": st.integers(1, 3), "ignore_eos": st.booleans(),
 }
 HOSTILE_SAMPLING = {
     "model": st.one_of(st.sampled_from(["nope", "", "a0 ", DROP]), JSON_VALUES),
@@ -44,12 +44,17 @@ HOSTILE_SAMPLING = {
     "top_k": st.one_of(st.integers(-2**40, 2**40), HUGE_NUMBERS, JSON_VALUES),
     "seed": st.one_of(HUGE_NUMBERS, JSON_VALUES), "stop": st.one_of(JSON_TEXT, st.lists(JSON_TEXT), JSON_VALUES), "stream": JSON_VALUES, "stream_options": JSON_VALUES,
     "n": JSON_VALUES, "ignore_eos": JSON_VALUES, "logprobs": JSON_VALUES, "echo": JSON_VALUES,
-    "best_of": JSON_VALUES, "unknown_key": JSON_VALUES,
+    "best_of": st.one_of(st.integers(-2, 20), JSON_VALUES), "unknown_key": JSON_VALUES,
+    "merge": st.one_of(JSON_VALUES, st.fixed_dictionaries({}, optional={
+        "method": st.one_of(st.sampled_from(["ties", "svd", "dare_linear", "linear"]), JSON_TEXT),
+        "density": st.one_of(st.floats(-1, 2), HUGE_NUMBERS, JSON_VALUES), "seed": st.one_of(HUGE_NUMBERS, JSON_VALUES),
+        "rank": st.one_of(st.integers(-1, 64), JSON_VALUES), "other": JSON_VALUES})),
     "adapters": st.one_of(st.lists(st.fixed_dictionaries({"name": st.sampled_from(["a0", "a1", "zz"]),
                                                           "weight": st.one_of(HUGE_NUMBERS, JSON_SCALARS)}),
                                     min_size=1, max_size=3), JSON_VALUES),
 }
-COMPLETION_BODIES = perturbed({**VALID_SAMPLING, "prompt": st.text(min_size=1, max_size=40)},
+COMPLETION_BODIES = perturbed({**VALID_SAMPLING, "prompt": st.one_of(st.text(min_size=1, max_size=40), st.lists(
+                                  st.text(min_size=1, max_size=20), min_size=1, max_size=3))},
                               {**HOSTILE_SAMPLING, "prompt": st.one_of(st.just(DROP), JSON_TEXT, JSON_VALUES)})
 CHAT_BODIES = perturbed({**VALID_SAMPLING, "messages": VALID_MESSAGES},
                         {**HOSTILE_SAMPLING, "messages": HOSTILE_MESSAGES})
@@ -81,9 +86,13 @@ def test_http_json_bodies(live, profile):
         elif route == "/v1/unload_lora_adapter":
             live.expected.discard(body["lora_name"])
         elif isinstance(answer, dict):
-            choice = answer["choices"][0]
-            assert choice["finish_reason"] in ("length", "stop")
-            assert answer["usage"]["completion_tokens"] <= NEW_TOKENS_LIMIT
+            assert all(choice["finish_reason"] in ("length", "stop") for choice in answer["choices"])
+            sampled = max(body.get("n") or 1, body.get("best_of") or 1)  # per prompt; a best_of's ranked-out too
+            prompt = body.get("prompt")
+            several = isinstance(prompt, list) and all(isinstance(one, (str, list)) for one in prompt)
+            prompts = len(prompt) if several else 1
+            assert [choice["index"] for choice in answer["choices"]] == list(range(len(answer["choices"])))
+            assert answer["usage"]["completion_tokens"] <= NEW_TOKENS_LIMIT * sampled * prompts
         else:  # a stream: events ending with [DONE]
             assert answer.rstrip().endswith("data: [DONE]"), answer[-200:]
         return f"ok {route}"
