@@ -176,7 +176,7 @@ class LoraQuiltReplica:
         except Exception as error:
             return Reply.failure(classify(error))
         return Reply(pb.AdapterInfo(name=record.name, rank=record.rank, target_modules=list(record.target_modules),
-                                    size_bytes=record.size_bytes, tier="disk"))
+                                    size_bytes=record.size_bytes, tier="disk", kind=record.kind))
 
     async def unregister(self, request: pb.UnregisterAdapterRequest) -> Reply:
         try:

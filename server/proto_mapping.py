@@ -108,4 +108,4 @@ def piece_response(piece) -> pb.GenerateResponse:
 
 def adapter_info(record: AdapterRecord) -> pb.AdapterInfo:
     return pb.AdapterInfo(name=record.name, rank=record.rank, target_modules=list(record.target_modules),
-                          size_bytes=record.size_bytes, tier=record.tier)
+                          size_bytes=record.size_bytes, tier=record.tier, kind=record.kind)

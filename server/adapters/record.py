@@ -41,6 +41,16 @@ class AdapterRecord:
     derived: DerivedSource | None = field(default=None, repr=False)  # a merge's members (derived.py)
 
     @property
+    def kind(self) -> str:
+        """What it is: "lora", or what it has beyond plain LoRA joined by "+" ("dora",
+        "heads": its own embeddings or lm_head, "alora"), or "merge:<method>" (derived)."""
+        if self.derived is not None:
+            return f"merge:{self.derived.spec.method}"
+        kinds = [name for name, present in (("dora", self.dora), ("heads", self.heads), ("alora", self.alora))
+                 if present]
+        return "+".join(kinds) or "lora"
+
+    @property
     def tier(self) -> str:
         if self.slot is not None:
             return TIER_DEVICE

@@ -66,6 +66,7 @@ def test_the_derived_adapter_is_listed_and_counted(live, oai):
     derived = [info for name, info in listed.items() if name.startswith("~merge-")]
     assert derived and all(info.tier in ("host", "device") for info in derived)
     assert any(info.rank == 4 for info in derived) and {"a0", "a1"} <= set(listed)
+    assert {info.kind for info in derived} <= {"merge:dare_ties", "merge:ties"} and listed["a0"].kind == "lora"
     models = {card.id for card in oai.models.list().data}
     assert {info.name for info in derived} <= models
     text = generate_latest(live.server.metrics.registry).decode()

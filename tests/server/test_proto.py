@@ -40,4 +40,4 @@ def test_wire_contract_field_numbers():
     entry = {f.name: f.number for f in pb.TokenLogprob.DESCRIPTOR.fields}
     assert entry == {"token_id": 1, "logprob": 2, "top": 3, "text": 4}
     info = {f.name: f.number for f in pb.AdapterInfo.DESCRIPTOR.fields}
-    assert info == {"name": 1, "rank": 2, "target_modules": 3, "size_bytes": 4, "tier": 5}
+    assert info == {"name": 1, "rank": 2, "target_modules": 3, "size_bytes": 4, "tier": 5, "kind": 6}

@@ -148,18 +148,20 @@ class RegisterAdapterRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("name", "rank", "target_modules", "size_bytes", "tier")
+    __slots__ = ("name", "rank", "target_modules", "size_bytes", "tier", "kind")
     NAME_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     name: str
     rank: int
     target_modules: _containers.RepeatedScalarFieldContainer[str]
     size_bytes: int
     tier: str
-    def __init__(self, name: _Optional[str] = ..., rank: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ..., tier: _Optional[str] = ...) -> None: ...
+    kind: str
+    def __init__(self, name: _Optional[str] = ..., rank: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ..., tier: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class UnregisterAdapterRequest(_message.Message):
     __slots__ = ("name",)
