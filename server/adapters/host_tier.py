@@ -52,6 +52,9 @@ class HostTier:
         self._lru: OrderedDict[str, AdapterRecord] = OrderedDict()  # registered names only
         self._held = 0  # records with holds > 0
         self._loader = Loader()
+        # derived adapters build on a thread of their own: a read from disk never waits
+        # seconds behind a merge's build
+        self._builder = Loader("loraquilt-adapter-builder")
 
     # -- residency ------------------------------------------------------------------------
 
@@ -115,7 +118,8 @@ class HostTier:
         """The read of the record's files in flight (queued now unless one already is)."""
         if record.loading is None:
             record.loading = PendingRead(record)
-            self._loader.submit(lambda load=record.loading: self._run_read(load))
+            worker = self._builder if record.derived is not None else self._loader
+            worker.submit(lambda load=record.loading: self._run_read(load))
         return record.loading
 
     def _run_read(self, load: PendingRead) -> None:
