@@ -29,10 +29,18 @@ class ChoiceGroup:
     """The sequences of one request that samples several choices."""
 
     members: list = field(default_factory=list)  # Sequence per sampled choice, by index
-    keep: int = 1  # choices returned (n)
-    ranked: bool = False  # best_of > n: the kept ones are picked by mean log probability
     failed: bool = False  # one choice failed: the request failed, the others were stopped
     _ended: dict = field(default_factory=dict)  # index -> (score, GenerationResult)
+
+    @property
+    def keep(self) -> int:
+        """Choices returned (n)."""
+        return self.members[0].request.sampling.n
+
+    @property
+    def ranked(self) -> bool:
+        """best_of > n: the kept ones are picked by mean log probability."""
+        return self.members[0].request.sampling.ranks_choices
 
     def record(self, index: int, result: GenerationResult, logprobs) -> GenerationResult | None:
         """A choice ended with `result` (logprobs: its TokenLogprob per generated token, used

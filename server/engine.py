@@ -194,7 +194,7 @@ class Engine:
                                        lora_start=lora_start, index=index)
                               for index in range(1, sampling.num_sequences)]
             members += sequence.forks
-            group = ChoiceGroup(members=members, keep=sampling.n, ranked=sampling.ranks_choices)
+            group = ChoiceGroup(members=members)
             for member in members:
                 member.group = group
         if sampling.constraint is not None:  # compiled (or cached) here, off the lock; RequestError if invalid
@@ -238,7 +238,7 @@ class Engine:
             return outputs
         self.last_batch_size = len(plan.sequences)
         try:
-            self.cache.copy_blocks(list(plan.kv_copies))  # forked choices' own copies of a partly written block
+            self.cache.copy_blocks(plan.kv_copies)  # forked choices' own copies of a partly written block
             result = self.runner.execute(plan.decodes, plan.prefills)
         except Exception as error:  # fail this step's requests only; the engine goes on
             failure = EngineStepError(f"engine step failed: {type(error).__name__}: {error}")

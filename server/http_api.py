@@ -209,8 +209,7 @@ def build_app(backend, config: HttpConfig, http_requests=None, is_serving=lambda
         except GenerationError as error:
             raise failure_of(error, chat) from None
         shape = ResponseShape(chat, parsed.model, logprobs=parsed.fields.get("logprobs") is not None,
-                              prompt=parsed.prompt_return, prompts=parsed.prompt_returns,
-                              choices_per_prompt=parsed.fields.get("n") or 1)
+                              prompts=parsed.prompt_returns, choices_per_prompt=parsed.fields.get("n") or 1)
         if parsed.stream:
             return StreamingResponse(_events(generation, shape, parsed.include_usage, chat),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

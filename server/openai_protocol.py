@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from loraquilt.server.generation import ErrorKind, GenerationError
@@ -49,9 +49,8 @@ class ParsedBody:
     fields: dict  # build_request keyword arguments (completions: of the first prompt)
     stream: bool
     include_usage: bool
-    prompt_return: PromptReturn = field(default_factory=PromptReturn)  # what the response returns of the prompt
+    prompt_returns: tuple[PromptReturn, ...] = (PromptReturn(),)  # what the response returns of each prompt
     prompts: tuple[dict, ...] = ()  # completions: every prompt's own fields (prompt or prompt_token_ids)
-    prompt_returns: tuple[PromptReturn, ...] = ()  # and what the response returns of each
 
     def fields_of(self, prompt: dict) -> dict:
         """build_request's fields for one of the prompts."""
@@ -205,7 +204,7 @@ def parse_completion(body: dict, base_model: str) -> ParsedBody:
     returns = tuple(PromptReturn(echo, prompt.get("prompt"), logprobs if echo else None, vllm_prompt_logprobs(body))
                     for prompt in prompts)
     return ParsedBody(model, {**fields, **prompts[0], **scoring_fields(returns[0]), "logprobs": logprobs}, stream,
-                      include_usage, returns[0], tuple(prompts), returns)
+                      include_usage, returns, tuple(prompts))
 
 
 def _message_text(content, index: int) -> str:
@@ -244,7 +243,7 @@ def parse_chat(body: dict, base_model: str) -> ParsedBody:
     stream, include_usage = _stream_flags(body)
     returned = PromptReturn(vllm_top=vllm_prompt_logprobs(body))
     return ParsedBody(model, {**fields, **scoring_fields(returned), "messages": tuple(parsed),
-                              "logprobs": _chat_logprobs(body)}, stream, include_usage, returned)
+                              "logprobs": _chat_logprobs(body)}, stream, include_usage, (returned,))
 
 
 def body_param(error: GenerationError, chat: bool) -> str | None:
@@ -272,13 +271,13 @@ def usage(result: GenerationResult) -> dict:
 class ResponseShape:
     """The objects of one response (completion or chat), sharing an id and a timestamp."""
 
-    def __init__(self, chat: bool, model: str, logprobs: bool = False, prompt: PromptReturn = PromptReturn(),
-                 prompts: tuple[PromptReturn, ...] = (), choices_per_prompt: int = 1):
+    def __init__(self, chat: bool, model: str, logprobs: bool = False,
+                 prompts: tuple[PromptReturn, ...] = (PromptReturn(),), choices_per_prompt: int = 1):
         """logprobs: the request asked for log probabilities (else the field is null);
-        prompt: what it returns of the prompt (echo, vLLM's prompt_logprobs); prompts: of
-        each prompt, for several (choice i·choices_per_prompt + j is prompt i's)."""
+        prompts: what it returns of each prompt (echo, vLLM's prompt_logprobs); choice
+        i·choices_per_prompt + j is prompt i's."""
         self.chat, self.model, self.logprobs = chat, model, logprobs
-        self.prompts, self.per_prompt = prompts or (prompt,), choices_per_prompt
+        self.prompts, self.per_prompt = prompts, choices_per_prompt
         self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
         self._text_offset: dict[int, int] = {}  # completions: characters of the tokens already sent, per choice

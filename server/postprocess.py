@@ -77,10 +77,10 @@ class Postprocessor:
                           prompt_logprobs=prompt_logprobs, index=seq.index, choice_finished=result)
 
     def cancelled(self, seq: Sequence) -> StepOutput:
-        """The request of `seq` was cancelled: its final output (every choice of it that had
-        not ended ends cancelled, with what it generated so far)."""
+        """The request of `seq` was cancelled (the engine set its running sequences'
+        finish_reason): its final output; every choice of it that had not ended, running
+        or still to fork, ends cancelled with what it generated so far."""
         if seq.group is None:
-            seq.finish_reason = FINISH_CANCELLED
             result = self.result(seq)
             return StepOutput(seq.request_id, "", (), result, choice_finished=result)
         group, finished = seq.group, None

@@ -8,6 +8,7 @@ table[p // block_size] * block_size + p % block_size.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -85,7 +86,7 @@ class KVCache:
             self.keys[:, index] = 0
             self.values[:, index] = 0
 
-    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+    def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
         """Copy whole blocks, (source, destination) pairs, in every layer: a forked table's
         own copy of a partly written block."""
         if pairs:

@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from fixtures_adapters import rewrite_tensors
 from fixtures_registry import MAX_RANK, acquire_now, write_adapter
 from safetensors.torch import load_file, save_file
 
@@ -44,13 +45,6 @@ def heads_folder(folder, model, seed: int, *, whole=(), tokens=None, **config):
     settings.update(modules_to_save=list(whole) or None, trainable_token_indices=tokens, **config)
     (folder / "adapter_config.json").write_text(json.dumps(settings))
     return folder
-
-
-def rewrite(folder, change):
-    path = folder / "adapter_model.safetensors"
-    tensors = load_file(str(path))
-    change(tensors)
-    save_file(tensors, str(path))
 
 
 def load(folder, model):
@@ -102,7 +96,7 @@ def test_a_tied_base_ties_trained_rows_into_the_lm_head_as_peft(tmp_path, tied):
 
 def test_tied_copies_are_kept_once(tmp_path, tied):
     folder = heads_folder(tmp_path / "a", tied, 5, whole=("embed_tokens", "lm_head"), ensure_weight_tying=True)
-    rewrite(folder, lambda t: t.update({HEAD_KEY: t[EMBED_KEY].clone()}))
+    rewrite_tensors(folder, lambda t: t.update({HEAD_KEY: t[EMBED_KEY].clone()}))
     heads = load(folder, tied).heads
     assert heads.lm_head is heads.embed and heads.nbytes == 128 * 64 * 4
 
@@ -162,7 +156,7 @@ def test_broken_tables_are_refused(tmp_path, model, settings, change, fragments)
         config = json.loads((folder / "adapter_config.json").read_text())
         (folder / "adapter_config.json").write_text(json.dumps({**config, **settings}))
     if change is not None:
-        rewrite(folder, change)
+        rewrite_tensors(folder, change)
     with pytest.raises(AdapterError) as info:
         load(folder, model)
     assert all(fragment in str(info.value) for fragment in fragments), str(info.value)
@@ -170,7 +164,7 @@ def test_broken_tables_are_refused(tmp_path, model, settings, change, fragments)
 
 def test_a_table_without_its_config_is_an_unexpected_tensor(tmp_path, model):
     folder = write_adapter(tmp_path / "a", model, 1)
-    rewrite(folder, lambda t: t.update({HEAD_KEY: torch.zeros(128, 64)}))
+    rewrite_tensors(folder, lambda t: t.update({HEAD_KEY: torch.zeros(128, 64)}))
     with pytest.raises(AdapterError, match=f"unexpected tensor '{HEAD_KEY}'"):
         load(folder, model)
 
@@ -194,7 +188,7 @@ def test_tables_are_part_of_the_content_hash(tmp_path, model, settings, key):
     first = heads_folder(tmp_path / "a", model, 8, **settings)
     second = heads_folder(tmp_path / "b", model, 8, **settings)
     assert load(first, model).content_hash == load(second, model).content_hash
-    rewrite(second, lambda t: t.update({key: t[key] * 1.5}))
+    rewrite_tensors(second, lambda t: t.update({key: t[key] * 1.5}))
     assert load(first, model).content_hash != load(second, model).content_hash
     lora_only = write_adapter(tmp_path / "c", model, 8)  # the same LoRA weights
     assert load(lora_only, model).content_hash != load(first, model).content_hash

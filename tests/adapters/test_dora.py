@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from fixtures_adapters import rewrite_tensors
 from fixtures_registry import QV, acquire_now, write_adapter
 from peft.tuners.lora.dora import DoraLinearLayer
 from safetensors.torch import load_file, save_file
@@ -50,13 +51,6 @@ def dora_folder(folder, model, seed: int, targets=QV, r: int = 4, magnitude_key:
     return folder
 
 
-def rewrite(folder, change):
-    path = folder / "adapter_model.safetensors"
-    tensors = load_file(str(path))
-    change(tensors)
-    save_file(tensors, str(path))
-
-
 def load(folder, model):
     return load_peft_adapter(folder, model, max_rank=MAX_RANK)
 
@@ -76,7 +70,7 @@ def test_magnitudes_are_read_per_module(tmp_path, model, key):
 def test_magnitudes_are_part_of_the_content_hash(tmp_path, model):
     first = load(dora_folder(tmp_path / "a", model, 1), model)
     folder = dora_folder(tmp_path / "b", model, 1)
-    rewrite(folder, lambda t: t.update({k: v * 2 for k, v in t.items() if k.endswith("magnitude_vector")}))
+    rewrite_tensors(folder, lambda t: t.update({k: v * 2 for k, v in t.items() if k.endswith("magnitude_vector")}))
     assert load(folder, model).content_hash != first.content_hash
 
 
@@ -102,7 +96,7 @@ def _nan_one(tensors):
 ])
 def test_broken_magnitudes_are_refused(tmp_path, model, change, fragments):
     folder = dora_folder(tmp_path / "d", model, 1)
-    rewrite(folder, change)
+    rewrite_tensors(folder, change)
     with pytest.raises(AdapterError) as info:
         load(folder, model)
     assert all(fragment in str(info.value) for fragment in fragments), str(info.value)

@@ -16,12 +16,10 @@ import json
 
 import pytest
 import torch
-from fixtures_models import build_peft_adapter, build_tiny_model, load_nf4_reference, tiny_engine
+from fixtures_models import build_peft_adapter, build_tiny_model, load_nf4_reference, prefill_logits, tiny_engine
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from loraquilt.server.adapters.slots import LoraSpan
-from loraquilt.server.model.batch import build_forward_batch, contiguous_tables
 from loraquilt.server.request import Request, SamplingParams
 
 NEW_TOKENS = 10
@@ -142,22 +140,7 @@ def peft_answer(model, ids: list[int]) -> tuple[list[int], torch.Tensor]:
 
 def engine_prefill_logits(engine, adapters) -> torch.Tensor:
     """One prefill step of the requests on `adapters` in one batch -> last logits [N, vocab]."""
-    prompts = [engine.encode(request_on(adapter)) for adapter in adapters]
-    leases = [engine.adapters.acquire([a]).lease if a else None for a in adapters]
-    try:
-        block_size = engine.cache.block_size
-        batch = build_forward_batch(
-            prefill_tokens=prompts, prefill_tables=contiguous_tables([len(p) for p in prompts], block_size),
-            prefill_starts=[0] * len(prompts), decode_tokens=[], decode_tables=[], decode_positions=[],
-            block_size=block_size, device=engine.model.device)
-        engine.slots.begin_step([LoraSpan(len(ids), ((lease.slots[0], 1.0),) if lease else ())
-                                 for ids, lease in zip(prompts, leases)])
-        return engine.model(batch, engine.cache, engine.slots)
-    finally:
-        engine.slots.end_step()
-        for lease in leases:
-            if lease:
-                engine.adapters.release(lease)
+    return prefill_logits(engine, [engine.encode(request_on(adapter)) for adapter in adapters], adapters)
 
 
 @pytest.mark.parametrize("kind, rows", [("untied", UNTIED), ("tied", TIED)])

@@ -10,7 +10,7 @@ import asyncio
 
 import grpc
 import pytest
-from fixtures_http import openai_client
+from fixtures_http import openai_client, streamed_choices
 from fixtures_live import BASE_ID, start_live, stop_live
 
 from loraquilt.v1 import loraquilt_pb2 as pb
@@ -85,13 +85,7 @@ def test_completions_n_sync_and_streamed(live, oai):
     for choice in answer.choices:  # text offsets count within each choice
         assert "".join(choice.logprobs.tokens) == choice.text and choice.logprobs.text_offset[0] == 0
     streamed = list(oai.completions.create(**options, stream=True, stream_options={"include_usage": True}))
-    texts, reasons = {0: "", 1: "", 2: ""}, {}
-    for chunk in streamed:
-        for choice in chunk.choices:
-            texts[choice.index] += choice.text
-            if choice.finish_reason:
-                assert choice.index not in reasons
-                reasons[choice.index] = choice.finish_reason
+    texts, reasons = streamed_choices(streamed)
     assert texts == {c.index: c.text for c in answer.choices}
     assert reasons == {0: "length", 1: "length", 2: "length"}
     assert streamed[-1].usage.completion_tokens == 18 and streamed[-1].usage.prompt_tokens == single.usage.prompt_tokens

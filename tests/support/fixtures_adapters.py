@@ -142,3 +142,13 @@ def adapter_ranks(adapter_folder: Path) -> dict[str, int]:
 def read_adapter_config(adapter_folder: Path) -> dict[str, Any]:
     """adapter_config.json of ``adapter_folder`` as a dict."""
     return json.loads((Path(adapter_folder) / "adapter_config.json").read_text())
+
+
+def rewrite_tensors(folder: Path, change) -> None:
+    """Apply change(tensors) to an adapter folder's safetensors dict and write it back."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path))

@@ -63,3 +63,17 @@ def http(server, method: str, path: str, body=None, headers=None, raw: bytes | N
 
 def metric(server, name: str, labels: str = "") -> float:
     return metric_value(scrape(server), name, labels)
+
+
+def streamed_choices(chunks) -> tuple[dict[int, str], dict[int, str]]:
+    """The text and the finish reason of each choice of a streamed completion, by index
+    (a choice that finishes twice fails)."""
+    texts: dict[int, str] = {}
+    reasons: dict[int, str] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+            if choice.finish_reason:
+                assert choice.index not in reasons, f"choice {choice.index} finished twice"
+                reasons[choice.index] = choice.finish_reason
+    return texts, reasons

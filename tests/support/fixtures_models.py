@@ -213,3 +213,26 @@ def tiny_engine(base_folder: Path, adapter_folders=(), **settings):
     for index, folder in enumerate(adapter_folders):
         engine.register_adapter(f"a{index}", folder)
     return engine
+
+
+def prefill_logits(engine, prompts: list[list[int]], adapters) -> "torch.Tensor":
+    """One prefill step of these prompts, each on its adapter (None: the base), in one
+    batch on the engine's model -> their last logits [N, vocab]."""
+    from loraquilt.server.adapters.slots import LoraSpan
+    from loraquilt.server.model.batch import build_forward_batch, contiguous_tables
+
+    leases = [engine.adapters.acquire([a]).lease if a else None for a in adapters]
+    try:
+        block_size = engine.cache.block_size
+        batch = build_forward_batch(
+            prefill_tokens=prompts, prefill_tables=contiguous_tables([len(p) for p in prompts], block_size),
+            prefill_starts=[0] * len(prompts), decode_tokens=[], decode_tables=[], decode_positions=[],
+            block_size=block_size, device=engine.model.device)
+        engine.slots.begin_step([LoraSpan(len(ids), ((lease.slots[0], 1.0),) if lease else ())
+                                 for ids, lease in zip(prompts, leases)])
+        return engine.model(batch, engine.cache, engine.slots)
+    finally:
+        engine.slots.end_step()
+        for lease in leases:
+            if lease:
+                engine.adapters.release(lease)

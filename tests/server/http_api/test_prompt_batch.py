@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import openai
 import pytest
-from fixtures_http import BASE_ID, PROMPTS, http
+from fixtures_http import BASE_ID, PROMPTS, http, streamed_choices
 from fixtures_server import wait_until
 
 
@@ -43,13 +43,7 @@ def test_a_stream_of_several_prompts_names_every_choice(oai):
                                    extra_body={"ignore_eos": True})
     chunks = list(oai.completions.create(model="a2", prompt=prompts, max_tokens=5, temperature=0, stream=True,
                                          stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
-    texts, reasons = {index: "" for index in range(3)}, {}
-    for chunk in chunks:
-        for choice in chunk.choices:
-            texts[choice.index] += choice.text
-            if choice.finish_reason:
-                assert choice.index not in reasons
-                reasons[choice.index] = choice.finish_reason
+    texts, reasons = streamed_choices(chunks)
     assert texts == {choice.index: choice.text for choice in whole.choices}
     assert reasons == {0: "length", 1: "length", 2: "length"}
     assert chunks[-1].usage.completion_tokens == 15 and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
